@@ -1,0 +1,264 @@
+"""Dataset sources, each returning a :class:`DataStore`: digits, CIFAR-10, image folders, arrays.
+
+Every loader is usable as a Hydra ``_target_`` (see ``configs/dataset/``). Decoded image folders are
+cached as ``.npy`` files (written atomically, memory-mapped when large) so a second run starts fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from knn_cm.data.store import DataStore
+from knn_cm.io import atomic_path, cache_dir
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+MEMMAP_BYTES = 1 << 30  # decoded datasets larger than this stay on disk, memory-mapped
+
+
+def load_digits(xflip: bool = False) -> DataStore:
+    """scikit-learn's digits: 1,797 grey 8x8 images, the embedded default dataset (no download).
+
+    Pixel values 0..16 are rescaled to 0..255 so the [-1, 1] float view spans the full range.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # [1797, 1, 8, 8]
+    return DataStore(images, name="digits", labels=digits.target, xflip=xflip)
+
+
+def load_cifar10(root: str | os.PathLike | None = None, train: bool = True, download: bool = False,
+                 xflip: bool = False) -> DataStore:
+    """CIFAR-10 through torchvision (50,000 train or 10,000 test images, 3x32x32).
+
+    Downloads only when ``download=True``; otherwise a missing dataset is a clear error naming the
+    folder searched and the alternatives.
+    """
+    import torchvision
+
+    root = Path(root) if root is not None else cache_dir() / "cifar10"
+    try:
+        dataset = torchvision.datasets.CIFAR10(root=str(root), train=train, download=download)
+    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+        raise FileNotFoundError(
+            f"CIFAR-10 not found in {root}. Pass download=True (dataset.download=true) to fetch it, or "
+            f"load an image folder or archive of it with load_image_folder (dataset=image_folder)."
+        ) from error
+    except OSError as error:  # URLError and socket errors when offline
+        raise ConnectionError(
+            f"Downloading CIFAR-10 into {root} failed ({error}). This machine may be offline: copy the "
+            f"'cifar-10-batches-py' folder into {root}, or use an image folder or archive instead."
+        ) from error
+    images = np.ascontiguousarray(dataset.data.transpose(0, 3, 1, 2))  # [N, 32, 32, 3] -> [N, 3, 32, 32]
+    return DataStore(images, name="cifar10" if train else "cifar10-test", labels=dataset.targets, xflip=xflip)
+
+
+def load_array(path: str | os.PathLike, key: str | None = None, value_range: tuple[float, float] | None = None,
+               channels_last: bool | None = None, xflip: bool = False, name: str | None = None) -> DataStore:
+    """Images from a ``.npy`` or ``.npz`` file: uint8 [N, C, H, W] or [N, H, W, C].
+
+    Args:
+        key: the array's name inside an ``.npz`` (default: the only array, or ``images``/``x``).
+        value_range: for float arrays, the (low, high) values that map to 0 and 255; required then.
+        channels_last: force the layout; by default [N, H, W, C] is assumed when the last axis has
+            1, 3 or 4 entries and the second does not.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"array file {path} does not exist")
+    if path.suffix == ".npz":
+        with np.load(path) as archive:
+            if key is None:
+                names = list(archive.keys())
+                key = names[0] if len(names) == 1 else next((n for n in ("images", "x", "arr_0") if n in names), None)
+                if key is None:
+                    raise ValueError(f"{path} holds arrays {names}; pass key= to choose one")
+            if key not in archive:
+                raise ValueError(f"{path} has no array {key!r}; it holds {list(archive.keys())}")
+            images = archive[key]
+    elif path.suffix == ".npy":
+        images = np.load(path, mmap_mode="r")
+    else:
+        raise ValueError(f"array files must end in .npy or .npz, got {path.name}")
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4:
+        raise ValueError(f"{path}: expected images [N, C, H, W] or [N, H, W, C], got shape {images.shape}")
+    if channels_last is None:
+        channels_last = images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4)
+    if channels_last:
+        images = images.transpose(0, 3, 1, 2)
+    if images.dtype != np.uint8:
+        if value_range is None:
+            raise ValueError(f"{path}: dtype {images.dtype} needs value_range=(low, high) to map it to 0..255; "
+                             f"uint8 arrays need none")
+        low, high = value_range
+        images = np.clip(np.rint((images.astype(np.float64) - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+    return DataStore(np.ascontiguousarray(images) if not isinstance(images, np.memmap) else images,
+                     name=name or path.stem, xflip=xflip)
+
+
+def load_image_folder(path: str | os.PathLike, subfolder: str | None = None, resolution: int | None = None,
+                      channels: int = 3, xflip: bool = False, use_cache: bool = True, name: str | None = None,
+                      progress: bool = True) -> DataStore:
+    """Images from a folder (class sub-folders or flat) or an archive (.tar, .tar.gz, .tgz, .zip).
+
+    Files are read in sorted path order, so element indices are stable across machines. With class
+    sub-folders, labels are the sorted sub-folder names' positions.
+
+    Args:
+        subfolder: read only this folder inside ``path`` (e.g. "train" in an archive holding train/
+            and test/).
+        resolution: center-crop to a square and resize to this size (e.g. 64 for CelebA-64 and
+            ImageNet-64); None keeps the images' own size, which must then be the same for all.
+        channels: 3 (RGB) or 1 (grey).
+        use_cache: decode once and keep an ``.npy`` copy in the cache folder, keyed by the source's
+            file names, sizes and times and by ``resolution`` and ``channels``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image folder or archive {path} does not exist")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    entries = _list_images(path)
+    if subfolder is not None:
+        prefix = subfolder.strip("/") + "/"
+        entries = _strip_common_prefix([(e[len(prefix):], size, member) for e, size, member in entries
+                                        if e.startswith(prefix)])
+    if not entries:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {path}"
+                         + (f" under {subfolder!r}" if subfolder else ""))
+    name = name or path.name.split(".")[0] + (f"-{subfolder.strip('/')}" if subfolder else "")
+    class_names = sorted({entry.rsplit("/", 1)[0] for entry, _, _ in entries if "/" in entry})
+    labels = None
+    if class_names:
+        label_of = {class_name: i for i, class_name in enumerate(class_names)}
+        labels = np.array([label_of.get(entry.rsplit("/", 1)[0], -1) if "/" in entry else -1
+                           for entry, _, _ in entries], dtype=np.int64)
+
+    key = hashlib.blake2b(repr((str(path.resolve()), [(m, size) for _, size, m in entries], _mtime(path),
+                                resolution, channels)).encode(), digest_size=10).hexdigest()
+    cached = cache_dir() / "datasets" / f"{name}-{key}.npy"
+    if use_cache and cached.exists():
+        images = np.load(cached, mmap_mode="r")
+        if images.nbytes <= MEMMAP_BYTES:
+            images = np.array(images)
+        return DataStore(images, name=name, labels=labels, xflip=xflip)
+
+    iterator = _iter_images(path, entries)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, total=len(entries), desc=f"decoding {name}", leave=False)
+    target = cached if use_cache else cache_dir() / "datasets" / f".scratch-{key}.npy"
+    with atomic_path(target) as temp:
+        images = None
+        for i, (member, data) in enumerate(iterator):
+            image = _decode(data, resolution, channels)
+            if images is None:
+                first_member, first_shape = member, image.shape
+                images = np.lib.format.open_memmap(temp, mode="w+", dtype=np.uint8,
+                                                   shape=(len(entries),) + first_shape)
+            if image.shape != first_shape:
+                raise ValueError(f"{member} decodes to shape {image.shape} but {first_member} to "
+                                 f"{first_shape}; pass resolution= to resize all images to one size")
+            images[i] = image
+        images.flush()
+        del images
+    result = np.load(target, mmap_mode="r")
+    if result.nbytes <= MEMMAP_BYTES or not use_cache:
+        result = np.array(result)
+    if not use_cache:
+        os.unlink(target)
+    return DataStore(result, name=name, labels=labels, xflip=xflip)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _is_image(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return not base.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime
+
+
+def _list_images(path: Path) -> list[tuple[str, int, str]]:
+    """Sorted (name relative to the root, size in bytes, member name in the source) of every image."""
+    if path.is_dir():
+        found = [(p.relative_to(path).as_posix(), p.stat().st_size, p.relative_to(path).as_posix())
+                 for p in path.rglob("*") if p.is_file() and _is_image(p.relative_to(path).as_posix())]
+    elif _is_archive(path) and path.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(path) as archive:
+            found = [(info.filename, info.file_size, info.filename) for info in archive.infolist()
+                     if _is_image(info.filename)]
+    elif _is_archive(path):
+        with tarfile.open(path) as archive:
+            found = [(member.name, member.size, member.name) for member in archive
+                     if member.isfile() and _is_image(member.name)]
+    else:
+        raise ValueError(f"{path} is neither a folder nor an archive ({', '.join(ARCHIVE_SUFFIXES)})")
+    found.sort()
+    if not path.is_dir():
+        # Archives often wrap everything in one top folder ("train/..."): strip common leading folders
+        # so class sub-folders are found the same way as for a directory.
+        found = _strip_common_prefix(found)
+    return found
+
+
+def _strip_common_prefix(found: list[tuple[str, int, str]]) -> list[tuple[str, int, str]]:
+    parts = [name.split("/") for name, _, _ in found]
+    depth = 0
+    while all(len(p) > depth + 2 for p in parts) and len({p[depth] for p in parts}) == 1:
+        depth += 1
+    return [("/".join(p[depth:]), size, member) for p, (_, size, member) in zip(parts, found)]
+
+
+def _iter_images(path: Path, entries: list[tuple[str, int, str]]):
+    """Yield (name, bytes) in the order of ``entries``."""
+    if path.is_dir():
+        for name, _, member in entries:
+            yield name, (path / member).read_bytes()
+    elif path.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(path) as archive:
+            for name, _, member in entries:
+                yield name, archive.read(member)
+    else:
+        # tar: stream once (gzip is not seekable cheaply), then emit in sorted order.
+        position = {member: i for i, (_, _, member) in enumerate(entries)}
+        blobs: list[bytes | None] = [None] * len(entries)
+        with tarfile.open(path) as archive:
+            for info in archive:
+                if info.isfile() and info.name in position:
+                    blobs[position[info.name]] = archive.extractfile(info).read()
+        for (name, _, _), blob in zip(entries, blobs):
+            yield name, blob
+
+
+def _decode(data: bytes, resolution: int | None, channels: int) -> np.ndarray:
+    """Decode image bytes to uint8 [C, H, W], center-cropped and resized when ``resolution`` is set."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB" if channels == 3 else "L")
+        if resolution is not None:
+            width, height = image.size
+            side = min(width, height)
+            left, top = (width - side) // 2, (height - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+            if side != resolution:
+                image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+        array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)

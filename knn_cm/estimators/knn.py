@@ -1,0 +1,129 @@
+"""The nearest-neighbour score estimator (Algorithm 1; Algorithm 2 through ``knn_cm.diffusion``).
+
+1. Search the index for the k nearest elements K of z (k most probable under the posterior).
+2. Proposal (Eq. 13): q(x_i) = p(z | x_i) / Z_q for x_i in K, p(z | x_k) / Z_q for every other element,
+   Z_q = sum_{i in K} p(z | x_i) + (N - k) p(z | x_k).
+3. Draw n elements from q (a neighbour by its weight, or the tail: uniform over the N - k others).
+4. Self-normalised weights w_i = p(z | x_i) / q(x_i) (Eq. 11), with p from exact distances of the
+   drawn elements (the index's distances only shape the proposal); duplicates are combined.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from knn_cm.estimators.base import Estimator, check_positive_int, log_likelihood
+from knn_cm.estimators.weighting import (combine_duplicates, sample_categorical, weighted_row_mean)
+
+
+@dataclass
+class KNNProposal:
+    """The proposal of Eq. 13 for a batch of queries.
+
+    Attributes:
+        indices: neighbour indices [B, k], nearest first (-1 where an approximate index found fewer).
+        log_q_neighbours: log q(x_i) of each neighbour [B, k] (-inf for missing ones).
+        log_q_tail: log q(x) of each single non-neighbour element [B] (-inf when k = N).
+        tail_size: number of non-neighbour elements N - k [B].
+        log_likelihood_neighbours: -d_i / (2 sigma^2) [B, k], unnormalised (constants dropped).
+    """
+
+    indices: torch.Tensor
+    log_q_neighbours: torch.Tensor
+    log_q_tail: torch.Tensor
+    tail_size: torch.Tensor
+    log_likelihood_neighbours: torch.Tensor
+
+
+class KNN(Estimator):
+    """Nearest-neighbour SNIS estimator of E[x | z, sigma] (Algorithm 1).
+
+    Args:
+        store: the dataset D.
+        index: a :class:`~knn_cm.index.Index` built from ``store`` (checked by fingerprint).
+        k: neighbours searched (clamped to N; k = N makes the proposal equal the posterior).
+        n: draws from the proposal.
+        refine_proposal: recompute the k neighbours' distances exactly before building the proposal
+            (costs a gather of k rows per query; the estimate is consistent without it because
+            weights use exact distances, but the proposal then matches the posterior only up to the
+            index's float32 rounding).
+    """
+
+    name = "knn"
+
+    def __init__(self, store, index=None, k: int = 2048, n: int = 256, refine_proposal: bool = False, **kwargs):
+        super().__init__(store, **kwargs)
+        if index is None:
+            raise ValueError("the 'knn' estimator needs an index: make_estimator('knn', store, index=build_index(store))")
+        index.check_data(store)
+        self.index = index
+        self.k = check_positive_int("k", k)
+        self.n = check_positive_int("n", n)
+        self.refine_proposal = bool(refine_proposal)
+
+    def proposal(self, z: torch.Tensor, sigma) -> KNNProposal:
+        """The proposal (Eq. 13) for z [B, C, H, W] and sigma [B], on the estimator's device."""
+        z_flat, sigma, _ = self._validate(z, sigma, None)
+        with torch.no_grad():
+            return self._proposal(z_flat, sigma)
+
+    def _proposal(self, z: torch.Tensor, sigma: torch.Tensor) -> KNNProposal:
+        sq_dists, indices = self.index.search(z, self.k)
+        sq_dists = sq_dists.to(device=z.device, dtype=z.dtype)
+        indices = indices.to(z.device)
+        found = indices >= 0
+        if self.refine_proposal:
+            exact = self.rows.gather(indices.clamp(min=0).reshape(-1)).view(*indices.shape, -1)
+            exact = exact.sub_(z.unsqueeze(1))
+            sq_dists = torch.where(found, torch.linalg.vecdot(exact, exact), sq_dists)
+        log_lik = log_likelihood(sq_dists, sigma).masked_fill(~found, -math.inf)
+        found_count = found.sum(dim=1)
+        # The k-th neighbour's likelihood bounds every element outside K (nearest first: last found).
+        log_lik_kth = log_lik.gather(1, (found_count - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        tail_size = self.rows.size - found_count
+        log_tail_mass = torch.where(tail_size > 0, log_lik_kth + tail_size.to(z.dtype).log(),
+                                    torch.full_like(log_lik_kth, -math.inf))
+        log_z_q = torch.logaddexp(torch.logsumexp(log_lik, dim=1), log_tail_mass)
+        log_q_tail = torch.where(tail_size > 0, log_lik_kth - log_z_q, torch.full_like(log_z_q, -math.inf))
+        return KNNProposal(indices, log_lik - log_z_q.unsqueeze(1), log_q_tail, tail_size, log_lik)
+
+    def posterior_mean(self, z, sigma, x, generator):
+        proposal = self._proposal(z, sigma)
+        k_found = proposal.indices.shape[1]
+        # Category k_found is "the tail": pick it with its total mass, then an element uniformly.
+        log_tail_mass = proposal.log_q_tail + proposal.tail_size.to(z.dtype).clamp(min=1).log()
+        categories = sample_categorical(torch.cat([proposal.log_q_neighbours, log_tail_mass.unsqueeze(1)], 1),
+                                        self.n, generator)
+        from_tail = categories == k_found
+        neighbour_pick = categories.clamp(max=k_found - 1)
+        drawn = proposal.indices.gather(1, neighbour_pick)
+        log_q = proposal.log_q_neighbours.gather(1, neighbour_pick)
+        if bool(from_tail.any()):
+            tail_draws = _uniform_outside(proposal.indices, proposal.tail_size, self.n, generator)
+            drawn = torch.where(from_tail, tail_draws, drawn)
+            log_q = torch.where(from_tail, proposal.log_q_tail.unsqueeze(1), log_q)
+        # log w = log p(z | x) - log q(x); weighted_row_mean adds the exact log-likelihood.
+        indices, log_weights = combine_duplicates(drawn, -log_q)
+        return weighted_row_mean(z, sigma, self.rows, indices, log_weights, use_likelihood=True)
+
+
+def _uniform_outside(neighbours: torch.Tensor, tail_size: torch.Tensor, count: int,
+                     generator: torch.Generator | None) -> torch.Tensor:
+    """Draw [B, count] indices uniformly from {0..N-1} minus each row's neighbours, exactly.
+
+    With the neighbours sorted s_0 < s_1 < ..., t_i = s_i - i counts the non-neighbours below s_i;
+    the u-th non-neighbour (u in [0, N - k)) is u + #{i : t_i <= u}.
+    """
+    positions = torch.arange(neighbours.shape[1], device=neighbours.device)
+    missing = neighbours < 0
+    sorted_neighbours = neighbours.masked_fill(missing, torch.iinfo(torch.int64).max).sort(dim=1).values
+    below = torch.where(sorted_neighbours == torch.iinfo(torch.int64).max,
+                        torch.iinfo(torch.int64).max, sorted_neighbours - positions)
+    uniform = torch.rand(neighbours.shape[0], count, generator=generator, dtype=torch.float64,
+                         device=neighbours.device)
+    rank = (uniform * tail_size.unsqueeze(1)).floor().to(torch.int64)
+    rank = torch.minimum(rank, (tail_size - 1).clamp(min=0).unsqueeze(1))
+    return rank + torch.searchsorted(below, rank, right=True)

@@ -1,0 +1,28 @@
+"""A network denoiser D(z, sigma) behind the estimator contract."""
+
+from __future__ import annotations
+
+import torch
+
+from knn_cm.estimators.base import Estimator
+
+
+class NetworkEstimator(Estimator):
+    """Wraps any denoiser ``D(z [B, C, H, W], sigma [B]) -> x_hat [B, C, H, W]`` (e.g. EDMPrecond).
+
+    Runs without gradient tracking on the denoiser's own device and dtype; the store, when given,
+    only checks z's shape.
+    """
+
+    name = "network"
+
+    def __init__(self, denoiser, store=None, **kwargs):
+        super().__init__(store, **kwargs)
+        if not callable(denoiser):
+            raise ValueError(f"denoiser must be callable as D(z, sigma), got {type(denoiser).__name__}")
+        self.denoiser = denoiser
+
+    def __call__(self, z, sigma, x=None, generator=None):
+        z_flat, sigma, _ = self._validate(z, sigma, None)
+        with torch.no_grad():
+            return self.denoiser(z, sigma.to(device=z.device, dtype=torch.float32))

@@ -1,0 +1,20 @@
+"""The single-sample estimator: the clean source x itself (diffusion and consistency training)."""
+
+from __future__ import annotations
+
+import torch
+
+from knn_cm.estimators.base import Estimator
+
+
+class SingleSample(Estimator):
+    """x_hat = x: one draw from the joint p(z, x), unbiased for E[x | z] (Eq. 9 with n = 1).
+
+    Needs no store; with it, z's shape is checked against the data.
+    """
+
+    name = "single"
+    needs_source = True
+
+    def posterior_mean(self, z, sigma, x, generator):
+        return x.clone()

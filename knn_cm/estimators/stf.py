@@ -1,0 +1,50 @@
+"""Stable Target Field (Xu et al. 2023): SNIS with uniform draws plus the sample's own source.
+
+Two variants (FACTS.md):
+- ``per_sample`` (the paper's Section 4.2 baseline): for each z, n - 1 uniform draws plus its own
+  source x, weights softmax_j(-||z - y_j||^2 / (2 sigma^2)); the deterministic inclusion of x is not
+  corrected for, which is STF's bias.
+- ``shared``: one reference batch of n images per call holding every source of the minibatch plus
+  n - B uniform draws, shared by all queries (STF's training code).
+Without sources (PF-ODE sampling) both reduce to n uniform draws. No clamp is applied.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from knn_cm.estimators.base import Estimator, check_positive_int
+from knn_cm.estimators.uniform import draw_uniform_rows
+from knn_cm.estimators.weighting import reference_log_likelihoods
+
+STF_VARIANTS = ("per_sample", "shared")
+
+
+class STF(Estimator):
+    """STF posterior-mean estimator with reference size n (Xu et al. 2023)."""
+
+    name = "stf"
+
+    def __init__(self, store, n: int = 256, variant: str = "per_sample", **kwargs):
+        super().__init__(store, **kwargs)
+        self.n = check_positive_int("n", n)
+        if variant not in STF_VARIANTS:
+            raise ValueError(f"unknown STF variant {variant!r}; allowed: {', '.join(STF_VARIANTS)}")
+        self.variant = variant
+
+    def posterior_mean(self, z, sigma, x, generator):
+        if x is None:
+            reference = draw_uniform_rows(self.rows, self.n, generator)
+            return torch.softmax(reference_log_likelihoods(z, sigma, reference), dim=1) @ reference
+        if self.variant == "shared":
+            if self.n < z.shape[0]:
+                raise ValueError(f"shared STF needs n >= batch size ({z.shape[0]}) to hold every source, got n={self.n}")
+            reference = torch.cat([x, draw_uniform_rows(self.rows, self.n - z.shape[0], generator)])
+            return torch.softmax(reference_log_likelihoods(z, sigma, reference), dim=1) @ reference
+        # per_sample: n - 1 uniform draws shared by the call, plus each query's own source as column n.
+        reference = draw_uniform_rows(self.rows, self.n - 1, generator)
+        source_sq_dist = torch.linalg.vecdot(z - x, z - x)
+        log_weights = torch.cat([reference_log_likelihoods(z, sigma, reference),
+                                 (source_sq_dist / (-2.0 * sigma.square())).unsqueeze(1)], dim=1)
+        weights = torch.softmax(log_weights, dim=1)
+        return weights[:, :-1] @ reference + weights[:, -1:] * x

@@ -1,0 +1,34 @@
+"""SNIS with the uniform proposal, mu_U of Theorem 4.2."""
+
+from __future__ import annotations
+
+import torch
+
+from knn_cm.estimators.base import Estimator, check_positive_int
+from knn_cm.estimators.weighting import reference_log_likelihoods
+
+
+def draw_uniform_rows(rows, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``count`` elements drawn uniformly with replacement: rows [count, d]."""
+    ids = torch.randint(0, rows.size, (count,), generator=generator, device=rows.device)
+    return rows.gather(ids)
+
+
+class UniformSNIS(Estimator):
+    """Eq. 11 with q = 1/N: n uniform draws, weights proportional to p(z | x_j).
+
+    The n draws of one call are shared by all its queries (each query's estimate has the estimator's
+    own distribution; estimates within one call are correlated), so distances and the weighted sum
+    are two matrix products.
+    """
+
+    name = "uniform"
+
+    def __init__(self, store, n: int = 256, **kwargs):
+        super().__init__(store, **kwargs)
+        self.n = check_positive_int("n", n)
+
+    def posterior_mean(self, z, sigma, x, generator):
+        reference = draw_uniform_rows(self.rows, self.n, generator)
+        weights = torch.softmax(reference_log_likelihoods(z, sigma, reference), dim=1)
+        return weights @ reference

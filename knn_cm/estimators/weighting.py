@@ -1,0 +1,196 @@
+"""Shared numerics of the data-based estimators: distances, log-space weights, weighted means.
+
+Two ways to get squared distances ||z - x||^2:
+- GEMM expansion ||z||^2 - 2 z.x + ||x||^2: fast (matrix products) but in float32 its absolute error
+  is about eps * (||z||^2 + ||x||^2), ~1e-4 on CIFAR-10, which is tens of nats at sigma = 0.002.
+  :func:`refine_sq_dists` recomputes exactly the few elements whose weight that error could change.
+- direct differences on gathered rows (:func:`weighted_row_mean`): exact to rounding of the distance
+  itself; used for every element an estimator draws.
+All weights are handled as logarithms and normalised with a max-shift (softmax), so sigma from 0.002
+to 80 gives no overflow, underflow to all-zero, NaN or inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from knn_cm.data.resident import ResidentRows
+from knn_cm.estimators.base import log_likelihood
+
+# Elements whose approximate log-weight lies more than this below the query's best are negligible
+# (e^-40 ~ 4e-18 of the best element's weight), so their distances need no refinement.
+WINDOW_NATS = 40.0
+# GEMM distance error allowance in units of eps * (||z||^2 + ||x||^2); observed errors are below 1.
+GEMM_ERROR_FACTOR = 8.0
+
+
+def default_chunk_rows(device: torch.device) -> int:
+    """Rows gathered per step of :func:`weighted_row_mean`: cache-sized on CPU, large on GPU."""
+    return 2048 if device.type == "cpu" else 1 << 16
+
+
+def gemm_sq_dists(z: torch.Tensor, rows: torch.Tensor, z_sq: torch.Tensor, rows_sq: torch.Tensor) -> torch.Tensor:
+    """||z_b - x_j||^2 [B, m] by the GEMM expansion; z [B, d], rows [m, d], z_sq [B], rows_sq [m]."""
+    sq = torch.addmm(rows_sq.unsqueeze(0), z, rows.T, alpha=-2.0)
+    return sq.add_(z_sq.unsqueeze(1)).clamp_(min=0.0)
+
+
+def gemm_slack(z_sq: torch.Tensor, max_row_sq: float, dtype: torch.dtype) -> torch.Tensor:
+    """Allowance [B] for the absolute error of :func:`gemm_sq_dists` in ``dtype``."""
+    return GEMM_ERROR_FACTOR * torch.finfo(dtype).eps * (z_sq + max_row_sq)
+
+
+def refine_sq_dists(z: torch.Tensor, sigma: torch.Tensor, sq_dists: torch.Tensor, row_ids: torch.Tensor,
+                    rows: ResidentRows | torch.Tensor, chunk_rows: int = 8192) -> torch.Tensor:
+    """Replace GEMM distances by exact ones wherever the GEMM error could change a weight.
+
+    A query needs refinement when its error allowance exceeds 1000 eps nats of log-weight (only at
+    small sigma); then every element within :data:`WINDOW_NATS` (plus twice the allowance) of the
+    query's nearest is recomputed from direct differences. Others keep their GEMM value: their
+    weight is below e^-40 of the best either way.
+
+    Args:
+        z: queries [B, d]; sigma: [B].
+        sq_dists: GEMM distances [B, m], modified in place and returned.
+        row_ids: indices into ``rows`` of the m columns, [m] (shared by all queries) or [B, m].
+        rows: the store's resident rows, or a tensor [M, d] of the rows themselves.
+    """
+    z_sq = z.square().sum(1)
+    max_row_sq = rows.max_sq_norm if isinstance(rows, ResidentRows) else float(rows.square().sum(1).max())
+    slack = gemm_slack(z_sq, max_row_sq, z.dtype)
+    two_var = 2.0 * sigma.square()
+    needs = slack / two_var > 1000 * torch.finfo(z.dtype).eps
+    if not bool(needs.any()):
+        return sq_dists
+    window = two_var * WINDOW_NATS + 2.0 * slack
+    nearest = sq_dists.min(dim=1).values
+    candidates = (sq_dists <= (nearest + window).unsqueeze(1)) & needs.unsqueeze(1)
+    query, column = candidates.nonzero(as_tuple=True)
+    ids = row_ids[column] if row_ids.ndim == 1 else row_ids[query, column]
+    for start in range(0, ids.numel(), chunk_rows):
+        stop = start + chunk_rows
+        chunk_ids = ids[start:stop]
+        gathered = rows.gather(chunk_ids) if isinstance(rows, ResidentRows) else rows.index_select(0, chunk_ids)
+        delta = gathered.sub_(z[query[start:stop]])
+        sq_dists[query[start:stop], column[start:stop]] = torch.linalg.vecdot(delta, delta)
+    return sq_dists
+
+
+def exact_log_likelihoods(z: torch.Tensor, sigma: torch.Tensor, rows: ResidentRows,
+                          chunk_rows: int = 1 << 16) -> torch.Tensor:
+    """-||z - x_i||^2 / (2 sigma^2) for every element i, [B, N], accurate at every sigma.
+
+    One GEMM pass over the data (chunked over rows), then :func:`refine_sq_dists`.
+    """
+    batch, size = z.shape[0], rows.size
+    z_sq = z.square().sum(1)
+    sq_dists = torch.empty(batch, size, dtype=z.dtype, device=z.device)
+    for start, chunk in rows.chunks(chunk_rows):
+        stop = start + chunk.shape[0]
+        sq_dists[:, start:stop] = gemm_sq_dists(z, chunk, z_sq, rows.sq_norms[start:stop])
+    all_ids = torch.arange(size, device=z.device)
+    refine_sq_dists(z, sigma, sq_dists, all_ids, rows)
+    return log_likelihood(sq_dists, sigma)
+
+
+def reference_log_likelihoods(z: torch.Tensor, sigma: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """-||z_b - r_j||^2 / (2 sigma_b^2) [B, m] against a reference batch [m, d] shared by all queries.
+
+    GEMM distances refined where rounding could matter (the STF and uniform estimators' products).
+    """
+    z_sq = z.square().sum(1)
+    sq_dists = gemm_sq_dists(z, reference, z_sq, reference.square().sum(1))
+    ids = torch.arange(reference.shape[0], device=z.device)
+    refine_sq_dists(z, sigma, sq_dists, ids, reference)
+    return log_likelihood(sq_dists, sigma)
+
+
+def weights_times_rows(weights: torch.Tensor, rows: ResidentRows, chunk_rows: int = 1 << 16) -> torch.Tensor:
+    """sum_i weights[b, i] x_i, [B, d], for dense weights [B, N] over every element (chunked GEMM)."""
+    out = torch.zeros(weights.shape[0], rows.dim, dtype=weights.dtype, device=weights.device)
+    for start, chunk in rows.chunks(chunk_rows):
+        out.addmm_(weights[:, start : start + chunk.shape[0]], chunk)
+    return out
+
+
+def sample_categorical(logits: torch.Tensor, num_draws: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Draws [B, n] from the categorical distributions softmax(logits) [B, m], by inverse CDF.
+
+    Entries with logit -inf are never drawn. Probabilities are accumulated in float64.
+    """
+    probs = torch.softmax(logits.to(torch.float64), dim=1)
+    cdf = probs.cumsum(dim=1)
+    uniform = torch.rand(logits.shape[0], num_draws, generator=generator, dtype=torch.float64,
+                         device=logits.device) * cdf[:, -1:]
+    draws = torch.searchsorted(cdf, uniform, right=True)
+    return draws.clamp_(max=logits.shape[1] - 1)
+
+
+def combine_duplicates(indices: torch.Tensor, log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge repeated indices per row; each kept entry's weight is multiplied by its count.
+
+    Repeats of one index must carry equal weights (true for every estimator here: a weight depends
+    only on the element). indices [B, n] int64 (>= 0), log_weights [B, n] -> (indices [B, n] with -1
+    padding, log_weights [B, n] with -inf padding); unique entries come first in each row.
+    """
+    sorted_indices, order = indices.sort(dim=1)
+    sorted_log_weights = log_weights.gather(1, order)
+    first = torch.ones_like(sorted_indices, dtype=torch.bool)
+    first[:, 1:] = sorted_indices[:, 1:] != sorted_indices[:, :-1]
+    run = first.cumsum(dim=1) - 1
+    counts = torch.zeros_like(sorted_log_weights).scatter_add_(1, run, torch.ones_like(sorted_log_weights))
+    unique = torch.full_like(sorted_indices, -1).scatter_(1, run, sorted_indices)
+    unique_log_weights = torch.full_like(sorted_log_weights, -math.inf).scatter_(1, run, sorted_log_weights)
+    return unique, unique_log_weights + counts.log()
+
+
+def weighted_row_mean(z: torch.Tensor, sigma: torch.Tensor, rows: ResidentRows, indices: torch.Tensor,
+                      log_weights: torch.Tensor, use_likelihood: bool = True,
+                      chunk_rows: int | None = None) -> torch.Tensor:
+    """Self-normalised weighted mean of gathered rows per query (Eq. 11), with exact distances.
+
+    For each query b: x_hat_b = sum_j w_bj x_j / sum_j w_bj over its entries j with
+    log w_bj = log_weights[b, j] (- ||z_b - x_j||^2 / (2 sigma_b^2) when ``use_likelihood``).
+    Computed as z_b + sum_j wbar_bj (x_j - z_b) on rows gathered into a reused buffer; queries are
+    processed in groups of similar entry counts so padding costs little.
+
+    Args:
+        z: [B, d]; sigma: [B].
+        indices: dataset indices [B, m], -1 for padding (each query needs at least one entry).
+        log_weights: [B, m]; -inf (or index -1) marks padding.
+        chunk_rows: rows gathered per step (default :func:`default_chunk_rows`).
+
+    Returns:
+        x_hat [B, d].
+    """
+    chunk_rows = chunk_rows or default_chunk_rows(z.device)
+    valid = (indices >= 0) & (log_weights > -math.inf)
+    # Move each query's valid entries to the front, then visit queries by decreasing entry count.
+    front = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+    indices = indices.gather(1, front)
+    log_weights = log_weights.gather(1, front)
+    counts = valid.sum(dim=1)
+    if bool((counts == 0).any()):
+        raise ValueError("weighted_row_mean: a query has no entry with finite weight")
+    order = torch.argsort(counts, descending=True).tolist()
+    counts_host = counts.tolist()
+    out = torch.empty_like(z)
+    start = 0
+    while start < len(order):
+        width = counts_host[order[start]]
+        group = max(1, chunk_rows // width)
+        queries = torch.tensor(order[start : start + group], device=z.device)
+        start += group
+        ids = indices[queries, :width]
+        group_log_weights = log_weights[queries, :width]
+        padding = ids < 0
+        delta = rows.gather_scratch(ids.clamp(min=0).reshape(-1)).view(len(queries), width, -1)
+        z_group = z[queries]
+        delta.sub_(z_group.unsqueeze(1))  # x_j - z_b
+        if use_likelihood:
+            group_log_weights = group_log_weights + log_likelihood(torch.linalg.vecdot(delta, delta), sigma[queries])
+        weights = torch.softmax(group_log_weights.masked_fill(padding, -math.inf), dim=1)
+        out[queries] = z_group + torch.bmm(weights.unsqueeze(1), delta).squeeze(1)
+    return out

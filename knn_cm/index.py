@@ -1,0 +1,286 @@
+"""faiss indexes over a DataStore: specs, building, searching, and an on-disk cache.
+
+Kinds (Appendix D.5 of the paper): ``flat`` exact L2; ``ivf`` inverted file with ``nlist`` cells
+searched over ``nprobe`` of them; ``sq8`` 8-bit scalar quantiser (4x less memory); ``ivf_sq8`` both.
+Searches return squared L2 distances and element indices, sorted nearest first.
+
+Trained indexes (ivf, sq8, ivf_sq8) are cached on disk keyed by the data fingerprint and the build
+spec, written atomically and verified on load (fingerprint, spec, size, file digest); a cache entry
+that does not match is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from knn_cm.device import as_device
+from knn_cm.io import atomic_path, cache_dir, file_digest
+
+log = logging.getLogger(__name__)
+
+INDEX_KINDS = ("flat", "ivf", "sq8", "ivf_sq8")
+_ADD_CHUNK = 16384
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """What to build. ``nprobe`` is a search setting and not part of the cache key.
+
+    Attributes:
+        kind: one of "flat", "ivf", "sq8", "ivf_sq8".
+        nlist: IVF cells c (default round(4 sqrt(N)), faiss's usual choice); IVF kinds only.
+        nprobe: IVF cells searched per query p (default max(1, nlist // 16)); IVF kinds only.
+        train_size: elements used to train k-means / the quantiser (default min(N, 64 nlist) for
+            IVF, min(N, 65,536) for sq8). Training draws them with ``seed``.
+        seed: seed of the training subsample and of faiss's k-means.
+    """
+
+    kind: str = "flat"
+    nlist: int | None = None
+    nprobe: int | None = None
+    train_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(f"unknown index kind {self.kind!r}; allowed: {', '.join(INDEX_KINDS)}")
+        is_ivf = self.kind.startswith("ivf")
+        for name in ("nlist", "nprobe", "train_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not is_ivf and (self.nlist is not None or self.nprobe is not None):
+            raise ValueError(f"nlist and nprobe apply to IVF kinds (ivf, ivf_sq8), not to {self.kind!r}")
+
+    def resolved(self, size: int) -> "IndexSpec":
+        """The spec with defaults filled in for a dataset of ``size`` elements."""
+        nlist, nprobe, train_size = self.nlist, self.nprobe, self.train_size
+        if self.kind.startswith("ivf"):
+            nlist = nlist or max(1, min(size, round(4 * math.sqrt(size))))
+            if nlist > size:
+                raise ValueError(f"nlist={nlist} exceeds the dataset size N={size}")
+            nprobe = min(nprobe or max(1, nlist // 16), nlist)
+            train_size = min(size, train_size or 64 * nlist)
+        elif self.kind == "sq8":
+            train_size = min(size, train_size or 65536)
+        return dataclasses.replace(self, nlist=nlist, nprobe=nprobe, train_size=train_size)
+
+    def cache_key(self) -> str:
+        parts = [self.kind] + [f"{n}{getattr(self, n)}" for n in ("nlist", "train_size", "seed")
+                               if getattr(self, n) is not None]
+        return "-".join(parts)
+
+
+class Index:
+    """A built faiss index tied to the data it was built from.
+
+    Attributes:
+        spec: the resolved :class:`IndexSpec`.
+        data_fingerprint: :attr:`DataStore.fingerprint` of the indexed data.
+        size: number of indexed elements N; ``dim``: vector dimension d.
+        device: where searches run ("cpu" or a CUDA device).
+    """
+
+    def __init__(self, faiss_index, spec: IndexSpec, data_fingerprint: str, device: torch.device):
+        self.faiss_index = faiss_index
+        self.spec = spec
+        self.data_fingerprint = data_fingerprint
+        self.device = torch.device(device)
+        self.size = int(faiss_index.ntotal)
+        self.dim = int(faiss_index.d)
+        if spec.nprobe is not None:
+            self.nprobe = spec.nprobe
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def nprobe(self) -> int | None:
+        return self.spec.nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        if not self.kind.startswith("ivf"):
+            raise ValueError(f"nprobe applies to IVF kinds (ivf, ivf_sq8), not to {self.kind!r}")
+        if not isinstance(value, (int, np.integer)) or not 1 <= value <= self.spec.nlist:
+            raise ValueError(f"nprobe must be an integer in [1, nlist={self.spec.nlist}], got {value!r}")
+        self.spec = dataclasses.replace(self.spec, nprobe=int(value))
+        faiss = _faiss()
+        if self.device.type == "cuda":
+            faiss.GpuParameterSpace().set_index_parameter(self.faiss_index, "nprobe", int(value))
+        else:
+            faiss.extract_index_ivf(self.faiss_index).nprobe = int(value)
+
+    def __repr__(self) -> str:
+        return f"Index({self.spec}, N={self.size}, d={self.dim}, device={self.device})"
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k nearest elements of each query.
+
+        Args:
+            queries: [B, d] (or [B, C, H, W], flattened) in data scale.
+            k: neighbours per query; clamped to N.
+
+        Returns:
+            (sq_dists float32 [B, k'], indices int64 [B, k']) on the queries' device, nearest first,
+            with k' = min(k, N). Approximate kinds may find fewer than k' elements for a query:
+            the missing entries hold distance +inf and index -1.
+        """
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        queries = queries.reshape(queries.shape[0], -1)
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"queries have dimension {queries.shape[1]} but the index holds d={self.dim}")
+        k = min(int(k), self.size)
+        out_device = queries.device
+        if self.device.type == "cuda":
+            import faiss.contrib.torch_utils  # noqa: F401  (lets faiss take CUDA tensors directly)
+
+            sq_dists, indices = self.faiss_index.search(
+                queries.detach().to(self.device, torch.float32).contiguous(), k)
+        else:
+            array = np.ascontiguousarray(queries.detach().to("cpu", torch.float32).numpy())
+            sq_dists, indices = self.faiss_index.search(array, k)
+            sq_dists, indices = torch.from_numpy(sq_dists), torch.from_numpy(indices)
+        sq_dists = sq_dists.to(out_device)
+        indices = indices.to(out_device)
+        # faiss marks missing results with index -1 and a huge distance: make the distance +inf.
+        sq_dists = sq_dists.masked_fill(indices < 0, math.inf)
+        return sq_dists, indices
+
+    def check_data(self, store) -> None:
+        """Raise ValueError unless this index was built from exactly ``store``'s elements."""
+        if self.data_fingerprint != store.fingerprint:
+            raise ValueError(
+                f"index was built for other data (fingerprint {self.data_fingerprint}) than the store "
+                f"{store.name!r} (fingerprint {store.fingerprint}); build it from this store with build_index")
+        if self.size != len(store) or self.dim != store.dim:
+            raise ValueError(f"index holds N={self.size}, d={self.dim} but the store has N={len(store)}, d={store.dim}")
+
+
+def build_index(store, kind: str = "flat", nlist: int | None = None, nprobe: int | None = None,
+                device: str | torch.device = "cpu", cache: bool | str = "auto",
+                cache_folder: str | Path | None = None, train_size: int | None = None, seed: int = 0) -> Index:
+    """Build (or load from cache) a faiss index over every element of ``store``.
+
+    Args:
+        store: the :class:`~knn_cm.data.DataStore` (x-flipped copies included when it has them).
+        kind: "flat" | "ivf" | "sq8" | "ivf_sq8".
+        nlist, nprobe, train_size, seed: see :class:`IndexSpec`.
+        device: "cpu" or "cuda[:i]" (needs faiss-gpu and a CUDA device; a clear error otherwise).
+        cache: True, False, or "auto" (cache trained kinds only; a flat index is a copy of the data,
+            cheaper to rebuild than to read).
+        cache_folder: where cached indexes live (default ``<cache_dir>/indexes``).
+    """
+    spec = IndexSpec(kind=kind, nlist=nlist, nprobe=nprobe, train_size=train_size, seed=seed).resolved(len(store))
+    device = _check_device(device)
+    use_cache = (kind != "flat") if cache == "auto" else bool(cache)
+    folder = Path(cache_folder) if cache_folder is not None else cache_dir() / "indexes"
+    path = folder / f"{store.name}-{store.fingerprint}-{spec.cache_key()}.faiss"
+
+    cpu_index = _load_cached(path, store, spec) if use_cache else None
+    if cpu_index is None:
+        cpu_index = _build_cpu(store, spec, device)
+        if use_cache:
+            _save_cached(path, cpu_index, store, spec)
+    faiss_index = _to_device(cpu_index, device)
+    return Index(faiss_index, spec, store.fingerprint, device)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _check_device(device) -> torch.device:
+    device = as_device(device, "index device")
+    if device.type == "cuda" and not hasattr(_faiss(), "StandardGpuResources"):
+        raise ValueError(f"index device {device} requested but the installed faiss has no GPU support; "
+                         f"install faiss-gpu (pip install 'knn-cm[gpu]') or use device='cpu'")
+    return device
+
+
+def _build_cpu(store, spec: IndexSpec, device: torch.device):
+    faiss = _faiss()
+    rows = store.resident("cpu", torch.float32)
+    dim = rows.dim
+    if spec.kind == "flat":
+        index = faiss.IndexFlatL2(dim)
+    elif spec.kind == "sq8":
+        index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_L2)
+    else:
+        quantizer = faiss.IndexFlatL2(dim)
+        if spec.kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, spec.nlist, faiss.METRIC_L2)
+        else:
+            index = faiss.IndexIVFScalarQuantizer(quantizer, dim, spec.nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                  faiss.METRIC_L2)
+        index.cp.seed = spec.seed
+    if not index.is_trained:
+        generator = np.random.default_rng(spec.seed)
+        sample = np.sort(generator.choice(rows.size, size=spec.train_size, replace=False))
+        training = np.ascontiguousarray(rows.gather(torch.from_numpy(sample)).numpy())
+        trainer = _to_device(index, device) if device.type == "cuda" else index
+        trainer.train(training)
+        if trainer is not index:
+            index = faiss.index_gpu_to_cpu(trainer)
+    for start in range(0, rows.size, _ADD_CHUNK):
+        index.add(rows.numpy_float32(start, min(start + _ADD_CHUNK, rows.size)))
+    return index
+
+
+def _to_device(cpu_index, device: torch.device):
+    if device.type == "cpu":
+        return cpu_index
+    faiss = _faiss()
+    resources = faiss.StandardGpuResources()
+    gpu_index = faiss.index_cpu_to_gpu(resources, device.index or 0, cpu_index)
+    gpu_index.referenced_resources = resources  # keep the resources alive with the index
+    return gpu_index
+
+
+def _metadata(store, spec: IndexSpec) -> dict:
+    return {"fingerprint": store.fingerprint, "spec": dataclasses.asdict(dataclasses.replace(spec, nprobe=None)),
+            "size": len(store), "dim": store.dim}
+
+
+def _save_cached(path: Path, cpu_index, store, spec: IndexSpec) -> None:
+    faiss = _faiss()
+    with atomic_path(path) as temp:
+        faiss.write_index(cpu_index, str(temp))
+        digest = file_digest(temp)
+    meta = _metadata(store, spec) | {"digest": digest, "faiss_version": faiss.__version__}
+    with atomic_path(path.with_suffix(".json")) as temp:
+        temp.write_text(json.dumps(meta, indent=1))
+
+
+def _load_cached(path: Path, store, spec: IndexSpec):
+    """The cached CPU index when it exists and verifies against ``store`` and ``spec``, else None."""
+    meta_path = path.with_suffix(".json")
+    if not (path.exists() and meta_path.exists()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as error:
+        log.warning("ignoring unreadable index metadata %s (%s); rebuilding", meta_path, error)
+        return None
+    expected = _metadata(store, spec)
+    if any(meta.get(key) != value for key, value in expected.items()) or meta.get("digest") != file_digest(path):
+        log.warning("cached index %s does not match its data or spec; rebuilding", path)
+        return None
+    index = _faiss().read_index(str(path))
+    if index.ntotal != len(store) or index.d != store.dim:
+        log.warning("cached index %s has the wrong size; rebuilding", path)
+        return None
+    return index

@@ -1,0 +1,147 @@
+"""DataStore and dataset sources."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from knn_cm.data import DataStore, float_to_uint8, load_array, load_cifar10, load_digits, load_image_folder
+from knn_cm.data import sources
+from tests.conftest import shared_cifar_archive
+
+
+def test_from_array_float_view_and_roundtrip():
+    images = np.arange(2 * 3 * 4 * 4, dtype=np.uint8).reshape(2, 3, 4, 4)
+    store = DataStore.from_array(torch.from_numpy(images))
+    assert len(store) == 2 and store.shape == (3, 4, 4) and store.dim == 48
+    values = store.float()
+    assert values.dtype == torch.float32 and values.min() >= -1 and values.max() <= 1
+    assert torch.equal(store.float(torch.tensor([0]))[0, 0, 0, 0], torch.tensor(-1.0))
+    assert torch.equal(float_to_uint8(values), torch.from_numpy(images))
+
+
+def test_fingerprint_depends_on_content_and_xflip():
+    images = np.zeros((3, 1, 2, 2), dtype=np.uint8)
+    changed = images.copy()
+    changed[2, 0, 1, 1] = 1
+    first, second = DataStore.from_array(images), DataStore.from_array(changed)
+    assert first.fingerprint == DataStore.from_array(images.copy()).fingerprint
+    assert first.fingerprint != second.fingerprint
+    assert first.fingerprint != first.with_xflip().fingerprint
+
+
+def test_xflip_doubles_with_mirrored_copies():
+    images = np.random.default_rng(0).integers(0, 256, (5, 3, 4, 6), dtype=np.uint8)
+    store = DataStore.from_array(images, xflip=True)
+    assert len(store) == 10 and store.base_size == 5
+    assert torch.equal(store.uint8([7])[0], torch.from_numpy(images[2][..., ::-1].copy()))
+    assert torch.equal(store.uint8([2])[0], torch.from_numpy(images[2]))
+    resident = store.resident("cpu")
+    assert resident.size == 10
+    assert torch.equal(resident.gather(torch.tensor([8]))[0], store.float([8]).reshape(-1))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((2, 3, 4), np.uint8), "shape"),
+    (np.zeros((2, 3, 4, 4), np.float32), "uint8"),
+    (np.zeros((0, 3, 4, 4), np.uint8), "empty"),
+])
+def test_bad_arrays_are_rejected(bad, message):
+    with pytest.raises(ValueError, match=message):
+        DataStore.from_array(bad)
+
+
+def test_digits_is_the_embedded_default():
+    store = load_digits()
+    assert len(store) == 1797 and store.shape == (1, 8, 8)
+    assert store.images.max() == 255 and store.labels is not None
+
+
+def test_resident_uint8_storage_matches_float_storage():
+    store = load_digits()
+    fast, compact = store.resident("cpu", storage="float"), store.resident("cpu", storage="uint8")
+    indices = torch.tensor([0, 5, 1796])
+    assert torch.equal(fast.gather(indices), compact.gather(indices))
+    assert torch.allclose(fast.sq_norms, compact.sq_norms)
+
+
+def _write_images(folder, with_classes: bool, count: int = 6, size=(10, 8)):
+    generator = np.random.default_rng(0)
+    arrays = []
+    for i in range(count):
+        array = generator.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        arrays.append(array)
+        sub = folder / (f"class{i % 2}" if with_classes else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(sub / f"{i:03d}.png")
+    return arrays
+
+
+@pytest.mark.parametrize("with_classes", [True, False])
+def test_image_folder_reads_sorted_and_labels(tmp_path, with_classes):
+    arrays = _write_images(tmp_path / "images", with_classes)
+    store = load_image_folder(tmp_path / "images", progress=False)
+    assert len(store) == 6 and store.shape == (3, 8, 10)
+    if with_classes:
+        # sorted paths: class0/000, class0/002, class0/004, class1/001, ...
+        assert store.labels.tolist() == [0, 0, 0, 1, 1, 1]
+        assert np.array_equal(store.images[1], arrays[2].transpose(2, 0, 1))
+    else:
+        assert store.labels is None
+        assert np.array_equal(store.images[3], arrays[3].transpose(2, 0, 1))
+    again = load_image_folder(tmp_path / "images", progress=False)  # from the cache
+    assert again.fingerprint == store.fingerprint
+
+
+def test_image_folder_archive_subfolder_resize_and_memmap(tmp_path, monkeypatch):
+    _write_images(tmp_path / "root" / "train", with_classes=True)
+    _write_images(tmp_path / "root" / "test", with_classes=True, count=2)
+    archive = tmp_path / "data.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "root" / "train", arcname="train")
+        tar.add(tmp_path / "root" / "test", arcname="test")
+    monkeypatch.setattr(sources, "MEMMAP_BYTES", 0)  # force the memory-mapped path
+    store = load_image_folder(archive, subfolder="train", resolution=4, progress=False)
+    assert len(store) == 6 and store.shape == (3, 4, 4)
+    assert isinstance(store.images, np.memmap)
+    assert store.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="no images"):
+        load_image_folder(archive, subfolder="valid", progress=False)
+
+
+def test_image_folder_mixed_sizes_need_resolution(tmp_path):
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "b.png")
+    with pytest.raises(ValueError, match="resolution"):
+        load_image_folder(tmp_path, use_cache=False, progress=False)
+    assert load_image_folder(tmp_path, resolution=4, use_cache=False, progress=False).shape == (3, 4, 4)
+
+
+def test_arrays_npy_npz_channels_last_and_float(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", images)
+    np.savez(tmp_path / "b.npz", images=images.transpose(0, 3, 1, 2), labels=np.arange(4))
+    assert load_array(tmp_path / "a.npy").shape == (3, 8, 8)
+    assert np.array_equal(load_array(tmp_path / "b.npz").images, images.transpose(0, 3, 1, 2))
+    np.save(tmp_path / "f.npy", images.astype(np.float32) / 255.0)
+    with pytest.raises(ValueError, match="value_range"):
+        load_array(tmp_path / "f.npy")
+    assert np.array_equal(load_array(tmp_path / "f.npy", value_range=(0, 1)).images, images.transpose(0, 3, 1, 2))
+
+
+def test_cifar10_offline_error_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        load_cifar10(tmp_path / "nowhere", download=False)
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not shared_cifar_archive().exists(), reason="../shared/data/cifar10-jpeg.tar.gz is absent")
+def test_shared_cifar10_archive_loads():
+    store = load_image_folder(shared_cifar_archive(), subfolder="train", progress=False)
+    assert len(store) == 50000 and store.shape == (3, 32, 32)
+    assert sorted(np.bincount(store.labels).tolist()) == [5000] * 10
