@@ -69,7 +69,7 @@ def load_array(path: str | os.PathLike, key: str | None = None, value_range: tup
         key: the array's name inside an ``.npz`` (default: the only array, or ``images``/``x``).
         value_range: for float arrays, the (low, high) values that map to 0 and 255; required then.
         channels_last: force the layout; by default [N, H, W, C] is assumed when the last axis has
-            1, 3 or 4 entries and the second does not.
+            at most 4 entries and the second more.
     """
     path = Path(path)
     if not path.exists():
@@ -92,8 +92,8 @@ def load_array(path: str | os.PathLike, key: str | None = None, value_range: tup
         images = images[:, None]
     if images.ndim != 4:
         raise ValueError(f"{path}: expected images [N, C, H, W] or [N, H, W, C], got shape {images.shape}")
-    if channels_last is None:
-        channels_last = images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4)
+    if channels_last is None:  # channels are the short axis (<= 4); channels-first when both are
+        channels_last = images.shape[-1] <= 4 < images.shape[1]
     if channels_last:
         images = images.transpose(0, 3, 1, 2)
     if images.dtype != np.uint8:
