@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from knn_cm.estimators.base import Estimator, check_positive_int
-from knn_cm.estimators.weighting import (combine_duplicates, exact_log_likelihoods, sample_categorical,
-                                         weighted_row_mean, weights_times_rows)
+from knn_cm.estimators.weighting import (combine_duplicates, exact_log_likelihoods, normalised_weights,
+                                         sample_categorical, weighted_row_mean, weights_times_rows)
 
 # Bytes allowed for one [B_chunk, N] block of log-weights; queries are processed in chunks below it.
 _LOGITS_BUDGET = 256 << 20
@@ -32,7 +32,7 @@ class ExactPosterior(Estimator):
         out = torch.empty_like(z)
         for start, stop in _query_chunks(z.shape[0], self.rows.size, self.dtype):
             log_weights = exact_log_likelihoods(z[start:stop], sigma[start:stop], self.rows)
-            out[start:stop] = weights_times_rows(torch.softmax(log_weights, dim=1), self.rows)
+            out[start:stop] = weights_times_rows(normalised_weights(log_weights), self.rows)
         return out
 
     def log_posterior(self, z: torch.Tensor, sigma) -> torch.Tensor:

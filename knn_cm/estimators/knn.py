@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from knn_cm.estimators.base import Estimator, check_positive_int, log_likelihood
-from knn_cm.estimators.weighting import (combine_duplicates, sample_categorical, weighted_row_mean)
+from knn_cm.estimators.weighting import combine_duplicates, sample_categorical, sq_norms, weighted_row_mean
 
 
 @dataclass
@@ -78,7 +78,7 @@ class KNN(Estimator):
         if self.refine_proposal:
             exact = self.rows.gather(indices.clamp(min=0).reshape(-1)).view(*indices.shape, -1)
             exact = exact.sub_(z.unsqueeze(1))
-            sq_dists = torch.where(found, torch.linalg.vecdot(exact, exact), sq_dists)
+            sq_dists = torch.where(found, sq_norms(exact), sq_dists)
         log_lik = log_likelihood(sq_dists, sigma).masked_fill(~found, -math.inf)
         found_count = found.sum(dim=1)
         # The k-th neighbour's likelihood bounds every element outside K (nearest first: last found).

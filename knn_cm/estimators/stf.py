@@ -15,7 +15,7 @@ import torch
 
 from knn_cm.estimators.base import Estimator, check_positive_int
 from knn_cm.estimators.uniform import draw_uniform_rows
-from knn_cm.estimators.weighting import reference_log_likelihoods
+from knn_cm.estimators.weighting import reference_log_likelihoods, sq_norms
 
 STF_VARIANTS = ("per_sample", "shared")
 
@@ -43,7 +43,7 @@ class STF(Estimator):
             return torch.softmax(reference_log_likelihoods(z, sigma, reference), dim=1) @ reference
         # per_sample: n - 1 uniform draws shared by the call, plus each query's own source as column n.
         reference = draw_uniform_rows(self.rows, self.n - 1, generator)
-        source_sq_dist = torch.linalg.vecdot(z - x, z - x)
+        source_sq_dist = sq_norms(z - x)
         log_weights = torch.cat([reference_log_likelihoods(z, sigma, reference),
                                  (source_sq_dist / (-2.0 * sigma.square())).unsqueeze(1)], dim=1)
         weights = torch.softmax(log_weights, dim=1)

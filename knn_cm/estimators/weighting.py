@@ -22,8 +22,21 @@ from knn_cm.estimators.base import log_likelihood
 # Elements whose approximate log-weight lies more than this below the query's best are negligible
 # (e^-40 ~ 4e-18 of the best element's weight), so their distances need no refinement.
 WINDOW_NATS = 40.0
-# GEMM distance error allowance in units of eps * (||z||^2 + ||x||^2); observed errors are below 1.
-GEMM_ERROR_FACTOR = 8.0
+# GEMM distance error allowance in units of eps * (||z||^2 + ||x||^2); up to 4.4 seen on CIFAR-10.
+GEMM_ERROR_FACTOR = 16.0
+# A query's GEMM distances are refined when their error allowance exceeds this many eps of log-weight
+# (0.012 nats in float32: then only below sigma ~ 0.8 on CIFAR-10, where the posterior is a point mass;
+# weight errors of that size change no estimate measurably, and average out where many elements share
+# the posterior).
+TOLERANCE_EPS = 1e5
+# At most this many elements per query are refined (its nearest, by GEMM distance).
+MAX_REFINED = 256
+
+
+def sq_norms(delta: torch.Tensor) -> torch.Tensor:
+    """||delta||^2 over the last axis. vector_norm then square: 5x faster than vecdot on CPU (measured
+    on [8, 256, 3072]) for a relative error of about 2 eps."""
+    return torch.linalg.vector_norm(delta, dim=-1).square()
 
 
 def default_chunk_rows(device: torch.device) -> int:
@@ -46,10 +59,12 @@ def refine_sq_dists(z: torch.Tensor, sigma: torch.Tensor, sq_dists: torch.Tensor
                     rows: ResidentRows | torch.Tensor, chunk_rows: int = 8192) -> torch.Tensor:
     """Replace GEMM distances by exact ones wherever the GEMM error could change a weight.
 
-    A query needs refinement when its error allowance exceeds 1000 eps nats of log-weight (only at
-    small sigma); then every element within :data:`WINDOW_NATS` (plus twice the allowance) of the
-    query's nearest is recomputed from direct differences. Others keep their GEMM value: their
-    weight is below e^-40 of the best either way.
+    A query needs refinement when its error allowance exceeds :data:`TOLERANCE_EPS` eps nats of
+    log-weight (small sigma only; 0.012 nats in float32). Then its nearest elements within
+    :data:`WINDOW_NATS` (plus twice the allowance) of the best, at most :data:`MAX_REFINED` of them,
+    are recomputed from direct differences. The others keep their GEMM value: either their weight is
+    below e^-40 of the best, or the posterior spreads over more than MAX_REFINED elements, where the
+    sub-tolerance weight errors of the rest average out.
 
     Args:
         z: queries [B, d]; sigma: [B].
@@ -61,21 +76,34 @@ def refine_sq_dists(z: torch.Tensor, sigma: torch.Tensor, sq_dists: torch.Tensor
     max_row_sq = rows.max_sq_norm if isinstance(rows, ResidentRows) else float(rows.square().sum(1).max())
     slack = gemm_slack(z_sq, max_row_sq, z.dtype)
     two_var = 2.0 * sigma.square()
-    needs = slack / two_var > 1000 * torch.finfo(z.dtype).eps
-    if not bool(needs.any()):
+    needs = (slack / two_var > TOLERANCE_EPS * torch.finfo(z.dtype).eps).nonzero().squeeze(1)
+    if needs.numel() == 0:
         return sq_dists
-    window = two_var * WINDOW_NATS + 2.0 * slack
-    nearest = sq_dists.min(dim=1).values
-    candidates = (sq_dists <= (nearest + window).unsqueeze(1)) & needs.unsqueeze(1)
-    query, column = candidates.nonzero(as_tuple=True)
-    ids = row_ids[column] if row_ids.ndim == 1 else row_ids[query, column]
-    for start in range(0, ids.numel(), chunk_rows):
-        stop = start + chunk_rows
-        chunk_ids = ids[start:stop]
-        gathered = rows.gather(chunk_ids) if isinstance(rows, ResidentRows) else rows.index_select(0, chunk_ids)
-        delta = gathered.sub_(z[query[start:stop]])
-        sq_dists[query[start:stop], column[start:stop]] = torch.linalg.vecdot(delta, delta)
+    nearest, columns = sq_dists[needs].topk(min(MAX_REFINED, sq_dists.shape[1]), dim=1, largest=False)
+    window = (two_var * WINDOW_NATS + 2.0 * slack)[needs]
+    inside = nearest <= (nearest[:, :1] + window.unsqueeze(1))  # a prefix of each sorted row
+    width = int(inside.sum(dim=1).max())
+    columns, inside = columns[:, :width], inside[:, :width]
+    ids = row_ids[columns] if row_ids.ndim == 1 else row_ids[needs.unsqueeze(1), columns]
+    per_chunk = max(1, chunk_rows // width)
+    for start in range(0, len(needs), per_chunk):
+        stop = start + per_chunk
+        exact = _exact_sq_dists(z[needs[start:stop]], rows, ids[start:stop])
+        keep = inside[start:stop]  # outside the window: keep the (irrelevant) GEMM value
+        query = needs[start:stop].unsqueeze(1).expand_as(keep)
+        sq_dists[query[keep], columns[start:stop][keep]] = exact[keep]
     return sq_dists
+
+
+def _exact_sq_dists(z: torch.Tensor, rows: ResidentRows | torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """||z_b - x_ids[b, j]||^2 [B, m] from direct differences; ids [B, m]."""
+    flat_ids = ids.reshape(-1)
+    if isinstance(rows, ResidentRows):
+        delta = rows.gather_scratch(flat_ids)
+    else:
+        delta = rows.index_select(0, flat_ids)
+    delta = delta.view(*ids.shape, -1).sub_(z.unsqueeze(1))
+    return sq_norms(delta)
 
 
 def exact_log_likelihoods(z: torch.Tensor, sigma: torch.Tensor, rows: ResidentRows,
@@ -105,6 +133,17 @@ def reference_log_likelihoods(z: torch.Tensor, sigma: torch.Tensor, reference: t
     ids = torch.arange(reference.shape[0], device=z.device)
     refine_sq_dists(z, sigma, sq_dists, ids, reference)
     return log_likelihood(sq_dists, sigma)
+
+
+def normalised_weights(log_weights: torch.Tensor) -> torch.Tensor:
+    """softmax over the last axis with weights below tiny / eps set to zero.
+
+    Such weights change no sum at the dtype's precision, and as denormal numbers they would slow the
+    following matrix product several-fold on CPUs (measured 1.8x on the exact estimator at t >= 5).
+    """
+    weights = torch.softmax(log_weights, dim=-1)
+    info = torch.finfo(weights.dtype)
+    return weights.masked_fill_(weights < info.tiny / info.eps, 0.0)
 
 
 def weights_times_rows(weights: torch.Tensor, rows: ResidentRows, chunk_rows: int = 1 << 16) -> torch.Tensor:
@@ -190,7 +229,7 @@ def weighted_row_mean(z: torch.Tensor, sigma: torch.Tensor, rows: ResidentRows, 
         z_group = z[queries]
         delta.sub_(z_group.unsqueeze(1))  # x_j - z_b
         if use_likelihood:
-            group_log_weights = group_log_weights + log_likelihood(torch.linalg.vecdot(delta, delta), sigma[queries])
+            group_log_weights = group_log_weights + log_likelihood(sq_norms(delta), sigma[queries])
         weights = torch.softmax(group_log_weights.masked_fill(padding, -math.inf), dim=1)
         out[queries] = z_group + torch.bmm(weights.unsqueeze(1), delta).squeeze(1)
     return out
