@@ -55,55 +55,48 @@ def gemm_slack(z_sq: torch.Tensor, max_row_sq: float, dtype: torch.dtype) -> tor
     return GEMM_ERROR_FACTOR * torch.finfo(dtype).eps * (z_sq + max_row_sq)
 
 
-def refine_sq_dists(z: torch.Tensor, sigma: torch.Tensor, sq_dists: torch.Tensor, row_ids: torch.Tensor,
-                    rows: ResidentRows | torch.Tensor, chunk_rows: int = 8192) -> torch.Tensor:
+def refine_sq_dists(z: torch.Tensor, z_sq: torch.Tensor, sigma: torch.Tensor, sq_dists: torch.Tensor,
+                    row_ids: torch.Tensor, rows: ResidentRows | torch.Tensor, max_row_sq: float,
+                    chunk_rows: int = 8192) -> torch.Tensor:
     """Replace GEMM distances by exact ones wherever the GEMM error could change a weight.
 
     A query needs refinement when its error allowance exceeds :data:`TOLERANCE_EPS` eps nats of
-    log-weight (small sigma only; 0.012 nats in float32). Then its nearest elements within
+    log-weight (small sigma only; 0.012 nats in float32). Then its elements within
     :data:`WINDOW_NATS` (plus twice the allowance) of the best, at most :data:`MAX_REFINED` of them,
     are recomputed from direct differences. The others keep their GEMM value: either their weight is
     below e^-40 of the best, or the posterior spreads over more than MAX_REFINED elements, where the
     sub-tolerance weight errors of the rest average out.
 
     Args:
-        z: queries [B, d]; sigma: [B].
+        z: queries [B, d]; z_sq: ||z||^2 [B]; sigma: [B].
         sq_dists: GEMM distances [B, m], modified in place and returned.
         row_ids: indices into ``rows`` of the m columns, [m] (shared by all queries) or [B, m].
         rows: the store's resident rows, or a tensor [M, d] of the rows themselves.
+        max_row_sq: the largest ||x||^2 among ``rows`` (enters the error allowance).
     """
-    z_sq = z.square().sum(1)
-    max_row_sq = rows.max_sq_norm if isinstance(rows, ResidentRows) else float(rows.square().sum(1).max())
     slack = gemm_slack(z_sq, max_row_sq, z.dtype)
     two_var = 2.0 * sigma.square()
     needs = (slack / two_var > TOLERANCE_EPS * torch.finfo(z.dtype).eps).nonzero().squeeze(1)
     if needs.numel() == 0:
         return sq_dists
-    nearest, columns = sq_dists[needs].topk(min(MAX_REFINED, sq_dists.shape[1]), dim=1, largest=False)
     window = (two_var * WINDOW_NATS + 2.0 * slack)[needs]
-    inside = nearest <= (nearest[:, :1] + window.unsqueeze(1))  # a prefix of each sorted row
-    width = int(inside.sum(dim=1).max())
-    columns, inside = columns[:, :width], inside[:, :width]
-    ids = row_ids[columns] if row_ids.ndim == 1 else row_ids[needs.unsqueeze(1), columns]
-    per_chunk = max(1, chunk_rows // width)
-    for start in range(0, len(needs), per_chunk):
-        stop = start + per_chunk
-        exact = _exact_sq_dists(z[needs[start:stop]], rows, ids[start:stop])
-        keep = inside[start:stop]  # outside the window: keep the (irrelevant) GEMM value
-        query = needs[start:stop].unsqueeze(1).expand_as(keep)
-        sq_dists[query[keep], columns[start:stop][keep]] = exact[keep]
+    block = sq_dists[needs]
+    inside = block <= (block.min(dim=1, keepdim=True).values + window.unsqueeze(1))
+    if int(inside.sum(dim=1).max()) > MAX_REFINED:  # rare: keep each query's MAX_REFINED nearest
+        cut = block.kthvalue(MAX_REFINED, dim=1, keepdim=True).values
+        inside &= block <= cut
+    local, column = inside.nonzero(as_tuple=True)
+    query = needs[local]
+    ids = row_ids[column] if row_ids.ndim == 1 else row_ids[query, column]
+    for start in range(0, ids.numel(), chunk_rows):
+        stop = start + chunk_rows
+        if isinstance(rows, ResidentRows):
+            delta = rows.gather_scratch(ids[start:stop])
+        else:
+            delta = rows.index_select(0, ids[start:stop])
+        delta = delta.sub_(z.index_select(0, query[start:stop]))
+        sq_dists[query[start:stop], column[start:stop]] = sq_norms(delta)
     return sq_dists
-
-
-def _exact_sq_dists(z: torch.Tensor, rows: ResidentRows | torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """||z_b - x_ids[b, j]||^2 [B, m] from direct differences; ids [B, m]."""
-    flat_ids = ids.reshape(-1)
-    if isinstance(rows, ResidentRows):
-        delta = rows.gather_scratch(flat_ids)
-    else:
-        delta = rows.index_select(0, flat_ids)
-    delta = delta.view(*ids.shape, -1).sub_(z.unsqueeze(1))
-    return sq_norms(delta)
 
 
 def exact_log_likelihoods(z: torch.Tensor, sigma: torch.Tensor, rows: ResidentRows,
@@ -119,7 +112,7 @@ def exact_log_likelihoods(z: torch.Tensor, sigma: torch.Tensor, rows: ResidentRo
         stop = start + chunk.shape[0]
         sq_dists[:, start:stop] = gemm_sq_dists(z, chunk, z_sq, rows.sq_norms[start:stop])
     all_ids = torch.arange(size, device=z.device)
-    refine_sq_dists(z, sigma, sq_dists, all_ids, rows)
+    refine_sq_dists(z, z_sq, sigma, sq_dists, all_ids, rows, rows.max_sq_norm)
     return log_likelihood(sq_dists, sigma)
 
 
@@ -128,10 +121,10 @@ def reference_log_likelihoods(z: torch.Tensor, sigma: torch.Tensor, reference: t
 
     GEMM distances refined where rounding could matter (the STF and uniform estimators' products).
     """
-    z_sq = z.square().sum(1)
-    sq_dists = gemm_sq_dists(z, reference, z_sq, reference.square().sum(1))
+    z_sq, reference_sq = z.square().sum(1), reference.square().sum(1)
+    sq_dists = gemm_sq_dists(z, reference, z_sq, reference_sq)
     ids = torch.arange(reference.shape[0], device=z.device)
-    refine_sq_dists(z, sigma, sq_dists, ids, reference)
+    refine_sq_dists(z, z_sq, sigma, sq_dists, ids, reference, float(reference_sq.max()))
     return log_likelihood(sq_dists, sigma)
 
 

@@ -10,7 +10,8 @@ in float32; only F may run under autocast (``amp_dtype``). They share the call s
 
     x      [N, C, H, W] noisy images (data in [-1, 1] plus noise of standard deviation sigma)
     sigma  [N], or a scalar / one-element tensor / float broadcast to [N]; must be > 0
-    class_labels [N, label_dim] (zeros if omitted for a conditional network), augment_labels [N, augment_dim]
+    class_labels [N, label_dim] (zeros if omitted for a conditional network; as in EDM, one label row
+           [label_dim] or [1, label_dim] applies to the whole batch), augment_labels [N, augment_dim]
     out    [N, C, H, W] float32 estimate of the clean image
 """
 
@@ -86,6 +87,18 @@ class _PreconditionedDenoiser(nn.Module):
             )
         return sigma
 
+    def _class_label_batch(self, class_labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """Float32 class labels [N, label_dim]: zeros if None, a single row repeated over the batch."""
+        if class_labels is None:
+            return torch.zeros(x.shape[0], self.label_dim, device=x.device)
+        if class_labels.numel() % self.label_dim or class_labels.numel() // self.label_dim not in (1, x.shape[0]):
+            raise ValueError(
+                f"{type(self).__name__}: class_labels has shape {list(class_labels.shape)}; expected "
+                f"[{x.shape[0]}, {self.label_dim}] or a single row of {self.label_dim} labels"
+            )
+        class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        return class_labels.expand(x.shape[0], self.label_dim)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -98,11 +111,7 @@ class _PreconditionedDenoiser(nn.Module):
         x = x.to(torch.float32)
         sigma = self._sigma_batch(sigma, x)
         if self.label_dim:
-            class_labels = (
-                torch.zeros(x.shape[0], self.label_dim, device=x.device)
-                if class_labels is None
-                else class_labels.to(torch.float32).reshape(x.shape[0], self.label_dim)
-            )
+            class_labels = self._class_label_batch(class_labels, x)
         elif class_labels is not None:
             raise ValueError(
                 f"{type(self).__name__}: class_labels given but the network is unconditional (label_dim=0)"

@@ -49,10 +49,11 @@ class SongUNet(nn.Module):
         noise_labels   [N] (EDM feeds c_noise = ln(sigma) / 4)
         class_labels   [N, label_dim] one-hot or soft labels; required iff label_dim > 0
         augment_labels [N, augment_dim] or None (the augmentation term is skipped when None)
+        (as in EDM, a single row [1, label_dim] / [1, augment_dim] applies to every sample)
         F              [N, out_channels, img_resolution, img_resolution]
 
     Structure: noise embedding (+ label and augmentation terms) -> two-layer SiLU mapping network
-    -> encoder (first conv, then per level an optional down block and ``num_blocks`` blocks) ->
+    -> encoder (first conv, then per level an optional down block and ``num_blocks`` >= 0 blocks) ->
     decoder (``in0`` with attention and ``in1`` at the lowest level, else an ``up`` block, then
     ``num_blocks + 1`` blocks that concatenate encoder skips) -> GroupNorm, SiLU, 3x3 conv.
     ``encoder_type`` 'skip' adds a down-sampled copy of the input at every level, 'residual' (NCSN++)
@@ -100,8 +101,8 @@ class SongUNet(nn.Module):
             raise ValueError(f"SongUNet: dropout={dropout} must lie in [0, 1)")
         if not 0.0 <= label_dropout <= 1.0:
             raise ValueError(f"SongUNet: label_dropout={label_dropout} must lie in [0, 1]")
-        if num_blocks < 1:
-            raise ValueError(f"SongUNet: num_blocks={num_blocks} must be >= 1")
+        if num_blocks < 0:
+            raise ValueError(f"SongUNet: num_blocks={num_blocks} must be >= 0")
 
         self.init_kwargs = dict(
             img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
@@ -217,8 +218,9 @@ class SongUNet(nn.Module):
         if self.map_label is not None:
             labels = class_labels
             if self.training and self.label_dropout:
-                # Classifier-free-guidance style: drop the whole label vector of a sample.
-                keep = uniform_noise([labels.shape[0], 1], labels.device) >= self.label_dropout
+                # Classifier-free-guidance style: drop the whole label vector of a sample. One draw per
+                # sample of the batch (also when a single label row is broadcast), as in EDM.
+                keep = uniform_noise([noise_labels.shape[0], 1], labels.device) >= self.label_dropout
                 labels = labels * keep.to(labels.dtype)
             emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
         if self.map_augment is not None and augment_labels is not None:
@@ -275,17 +277,25 @@ class SongUNet(nn.Module):
             raise ValueError(f"SongUNet: x has shape {list(x.shape)}; expected [N, {', '.join(map(str, expected))}]")
         if noise_labels.shape != (x.shape[0],):
             raise ValueError(f"SongUNet: noise_labels has shape {list(noise_labels.shape)}; expected [{x.shape[0]}]")
+        batch_sizes = {1, x.shape[0]}  # a single label row is broadcast over the batch (as in EDM)
         if self.label_dim:
-            if class_labels is None or class_labels.shape != (x.shape[0], self.label_dim):
+            if class_labels is None or class_labels.ndim != 2 or tuple(class_labels.shape) not in {
+                (rows, self.label_dim) for rows in batch_sizes
+            }:
                 got = None if class_labels is None else list(class_labels.shape)
-                raise ValueError(f"SongUNet: class_labels is {got}; expected shape [{x.shape[0]}, {self.label_dim}]")
+                raise ValueError(
+                    f"SongUNet: class_labels is {got}; expected shape [{x.shape[0]}, {self.label_dim}] "
+                    f"or [1, {self.label_dim}]"
+                )
         elif class_labels is not None:
             raise ValueError("SongUNet: class_labels given but the network is unconditional (label_dim=0)")
         if augment_labels is not None:
             if not self.augment_dim:
                 raise ValueError("SongUNet: augment_labels given but the network has augment_dim=0")
-            if augment_labels.shape != (x.shape[0], self.augment_dim):
+            if augment_labels.ndim != 2 or tuple(augment_labels.shape) not in {
+                (rows, self.augment_dim) for rows in batch_sizes
+            }:
                 raise ValueError(
                     f"SongUNet: augment_labels has shape {list(augment_labels.shape)}; "
-                    f"expected [{x.shape[0]}, {self.augment_dim}]"
+                    f"expected [{x.shape[0]}, {self.augment_dim}] or [1, {self.augment_dim}]"
                 )
