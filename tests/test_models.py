@@ -112,6 +112,53 @@ def test_reproduces_edm_outputs(arch):
     assert (denoised - fixture["denoised"]).abs().max().item() <= 1e-5
 
 
+BRANCH_FIXTURES = ("skip_skip", "conditional", "positional_noise2_r16", "residual_decskip_gray")
+
+
+@pytest.mark.parametrize("name", BRANCH_FIXTURES)
+def test_reproduces_edm_outputs_for_other_branches(name):
+    """Skip encoder/decoder, class + augment labels, positional noise x2 at 16x16, 1-channel residual/skip.
+
+    Outputs of a local transcription of EDM's networks.py (see fixtures/README.md).
+    """
+    fixture = torch.load(FIXTURES / f"edm_tiny_{name}.pt", weights_only=True)
+    denoiser = EDMPrecond(SongUNet(**fixture["config"]["songunet_kwargs"]))
+    assert list(denoiser.state_dict()) == list(fixture["state_dict"])
+    denoiser.load_state_dict(fixture["state_dict"], strict=True)
+    denoiser.eval()
+    x, sigma = fixture["x"], fixture["sigma"]
+    labels = dict(class_labels=fixture["class_labels"], augment_labels=fixture["augment_labels"])
+    with torch.no_grad():
+        c_skip, c_out, c_in, c_noise = denoiser.coefficients(sigma)
+        raw = denoiser.model(c_in * x, c_noise, **labels)
+        denoised = denoiser(x, sigma, **labels)
+    torch.testing.assert_close(c_noise, fixture["c_noise"], atol=1e-7, rtol=0)
+    assert (raw - fixture["raw"]).abs().max().item() <= 1e-5
+    assert (denoised - fixture["denoised"]).abs().max().item() <= 1e-5
+
+
+def test_single_label_row_applies_to_whole_batch():
+    """As in EDM, class labels [label_dim] or [1, label_dim] (and augment labels [1, dim]) broadcast."""
+    torch.manual_seed(0)
+    denoiser = randomize_(EDMPrecond(SongUNet(**tiny_kwargs(label_dim=4, augment_dim=2)))).eval()
+    x, sigma = torch.randn(3, 3, 8, 8), torch.tensor([0.2, 1.0, 5.0])
+    label, augment = torch.eye(4)[1], torch.randn(1, 2)
+    with torch.no_grad():
+        expected = denoiser(x, sigma, class_labels=label.expand(3, 4), augment_labels=augment.expand(3, 2))
+        for row in (label, label[None]):
+            torch.testing.assert_close(denoiser(x, sigma, class_labels=row, augment_labels=augment), expected)
+    with pytest.raises(ValueError, match="class_labels"):
+        denoiser(x, sigma, class_labels=torch.eye(4)[:2])
+
+
+def test_zero_blocks_per_level_builds_like_edm():
+    """num_blocks=0 is valid in EDM: one decoder block per level (with attention where requested)."""
+    model = SongUNet(**tiny_kwargs(num_blocks=0))
+    assert [name for name in model.dec if "block" in name] == ["4x4_block0", "8x8_block0"]
+    assert model.dec["4x4_block0"].num_heads == 1 and not any("block" in name for name in model.enc)
+    assert model(torch.randn(2, 3, 8, 8), torch.zeros(2)).shape == (2, 3, 8, 8)
+
+
 def test_edm_coefficients_match_formulas():
     denoiser = EDMPrecond(SongUNet(**tiny_kwargs()), sigma_data=0.5)
     sigma = torch.tensor([0.002, 0.5, 80.0])
