@@ -368,3 +368,23 @@ def test_missing_source_and_store(random_store):
 
 def test_registry_lists_every_estimator():
     assert set(ESTIMATORS) == {"single", "exact", "mc", "uniform", "stf", "knn", "network"}
+
+
+def test_repeated_matches_the_estimators_distribution(random_store, flat_index):
+    """``repeated`` shares the search / exact posterior across repeats but draws like separate calls."""
+    sigma = 1.5
+    x, z = noisy_batch(random_store, sigma, count=4)
+    z, x = z.float(), x.float()
+    reference = make_estimator("exact", random_store)(z, sigma)
+    for name in ("knn", "mc", "stf", "single"):
+        kwargs = {"index": flat_index, "k": 64} if name == "knn" else {}
+        estimator = make_estimator(name, random_store, **({"n": 16} if name != "single" else {}), **kwargs)
+        draws = estimator.repeated(z, sigma, 64, x=x, generator=torch.Generator().manual_seed(0))
+        calls = torch.stack([estimator(z, sigma, x=x, generator=torch.Generator().manual_seed(seed))
+                             for seed in range(1, 65)])
+        assert draws.shape == (64, *z.shape)
+        repeated_mse = (draws - reference).square().mean().item()
+        calls_mse = (calls - reference).square().mean().item()
+        assert repeated_mse == pytest.approx(calls_mse, rel=0.35, abs=1e-9), name
+        if name != "single":
+            assert not torch.equal(draws[0], draws[1]), f"{name}: repeats must be independent draws"

@@ -68,6 +68,24 @@ class Estimator:
             x_hat = self.posterior_mean(z_flat, sigma, x_flat, generator)
         return x_hat.reshape(z.shape).to(device=z.device, dtype=z.dtype)
 
+    def repeated(self, z: torch.Tensor, sigma, repeats: int, x: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """``repeats`` independent estimates for the same queries: [R, B, C, H, W].
+
+        Estimators override :meth:`repeated_posterior_mean` to share per-query work (the KNN search,
+        the exact posterior) across repeats; the estimates have the same distribution as R calls.
+        """
+        repeats = check_positive_int("repeats", repeats)
+        z_flat, sigma, x_flat = self._validate(z, sigma, x)
+        with torch.no_grad():
+            x_hat = self.repeated_posterior_mean(z_flat, sigma, x_flat, repeats, generator)
+        return x_hat.reshape(repeats, *z.shape).to(device=z.device, dtype=z.dtype)
+
+    def repeated_posterior_mean(self, z: torch.Tensor, sigma: torch.Tensor, x: torch.Tensor | None, repeats: int,
+                                generator: torch.Generator | None) -> torch.Tensor:
+        """[R, B, d] estimates on flat tensors; by default R calls of :meth:`posterior_mean`."""
+        return torch.stack([self.posterior_mean(z, sigma, x, generator) for _ in range(repeats)])
+
     def score(self, z: torch.Tensor, sigma, x: torch.Tensor | None = None,
               generator: torch.Generator | None = None) -> torch.Tensor:
         """Score estimate (x_hat - z) / sigma^2 (Eq. 5), same shape as ``z``."""

@@ -55,11 +55,16 @@ class PosteriorMC(Estimator):
         self.n = check_positive_int("n", n)
 
     def posterior_mean(self, z, sigma, x, generator):
-        out = torch.empty_like(z)
+        return self.repeated_posterior_mean(z, sigma, x, 1, generator)[0]
+
+    def repeated_posterior_mean(self, z, sigma, x, repeats, generator):
+        out = torch.empty(repeats, *z.shape, dtype=z.dtype, device=z.device)
         for start, stop in _query_chunks(z.shape[0], self.rows.size, self.dtype):
+            # One pass over the data per query chunk serves every repeat.
             log_posterior = exact_log_likelihoods(z[start:stop], sigma[start:stop], self.rows)
-            draws = sample_categorical(log_posterior, self.n, generator)
-            indices, log_counts = combine_duplicates(draws, torch.zeros_like(draws, dtype=self.dtype))
-            out[start:stop] = weighted_row_mean(z[start:stop], sigma[start:stop], self.rows, indices, log_counts,
-                                                use_likelihood=False)
+            for repeat in range(repeats):
+                draws = sample_categorical(log_posterior, self.n, generator)
+                indices, log_counts = combine_duplicates(draws, torch.zeros_like(draws, dtype=self.dtype))
+                out[repeat, start:stop] = weighted_row_mean(z[start:stop], sigma[start:stop], self.rows, indices,
+                                                            log_counts, use_likelihood=False)
         return out

@@ -91,7 +91,15 @@ class KNN(Estimator):
         return KNNProposal(indices, log_lik - log_z_q.unsqueeze(1), log_q_tail, tail_size, log_lik)
 
     def posterior_mean(self, z, sigma, x, generator):
-        proposal = self._proposal(z, sigma)
+        return self._draw_estimate(z, sigma, self._proposal(z, sigma), generator)
+
+    def repeated_posterior_mean(self, z, sigma, x, repeats, generator):
+        proposal = self._proposal(z, sigma)  # one search serves every repeat
+        return torch.stack([self._draw_estimate(z, sigma, proposal, generator) for _ in range(repeats)])
+
+    def _draw_estimate(self, z: torch.Tensor, sigma: torch.Tensor, proposal: KNNProposal,
+                       generator: torch.Generator | None) -> torch.Tensor:
+        """Steps 3-4 of Algorithm 1 for a given proposal: n draws, exact weights, SNIS mean [B, d]."""
         k_found = proposal.indices.shape[1]
         # Category k_found is "the tail": pick it with its total mass, then an element uniformly.
         log_tail_mass = proposal.log_q_tail + proposal.tail_size.to(z.dtype).clamp(min=1).log()

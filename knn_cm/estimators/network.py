@@ -26,3 +26,7 @@ class NetworkEstimator(Estimator):
         z_flat, sigma, _ = self._validate(z, sigma, None)
         with torch.no_grad():
             return self.denoiser(z, sigma.to(device=z.device, dtype=torch.float32))
+
+    def repeated(self, z, sigma, repeats, x=None, generator=None):
+        """A network is deterministic: one evaluation, repeated R times [R, B, C, H, W]."""
+        return self(z, sigma).unsqueeze(0).expand(repeats, *z.shape)

@@ -18,3 +18,6 @@ class SingleSample(Estimator):
 
     def posterior_mean(self, z, sigma, x, generator):
         return x.clone()
+
+    def repeated_posterior_mean(self, z, sigma, x, repeats, generator):
+        return x.unsqueeze(0).expand(repeats, *x.shape).clone()

@@ -44,7 +44,7 @@ class STF(Estimator):
         # per_sample: n - 1 uniform draws shared by the call, plus each query's own source as column n.
         reference = draw_uniform_rows(self.rows, self.n - 1, generator)
         source_sq_dist = sq_norms(z - x)
-        log_weights = torch.cat([reference_log_likelihoods(z, sigma, reference),
+        log_weights = torch.cat([reference_log_likelihoods(z, sigma, reference, best_known=source_sq_dist),
                                  (source_sq_dist / (-2.0 * sigma.square())).unsqueeze(1)], dim=1)
         weights = torch.softmax(log_weights, dim=1)
         return weights[:, :-1] @ reference + weights[:, -1:] * x

@@ -57,7 +57,7 @@ def gemm_slack(z_sq: torch.Tensor, max_row_sq: float, dtype: torch.dtype) -> tor
 
 def refine_sq_dists(z: torch.Tensor, z_sq: torch.Tensor, sigma: torch.Tensor, sq_dists: torch.Tensor,
                     row_ids: torch.Tensor, rows: ResidentRows | torch.Tensor, max_row_sq: float,
-                    chunk_rows: int = 8192) -> torch.Tensor:
+                    best_known: torch.Tensor | None = None, chunk_rows: int = 8192) -> torch.Tensor:
     """Replace GEMM distances by exact ones wherever the GEMM error could change a weight.
 
     A query needs refinement when its error allowance exceeds :data:`TOLERANCE_EPS` eps nats of
@@ -73,6 +73,8 @@ def refine_sq_dists(z: torch.Tensor, z_sq: torch.Tensor, sigma: torch.Tensor, sq
         row_ids: indices into ``rows`` of the m columns, [m] (shared by all queries) or [B, m].
         rows: the store's resident rows, or a tensor [M, d] of the rows themselves.
         max_row_sq: the largest ||x||^2 among ``rows`` (enters the error allowance).
+        best_known: exact squared distances [B] of another candidate outside ``sq_dists`` (STF's own
+            source); the window is measured from the better of it and the GEMM minimum.
     """
     slack = gemm_slack(z_sq, max_row_sq, z.dtype)
     two_var = 2.0 * sigma.square()
@@ -81,7 +83,10 @@ def refine_sq_dists(z: torch.Tensor, z_sq: torch.Tensor, sigma: torch.Tensor, sq
         return sq_dists
     window = (two_var * WINDOW_NATS + 2.0 * slack)[needs]
     block = sq_dists[needs]
-    inside = block <= (block.min(dim=1, keepdim=True).values + window.unsqueeze(1))
+    best = block.min(dim=1).values
+    if best_known is not None:
+        best = torch.minimum(best, best_known[needs])
+    inside = block <= (best + window).unsqueeze(1)
     if int(inside.sum(dim=1).max()) > MAX_REFINED:  # rare: keep each query's MAX_REFINED nearest
         cut = block.kthvalue(MAX_REFINED, dim=1, keepdim=True).values
         inside &= block <= cut
@@ -116,15 +121,17 @@ def exact_log_likelihoods(z: torch.Tensor, sigma: torch.Tensor, rows: ResidentRo
     return log_likelihood(sq_dists, sigma)
 
 
-def reference_log_likelihoods(z: torch.Tensor, sigma: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def reference_log_likelihoods(z: torch.Tensor, sigma: torch.Tensor, reference: torch.Tensor,
+                              best_known: torch.Tensor | None = None) -> torch.Tensor:
     """-||z_b - r_j||^2 / (2 sigma_b^2) [B, m] against a reference batch [m, d] shared by all queries.
 
-    GEMM distances refined where rounding could matter (the STF and uniform estimators' products).
+    GEMM distances refined where rounding could matter (the STF and uniform estimators' products);
+    ``best_known`` as in :func:`refine_sq_dists`.
     """
     z_sq, reference_sq = z.square().sum(1), reference.square().sum(1)
     sq_dists = gemm_sq_dists(z, reference, z_sq, reference_sq)
     ids = torch.arange(reference.shape[0], device=z.device)
-    refine_sq_dists(z, z_sq, sigma, sq_dists, ids, reference, float(reference_sq.max()))
+    refine_sq_dists(z, z_sq, sigma, sq_dists, ids, reference, float(reference_sq.max()), best_known)
     return log_likelihood(sq_dists, sigma)
 
 
