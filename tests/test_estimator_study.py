@@ -1,0 +1,80 @@
+"""The estimator-error study: protocol, decomposition, outputs, and every study experiment composing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from knn_cm.estimators import make_estimator
+from knn_cm.evaluation import estimator_error_study, read_csv
+from knn_cm.index import build_index
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import evaluate_estimators  # noqa: E402
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(config_name="estimator_study", overrides=overrides)
+
+
+def test_tiny_study_writes_csv_and_plot_and_knn_beats_stf(tmp_path):
+    config = _compose(["study.times=[0.01,1.0,40.0]", "study.num_sources=48", "study.repeats=6",
+                       "study.progress=false", "estimators.knn.k=64", "estimators.knn.n=64", "estimators.stf.n=64"])
+    rows = evaluate_estimators.run(config, tmp_path)
+    assert (tmp_path / "results.csv").exists() and (tmp_path / "estimator_error.png").stat().st_size > 10_000
+    assert (tmp_path / "config.yaml").exists() and "knn" in (tmp_path / "summary.md").read_text()
+    assert len(read_csv(tmp_path / "results.csv")) == len(rows) == 3 * 3 * 2 * 3
+    value = {(r["estimator"], r["t"], r["target"], r["metric"]): r["value"] for r in rows}
+    # Intermediate t on digits: the posterior spreads over a few images; KNN is far below STF.
+    assert value[("knn", 1.0, "posterior_mean", "mse")] < 0.5 * value[("stf", 1.0, "posterior_mean", "mse")]
+    # Small t: the posterior is a point mass, every estimator is exact to float precision.
+    for name in ("single", "stf", "knn"):
+        assert value[(name, 0.01, "posterior_mean", "mse")] < 1e-12
+    # The single-sample estimator has no variance; its error is all bias.
+    assert value[("single", 40.0, "posterior_mean", "variance")] == 0.0
+
+
+def test_mse_is_bias_squared_plus_variance(random_store):
+    index = build_index(random_store, "flat")
+    estimators = {"knn": make_estimator("knn", random_store, index=index, k=32, n=8),
+                  "stf": make_estimator("stf", random_store, n=8),
+                  "mc": make_estimator("mc", random_store, n=8)}
+    rows = estimator_error_study(random_store, estimators, [0.5, 1.5, 5.0], num_sources=40, repeats=5,
+                                 batch_size=16, progress=False)
+    value = {(r["estimator"], r["t"], r["target"], r["metric"]): r for r in rows}
+    for (name, t, target, metric), row in value.items():
+        if metric == "mse":
+            bias2, variance = value[(name, t, target, "bias2")]["value"], value[(name, t, target, "variance")]["value"]
+            assert row["value"] == pytest.approx(bias2 + variance, rel=1e-9, abs=1e-300)
+            assert row["ci_low"] <= row["value"] <= row["ci_high"]
+        if target == "score":
+            assert row["value"] == pytest.approx(value[(name, t, "posterior_mean", metric)]["value"] / t**4, rel=1e-12)
+
+
+def test_study_is_reproducible(random_store):
+    estimators = {"stf": make_estimator("stf", random_store, n=8)}
+    first = estimator_error_study(random_store, estimators, [1.0], num_sources=8, repeats=3, progress=False)
+    second = estimator_error_study(random_store, estimators, [1.0], num_sources=8, repeats=3, progress=False)
+    assert first == second
+
+
+@pytest.mark.parametrize("bad", [{"num_sources": 0}, {"repeats": 0}, {"times": []}, {"times": [0.0, 1.0]}])
+def test_study_bad_input(random_store, bad):
+    kwargs = {"num_sources": 4, "repeats": 2, "times": [1.0]} | bad
+    times = kwargs.pop("times")
+    with pytest.raises(ValueError):
+        estimator_error_study(random_store, {}, times, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "configs/experiment/estimators").glob("*.yaml")))
+def test_study_experiments_compose(experiment):
+    config = _compose([f"experiment=estimators/{experiment}"])
+    assert config.study.num_sources >= 256 and config.study.repeats >= 16
+    assert config.dataset.xflip is False, "the study's posterior is over the dataset itself"
+    assert len(config.estimators) >= 3 and len(config.study.times) >= 12
