@@ -22,6 +22,15 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks run fastest on one thread, and a shared 2-core CPU is not oversubscribed."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def random_store() -> DataStore:
     """N = 2,000 random uint8 images of shape (3, 4, 4): d = 48 (the acceptance tests' dataset)."""

@@ -41,13 +41,7 @@ TINY_NCSNPP = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny networks run fastest on one thread, and a shared 2-core CPU is not oversubscribed."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load_script():
