@@ -10,8 +10,6 @@ interchangeable in losses and samplers.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from knn_cm.data.store import DataStore
@@ -142,7 +140,3 @@ def log_likelihood(sq_dist: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """
     return sq_dist / (-2.0 * sigma.reshape(-1, 1) ** 2)
 
-
-def finite_or_neg_inf(values: torch.Tensor) -> torch.Tensor:
-    """Map NaN to -inf (used where a masked entry produced inf - inf)."""
-    return torch.nan_to_num(values, nan=-math.inf, posinf=math.inf)
