@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from knn_cm.estimators import make_estimator
@@ -78,3 +79,25 @@ def test_study_experiments_compose(experiment):
     assert config.study.num_sources >= 256 and config.study.repeats >= 16
     assert config.dataset.xflip is False, "the study's posterior is over the dataset itself"
     assert len(config.estimators) >= 3 and len(config.study.times) >= 12
+
+
+def test_study_with_a_network_checkpoint_and_approximate_index(tmp_path):
+    """The study's optional network estimator (as the paper's EDM) and an IVF-backed KNN from specs."""
+    from knn_cm.data import load_digits
+    from knn_cm.evaluation import build_estimators
+    from knn_cm.models import EDMPrecond, SongUNet, save_network
+
+    torch.manual_seed(0)
+    network = EDMPrecond(SongUNet(img_resolution=8, in_channels=1, out_channels=1, model_channels=16,
+                                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]))
+    save_network(tmp_path / "net.pt", network)
+    store = load_digits()
+    estimators = build_estimators({"edm": {"name": "network", "checkpoint": str(tmp_path / "net.pt")},
+                                   "knn_ivf": {"name": "knn", "k": 64, "n": 16,
+                                               "index": {"kind": "ivf", "nlist": 16, "nprobe": 4}}}, store)
+    rows = estimator_error_study(store, estimators, [0.5, 5.0], num_sources=16, repeats=4, progress=False)
+    value = {(r["estimator"], r["t"], r["metric"]): r["value"] for r in rows if r["target"] == "posterior_mean"}
+    assert value[("edm", 5.0, "variance")] == 0.0, "a network is deterministic"
+    assert value[("edm", 5.0, "mse")] > 0 and value[("knn_ivf", 5.0, "variance")] > 0
+    with pytest.raises(ValueError, match="checkpoint"):
+        build_estimators({"edm": {"name": "network"}}, store)
