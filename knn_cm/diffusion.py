@@ -9,6 +9,7 @@ and noise level sigma(t), so every estimator serves every process unchanged:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -78,3 +79,63 @@ class VPProcess(NoiseProcess):
 
     def scale(self, t):
         return torch.exp(-0.5 * self._exponent(t))
+
+
+ODE_SOLVERS = ("euler", "heun")
+
+
+def pf_ode_step(denoiser, z: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor, solver: str = "euler",
+                **denoiser_kwargs) -> torch.Tensor:
+    """One step of the VE probability-flow ODE dz/dsigma = (z - D(z, sigma)) / sigma (Eq. 3 with Eq. 5).
+
+    Args:
+        denoiser: D(z, sigma, **denoiser_kwargs) -> posterior-mean estimate (an estimator or a network).
+        z: [B, C, H, W] at noise levels ``sigma_from`` [B]; returns z at ``sigma_to`` [B] (> 0 for Heun).
+        solver: "euler", or "heun" (second order; evaluates the denoiser at both ends).
+        denoiser_kwargs: passed to every denoiser call (e.g. the clean source x and a generator).
+
+    With the single-sample estimator (D = x) both solvers give exactly z' = x + sigma_to * eps for
+    z = x + sigma_from * eps (Appendix A.5): consistency training's forward-process pair.
+    """
+    if solver not in ODE_SOLVERS:
+        raise ValueError(f"unknown ODE solver {solver!r}; allowed: {', '.join(ODE_SOLVERS)}")
+    shape = (-1,) + (1,) * (z.ndim - 1)
+    step = (sigma_to - sigma_from).reshape(shape)
+    slope = (z - denoiser(z, sigma_from, **denoiser_kwargs)) / sigma_from.reshape(shape)
+    z_euler = z + step * slope
+    if solver == "euler":
+        return z_euler
+    if bool((sigma_to <= 0).any()):
+        raise ValueError("Heun's step needs sigma_to > 0 (the denoiser is evaluated there); use euler for the last step")
+    slope_end = (z_euler - denoiser(z_euler, sigma_to, **denoiser_kwargs)) / sigma_to.reshape(shape)
+    return z + step * 0.5 * (slope + slope_end)
+
+
+def check_karras_arguments(num_steps, sigma_min, sigma_max, rho) -> None:
+    """Raise ValueError naming the first bad argument of a Karras schedule (see :func:`karras_sigmas`)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if not (math.isfinite(sigma_min) and sigma_min > 0):
+        raise ValueError(f"sigma_min must be finite and > 0, got {sigma_min!r}")
+    if not (math.isfinite(sigma_max) and sigma_max > sigma_min):
+        raise ValueError(f"sigma_max must be finite and > sigma_min ({sigma_min!r}), got {sigma_max!r}")
+    if not (math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho must be finite and > 0, got {rho!r}")
+
+
+def karras_sigmas(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                  device: str | torch.device | None = None) -> torch.Tensor:
+    """EDM's sampling noise levels (Karras et al. 2022, Eq. 5) [num_steps + 1], float64, descending:
+
+        sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,  i = 0..N-1,
+
+    then sigma_N = 0 appended, as EDM's sampler does. Computed with EDM's exact arithmetic so samplers
+    reproduce EDM's time steps bit for bit. ``num_steps`` 1 gives [sigma_max, 0] (EDM divides by zero).
+    Unlike ``knn_cm.training.ict.karras_levels`` (ascending training levels) this is the sampling grid.
+    """
+    check_karras_arguments(num_steps, sigma_min, sigma_max, rho)
+    num_steps = int(num_steps)
+    step_indices = torch.arange(num_steps, dtype=torch.float64, device=device)
+    first, last = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    sigmas = (first + step_indices / max(num_steps - 1, 1) * (last - first)) ** rho
+    return torch.cat([sigmas, torch.zeros_like(sigmas[:1])])
