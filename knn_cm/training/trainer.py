@@ -1,0 +1,356 @@
+"""One training loop for iCT and EDM: DDP, gradient accumulation, mixed precision, EMA, checkpoints, logs.
+
+The loop is objective-agnostic: an objective (``ICTObjective`` or ``EDMObjective``) turns a batch of
+clean images into a loss; the trainer owns data order, optimisation, the EMA, checkpoints (written
+atomically; ``resume="auto"`` continues bit for bit from the newest one in the run folder), metrics
+(``metrics.jsonl``), sample grids and EMA network snapshots for evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from knn_cm.data import DataStore
+from knn_cm.io import atomic_path
+from knn_cm.models import resolve_amp_dtype, save_network
+from knn_cm.training.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from knn_cm.training.distributed import DistributedContext
+from knn_cm.training.ema import EMA
+from knn_cm.training.logging import MetricsLog, NullLogger
+from knn_cm.training.stream import BatchStream
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_DECAYS = ("constant", "cosine")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the run stopped without overwriting its last good checkpoint."""
+
+
+@dataclass
+class TrainerConfig:
+    """Settings of the training loop (``configs/trainer/*.yaml`` holds them under ``trainer``)."""
+
+    max_steps: int = 400_000  # optimizer steps K; the iCT curriculum and lr schedule span them
+    stop_after_steps: int | None = None  # end this invocation after so many steps (checkpointed), e.g. to fit
+    #                                      a job's time limit; resume=auto continues the same schedule
+    batch_size: int = 1024  # global batch: all ranks and all accumulation micro-steps together
+    micro_batch_size: int | None = None  # per-rank micro-batch (None: batch_size / world size, no accumulation)
+    warmup_images: int = 0  # linear learning-rate warm-up over this many images (EDM: 10M)
+    lr_decay: str = "constant"  # "constant" or "cosine" (down to final_lr_fraction at max_steps)
+    final_lr_fraction: float = 0.0  # with cosine decay: the last step's lr / base lr
+    grad_clip: float | None = None  # clip the global gradient norm to this value (None: no clipping)
+    nan_to_num_grads: bool = False  # EDM: replace non-finite gradient entries (nan -> 0, inf -> +-1e5)
+    precision: str = "fp32"  # "fp32", "bf16" or "fp16" autocast of the network (CUDA; fp16 uses a grad scaler)
+    checkpoint_every: int = 1000  # steps between training checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # newest training checkpoints kept (snapshots are all kept)
+    snapshot_every: int | None = None  # steps between EMA network snapshots for evaluation (None: end only)
+    sample_every: int | None = None  # steps between sample grids (None: end only)
+    num_sample_images: int = 64  # images per sample grid (sample i uses seed i)
+    log_every: int = 50  # steps between metrics records
+    resume: str = "auto"  # "auto": continue from the newest checkpoint of the run folder; "never"; or a path
+    seed: int = 0  # data order, noise, dropout and estimator draws derive from it
+    device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
+    progress: bool = True  # progress bar with images/s and ETA (rank 0)
+
+    def __post_init__(self):
+        if self.max_steps < 0 or self.batch_size < 1:
+            raise ValueError(f"max_steps must be >= 0 and batch_size >= 1, got {self.max_steps}, {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"unknown lr_decay {self.lr_decay!r}; allowed: {', '.join(LR_DECAYS)}")
+        for name in ("checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class Trainer:
+    """Trains ``denoiser`` with ``objective`` on ``store``; everything a run writes goes to ``run_dir``.
+
+    Args:
+        config: loop settings.
+        run_dir: the run folder (stable across restarts, so ``resume="auto"`` finds its checkpoints).
+        store: training data (with x-flip doubling when training uses x-flips).
+        denoiser: the network (EDMPrecond / CMPrecond), on ``context.device``.
+        objective: callable (student, teacher, x, step, noise_generator, estimator_generator) ->
+            (loss, stats); with ``samplers()`` giving name -> sampler(model, noise, generator) for grids.
+        optimizer_factory: params -> torch optimizer (its lr is the base lr of the schedule).
+        ema_factory: model -> :class:`EMA`.
+        context: the distributed context (single process by default).
+        logger: extra logger (wandb) on rank 0; metrics.jsonl is always written.
+        run_metadata: stored in checkpoints and snapshots (e.g. the resolved config).
+        estimator_device: device of the estimator's random generator.
+    """
+
+    def __init__(self, config: TrainerConfig, run_dir: str | Path, store: DataStore, denoiser: nn.Module, objective,
+                 optimizer_factory, ema_factory=EMA, context: DistributedContext | None = None, logger=None,
+                 run_metadata: dict | None = None, estimator_device: torch.device | str = "cpu"):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.store = store
+        self.context = context or DistributedContext()
+        self.objective = objective
+        self.logger = logger if (logger is not None and self.context.is_main) else NullLogger()
+        self.metrics = MetricsLog(self.run_dir) if self.context.is_main else None
+        self.run_metadata = run_metadata or {}
+        self.device = self.context.device
+
+        world = self.context.world_size
+        self.micro_batch = config.micro_batch_size or config.batch_size // world
+        per_rank = config.batch_size // world
+        if config.batch_size % world or per_rank % self.micro_batch:
+            raise ValueError(f"batch_size {config.batch_size} must split into {world} ranks x whole micro-batches of "
+                             f"{self.micro_batch}")
+        self.accumulation = per_rank // self.micro_batch
+
+        self.model = denoiser.to(self.device)
+        self.model.amp_dtype = resolve_amp_dtype(None if config.precision == "fp32" else config.precision)
+        self.ema = ema_factory(self.model)
+        self.optimizer = optimizer_factory(self.model.parameters())
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16" and self.device.type == "cuda")
+        self.student = self.model
+        if self.context.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.student = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+
+        self.stream = BatchStream(len(store), seed=config.seed)
+        rank_seed = config.seed * 1_000_003 + self.context.rank
+        self.noise_generator = torch.Generator().manual_seed(rank_seed)
+        self.estimator_generator = torch.Generator(device=estimator_device).manual_seed(rank_seed + 1)
+        self.step = 0
+        self.images_seen = 0
+        self._resume()
+
+    # ------------------------------------------------------------------------------------- state
+    def _generator_states(self) -> dict:
+        states = {"noise": self.noise_generator.get_state(), "estimator": self.estimator_generator.get_state(),
+                  "torch_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
+
+    def _set_generator_states(self, states: dict) -> None:
+        self.noise_generator.set_state(states["noise"])
+        self.estimator_generator.set_state(states["estimator"])
+        torch.set_rng_state(states["torch_cpu"])
+        if "torch_cuda" in states and self.device.type == "cuda":
+            torch.cuda.set_rng_state(states["torch_cuda"], self.device)
+
+    def state_dict(self) -> dict:
+        """The full training state; generator states of every rank (collective: call on all ranks)."""
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "step": self.step, "images_seen": self.images_seen,
+                "generators": self.context.gather_objects(self._generator_states()),
+                "world_size": self.context.world_size, "metadata": self.run_metadata}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
+        generators = state["generators"]
+        if len(generators) == self.context.world_size:
+            self._set_generator_states(generators[self.context.rank])
+        else:  # a different number of ranks: the data order is kept, the random streams restart
+            log.warning("checkpoint has %d ranks' random states, this run %d: reseeding the generators",
+                        len(generators), self.context.world_size)
+
+    def _resume(self) -> None:
+        resume = self.config.resume
+        if resume == "never":
+            return
+        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        if self.context.is_main:
+            log.info("resumed from %s (step %d, %d images seen)", path, self.step, self.images_seen)
+
+    def save_checkpoint(self) -> Path:
+        state = self.state_dict()  # collective
+        path = checkpoint_path(self.run_dir, self.step)
+        if self.context.is_main:
+            save_checkpoint(path, state, keep=self.config.keep_checkpoints)
+        self.context.barrier()
+        return path
+
+    # -------------------------------------------------------------------------------------- loop
+    def learning_rate_factor(self, step: int, images_seen: int) -> float:
+        """Schedule factor on the base lr: linear warm-up over warmup_images, then constant or cosine."""
+        factor = min(images_seen / self.config.warmup_images, 1.0) if self.config.warmup_images > 0 else 1.0
+        if self.config.lr_decay == "cosine" and self.config.max_steps > 0:
+            progress = min(step / self.config.max_steps, 1.0)
+            final = self.config.final_lr_fraction
+            factor *= final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+        return factor
+
+    def _batch(self, micro_step: int) -> torch.Tensor:
+        per_rank = self.micro_batch * self.accumulation
+        start = self.images_seen + self.context.rank * per_rank + micro_step * self.micro_batch
+        indices = self.stream.indices(start, self.micro_batch)
+        return self.store.float(indices).to(self.device, non_blocking=True)
+
+    def train_step(self) -> dict:
+        """One optimizer step over ``batch_size`` images (all ranks, all micro-batches)."""
+        factor = self.learning_rate_factor(self.step, self.images_seen)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * factor
+        loss_sum, stats = 0.0, {}
+        for micro_step in range(self.accumulation):
+            last = micro_step == self.accumulation - 1
+            sync = contextlib.nullcontext() if (last or not self.context.distributed) else self.student.no_sync()
+            with sync:
+                loss, stats = self.objective(self.student, self.model, self._batch(micro_step), self.step,
+                                             self.noise_generator, self.estimator_generator)
+                self.scaler.scale(loss / self.accumulation).backward()
+            loss_sum += float(loss.detach())
+        loss_value = loss_sum / self.accumulation
+        if self.context.any_true(not math.isfinite(loss_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = latest_checkpoint(self.run_dir)
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss_value}) at step {self.step} ({self.images_seen} images seen); training "
+                f"stopped. The last good checkpoint is {last or 'none (no checkpoint written yet)'}; resume from "
+                f"it with a lower learning rate, gradient clipping (trainer.grad_clip) or fp32 precision.")
+        self.scaler.unscale_(self.optimizer)
+        if self.config.nan_to_num_grads:
+            for param in self.model.parameters():
+                if param.grad is not None:
+                    torch.nan_to_num(param.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=param.grad)
+        grad_norm = None
+        if self.config.grad_clip is not None:
+            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        ema_decay = self.ema.update(self.model, self.step, self.images_seen, self.config.batch_size)
+        self.step += 1
+        self.images_seen += self.config.batch_size
+        record = {"loss": loss_value, "lr": self.base_lrs[0] * factor, "ema_decay": ema_decay, **stats}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        return record
+
+    def fit(self) -> dict:
+        """Train until ``max_steps``; returns the last metrics record."""
+        config = self.config
+        bar = None
+        if config.progress and self.context.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=config.max_steps, initial=self.step, unit="step", desc="training", dynamic_ncols=True)
+        window: list[dict] = []
+        window_start = time.perf_counter()
+        record: dict = {}
+        stop_at = config.max_steps
+        if config.stop_after_steps is not None:
+            stop_at = min(stop_at, self.step + config.stop_after_steps)
+        try:
+            while self.step < stop_at:
+                step_record = self.train_step()
+                window.append(step_record)
+                if bar is not None:
+                    elapsed = time.perf_counter() - window_start
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_record['loss']:.4g}",
+                                    img_s=f"{len(window) * config.batch_size / max(elapsed, 1e-9):.0f}")
+                if self.step % config.log_every == 0 or self.step == config.max_steps:
+                    record = self._log_window(window, time.perf_counter() - window_start)
+                    window, window_start = [], time.perf_counter()
+                if self.step % config.checkpoint_every == 0 and self.step < config.max_steps:
+                    self.save_checkpoint()
+                if config.snapshot_every and self.step % config.snapshot_every == 0 and self.step < config.max_steps:
+                    self.save_snapshot()
+                if config.sample_every and self.step % config.sample_every == 0 and self.step < config.max_steps:
+                    self.save_samples()
+        finally:
+            if bar is not None:
+                bar.close()
+        self.save_checkpoint()
+        if self.step >= config.max_steps:  # finished, not merely stopped: final snapshot and samples
+            self.save_snapshot()
+            self.save_samples()
+        self.logger.close()
+        return record
+
+    def _log_window(self, window: list[dict], seconds: float) -> dict:
+        if not window:
+            return {}
+        record = {"step": self.step, "images_seen": self.images_seen, "time": time.time()}
+        for key in window[-1]:
+            values = [entry[key] for entry in window if isinstance(entry.get(key), (int, float))]
+            if values:
+                record[key] = sum(values) / len(values)
+        record["seconds_per_step"] = seconds / len(window)
+        record["images_per_s"] = len(window) * self.config.batch_size / max(seconds, 1e-9)
+        if "estimator_seconds" in record:
+            record["estimator_share"] = record["estimator_seconds"] / max(record["seconds_per_step"], 1e-12)
+        if self.metrics is not None:
+            self.metrics.log(record)
+            self.logger.log(record)
+        return record
+
+    # --------------------------------------------------------------------------------- outputs
+    def save_snapshot(self) -> Path | None:
+        """The EMA network as a network file (``snapshots/network-<step>.pt``) for sampling / evaluation."""
+        if not self.context.is_main:
+            return None
+        path = self.run_dir / "snapshots" / f"network-{self.step:09d}.pt"
+        metadata = {"step": self.step, "images_seen": self.images_seen, **self.run_metadata}
+        return save_network(path, self.ema.model, metadata=metadata)
+
+    @torch.no_grad()
+    def save_samples(self) -> list[Path]:
+        """Sample grids from the EMA network (sample i uses seed i), one PNG per sampler of the objective."""
+        if not self.context.is_main or self.config.num_sample_images < 1:
+            return []
+        from knn_cm.sampling import noise_for_seeds
+
+        noise = noise_for_seeds(range(self.config.num_sample_images), self.store.shape, self.device)
+        paths = []
+        for name, sampler in self.objective.samplers().items():
+            images = sampler(self.ema.model, noise, torch.Generator(device=self.device).manual_seed(0))
+            path = self.run_dir / "samples" / f"{name}-{self.step:09d}.png"
+            save_image_grid(images, path)
+            self.logger.log_image(f"samples/{name}", path, self.step)
+            paths.append(path)
+        return paths
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, columns: int | None = None,
+                    min_size: int = 256) -> Path:
+    """Save images [B, C, H, W] in [-1, 1] as a PNG grid (upscaled by nearest neighbour to >= min_size px)."""
+    import torchvision
+    from PIL import Image
+
+    columns = columns or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
+    grid = torchvision.utils.make_grid(images.float().clamp(-1, 1).add(1).div(2).cpu(), nrow=columns, padding=1,
+                                       pad_value=1.0)
+    array = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array[..., 0] if images.shape[1] == 1 else array)
+    scale = max(1, math.ceil(min_size / max(picture.size)))
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+    with atomic_path(path) as temp:
+        picture.save(temp, format="PNG")
+    return Path(path)
+
+
+def trainer_config(values: dict) -> TrainerConfig:
+    """A TrainerConfig from a mapping that may hold other keys too (objective, optimizer, ema)."""
+    names = {field.name for field in dataclasses.fields(TrainerConfig)}
+    return TrainerConfig(**{key: value for key, value in values.items() if key in names})
