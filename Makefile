@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Override for other platforms, e.g. `make test TORCH_SPEC="torch==2.9.1 torchvision==0.24.1"`.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test venv bench clean
+.PHONY: run demo test venv bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 run: venv
+	$(PY) train.py
+
+demo: venv
 	$(PY) scripts/estimator_demo.py
 
 test: venv
@@ -24,6 +27,7 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/bench_estimators.py
+	$(PY) benchmarks/bench_training.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -20,3 +20,13 @@ def test_estimator_benchmark_smoke(capsys):
     entry = result["per_t"]["20"]
     assert set(entry) == {"knn_flat", "knn_ivf_p2", "knn_ivf_p16", "stf", "exact"}
     assert entry["knn_ivf_p16"]["mse_vs_exact"] >= 0 and entry["exact"]["gflops"] > 0
+
+import bench_training  # noqa: E402
+
+
+def test_training_benchmark_smoke(capsys):
+    result = bench_training.main(["--synthetic", "300", "--batch", "4", "--steps", "1", "--warmup", "0",
+                                  "--k", "16", "--n", "8", "--threads", "1"])
+    assert set(result["runs"]) == {"ict", "ict_knn", "ict_stf"}
+    assert result["runs"]["ict"]["time_vs_ict"] == 1.0 and result["runs"]["ict_knn"]["estimator_share"] > 0
+    assert json.loads(capsys.readouterr().out)["data"]["N"] == 600  # x-flip doubling

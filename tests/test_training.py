@@ -223,3 +223,15 @@ def test_quickstart_defaults_fit_a_laptop():
     assert config.dataset.name == "digits" and config.estimator.name == "knn"
     assert config.trainer.objective.solver == "heun" and config.trainer.max_steps <= 2500
     assert load_digits().shape == (config.dataset.channels, config.dataset.resolution, config.dataset.resolution)
+
+
+def test_wandb_logging_offline_resumes_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    overrides = tiny_overrides("quickstart", steps=2) + ["logger=wandb"]
+    train.run(compose_train(overrides + ["trainer.stop_after_steps=1"]), tmp_path)
+    run_id = (tmp_path / "wandb_id.txt").read_text()
+    train.run(compose_train(overrides), tmp_path)
+    assert (tmp_path / "wandb_id.txt").read_text() == run_id
+    offline_runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline_runs) == 2, "both invocations log into the same wandb run id"
