@@ -235,3 +235,20 @@ def test_wandb_logging_offline_resumes_the_same_run(tmp_path, monkeypatch):
     assert (tmp_path / "wandb_id.txt").read_text() == run_id
     offline_runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline_runs) == 2, "both invocations log into the same wandb run id"
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, monkeypatch):
+    """Two micro-batches of 4 give the optimizer step of one batch of 8 (with a deterministic loss, so
+    only the accumulation differs; the real objectives draw their noise per micro-batch)."""
+
+    def deterministic(self, student, teacher, x, step, *args, **kwargs):
+        sigma = torch.full((x.shape[0],), 0.5)
+        return (student(x, sigma) - x).square().mean(), {}
+
+    monkeypatch.setattr(ICTObjective, "__call__", deterministic)
+    overrides = tiny_overrides("ict", steps=2) + ["trainer.grad_clip=0.01"]
+    full = train.run(compose_train(overrides), tmp_path / "full")
+    accumulated = train.run(compose_train(overrides + ["trainer.micro_batch_size=4"]), tmp_path / "accumulated")
+    assert accumulated.accumulation == 2 and full.accumulation == 1
+    for name, tensor in full.model.state_dict().items():
+        assert torch.allclose(tensor, accumulated.model.state_dict()[name], rtol=1e-5, atol=1e-7), name
