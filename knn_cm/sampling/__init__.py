@@ -19,11 +19,13 @@ run without gradients on noise's device and take explicit noise and generators, 
 reproducible. Schedules are ``knn_cm.diffusion.karras_sigmas`` (EDM's time steps, ending in 0).
 
 Modules: ``ode`` (Heun / Euler, EDM Algorithm 2), ``hybrid`` (Section 6's hybrid and forward-process
-samplers; how t_switch enters the schedule), ``consistency`` (one- and multistep), ``seeds``.
+samplers; how t_switch enters the schedule), ``consistency`` (one- and multistep), ``seeds``,
+``generate`` (named samplers and generation by seed, for ``sample.py`` and ``evaluate.py``).
 """
 
 from knn_cm.diffusion import karras_sigmas
 from knn_cm.sampling.consistency import consistency_sample
+from knn_cm.sampling.generate import SAMPLER_KINDS, generate, make_sampler, resolve_kind
 from knn_cm.sampling.hybrid import (
     forward_process_sample,
     hybrid_sample,
@@ -40,15 +42,19 @@ from knn_cm.sampling.ode import (
 from knn_cm.sampling.seeds import noise_for_seeds
 
 __all__ = [
+    "SAMPLER_KINDS",
     "Denoiser",
     "consistency_sample",
     "estimator_denoiser",
     "euler_sample",
     "forward_process_sample",
+    "generate",
     "heun_sample",
     "hybrid_sample",
     "karras_sigmas",
+    "make_sampler",
     "noise_for_seeds",
+    "resolve_kind",
     "solve_pf_ode",
     "switch_schedule",
     "tail_schedule",

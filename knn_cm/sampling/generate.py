@@ -1,0 +1,79 @@
+"""Generate many samples by seed with a named sampler: the engine of ``sample.py`` and ``evaluate.py``.
+
+Sample i starts from ``noise_for_seeds([i])`` whatever the batch, so checkpoints and methods are compared
+on the same noise. The stochastic parts of some samplers (multistep consistency noise, KNN / STF draws)
+come from a generator seeded with the batch's first seed: they repeat exactly for the same seeds and
+batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from knn_cm.sampling.consistency import consistency_sample
+from knn_cm.sampling.hybrid import forward_process_sample, hybrid_sample
+from knn_cm.sampling.ode import estimator_denoiser, euler_sample, heun_sample
+from knn_cm.sampling.seeds import noise_for_seeds
+
+SAMPLER_KINDS = ("auto", "consistency", "heun", "euler", "pf_ode", "hybrid", "forward")
+
+
+def resolve_kind(kind: str, network) -> str:
+    """``auto``: one-step consistency sampling for a consistency model (CMPrecond), Heun otherwise."""
+    if kind not in SAMPLER_KINDS:
+        raise ValueError(f"unknown sampler {kind!r}; allowed: {', '.join(SAMPLER_KINDS)}")
+    if kind != "auto":
+        return kind
+    return "consistency" if type(network).__name__ == "CMPrecond" else "heun"
+
+
+def make_sampler(kind: str, network=None, estimator=None, store=None, sigmas: Sequence[float] = (80.0,),
+                 num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                 t_switch: float = 1.0, s_churn: float = 0.0) -> Callable:
+    """A function (noise [B, C, H, W], generator) -> float32 samples [B, C, H, W].
+
+    Kinds: ``consistency`` (``sigmas``: one step (80,) or multistep, e.g. (80, 0.821)); ``heun`` / ``euler``
+    (EDM's sampler on the network); ``pf_ode`` (Heun with the estimator alone, Section 6); ``hybrid``
+    (estimator above ``t_switch``, network below); ``forward`` (training images noised to ``t_switch``,
+    then the network; the noise argument only sets the batch size).
+    """
+    kind = resolve_kind(kind, network)
+    needs = {"consistency": ("network",), "heun": ("network",), "euler": ("network",), "pf_ode": ("estimator",),
+             "hybrid": ("network", "estimator"), "forward": ("network", "store")}[kind]
+    given = {"network": network, "estimator": estimator, "store": store}
+    missing = [name for name in needs if given[name] is None]
+    if missing:
+        raise ValueError(f"the {kind!r} sampler needs {' and '.join(missing)}")
+    schedule = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    if kind == "consistency":
+        return lambda noise, generator: consistency_sample(network, noise, sigmas=tuple(sigmas), sigma_min=sigma_min,
+                                                           generator=generator)
+    if kind in ("heun", "euler"):
+        solver = heun_sample if kind == "heun" else euler_sample
+        return lambda noise, generator: solver(network, noise, s_churn=s_churn, generator=generator, **schedule)
+    if kind == "pf_ode":
+        return lambda noise, generator: heun_sample(estimator_denoiser(estimator, generator), noise, **schedule)
+    if kind == "hybrid":
+        return lambda noise, generator: hybrid_sample(estimator, network, noise, t_switch, generator=generator,
+                                                      **schedule)
+    return lambda noise, generator: forward_process_sample(store, network, t_switch, noise.shape[0],
+                                                           generator=generator, device=noise.device, **schedule)
+
+
+def generate(sampler: Callable, seeds: Sequence[int], shape: Sequence[int], batch_size: int = 256,
+             device: str | torch.device = "cpu", progress: bool = False) -> torch.Tensor:
+    """Samples [len(seeds), C, H, W] (float32 in [-1, 1], on CPU); sample i uses seed ``seeds[i]``."""
+    seeds = list(seeds)
+    batches = [seeds[start : start + batch_size] for start in range(0, len(seeds), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="sampling", unit="batch")
+    out = []
+    for batch in batches:
+        noise = noise_for_seeds(batch, shape, device)
+        generator = torch.Generator(device=device).manual_seed(int(batch[0]))
+        out.append(sampler(noise, generator).clamp(-1, 1).cpu())
+    return torch.cat(out) if out else torch.empty(0, *shape)
