@@ -112,10 +112,13 @@ def build_estimators(specs: Mapping[str, Mapping], store: DataStore, device: str
 
     ``index`` (knn only) holds build_index keyword arguments; equal index specs share one index.
     ``checkpoint`` (network only) is a network file from ``scripts/convert_edm_checkpoint.py`` or training.
+    A spec of None drops that label (experiments use it to remove an estimator from a set).
     """
     indexes: dict[tuple, object] = {}
     built = {}
     for label, spec in specs.items():
+        if spec is None:
+            continue
         spec = dict(spec)
         name = spec.pop("name", label)
         if name == "knn":

@@ -30,6 +30,7 @@ class DistributedContext:
         """
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        _export_submitit_environment()
         use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
         if use_cuda and not torch.cuda.is_available():
             raise ValueError("trainer.device=cuda but CUDA is not available; use trainer.device=cpu")
@@ -75,3 +76,14 @@ class DistributedContext:
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _export_submitit_environment() -> None:
+    """Inside a multi-task submitit job without torchrun's variables, export them from the SLURM job."""
+    if "WORLD_SIZE" in os.environ or "SUBMITIT_FOLDER" not in os.environ:
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    import submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

@@ -1,0 +1,186 @@
+"""Run folders -> the paper's tables and figures (Table 1, Table 2, Figure 4, Figure 5).
+
+Everything is read from run folders (``config.yaml``, ``metrics.jsonl``, ``evaluation.jsonl``,
+``tswitch.csv``), never from memory. A run that does not exist is reported as missing, one that has not
+finished (fewer steps than configured, or not evaluated yet) as partial; nothing is filled in.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from knn_cm.io import atomic_path
+
+TABLE_FIELDS = ("method", "status", "best_step", "images_seen_mimg", "fid", "isc", "num_samples",
+                "feature_extractor", "training_hours", "steps_done", "steps_planned")
+# (row label, run folder name) of the paper's tables; the folder names are the experiments' run names.
+TABLE1 = (("iCT (reimplemented)", "ict"), ("iCT + STF", "ict_stf"), ("iCT + KNN (ours)", "ict_knn"))
+TABLE2 = (("EDM", "edm"), ("STF", "edm_stf"), ("EDM + KNN (ours)", "edm_knn"))
+PAPER = {"ict": (3.67, 9.45), "ict_stf": (3.79, 9.50), "ict_knn": (3.59, 9.49),
+         "edm": (2.01, 9.76), "edm_stf": (1.94, 9.81), "edm_knn": (1.96, 9.87)}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+    return records
+
+
+def _planned_steps(run_dir: Path) -> int | None:
+    config = run_dir / "config.yaml"
+    if not config.exists():
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(config).get("trainer", {}).get("max_steps")
+
+
+def training_hours(metrics: Sequence[Mapping]) -> float:
+    """Training wall-clock in hours from metrics records: each covers the steps since the previous one."""
+    seconds, previous = 0.0, 0
+    for record in metrics:
+        seconds += (record["step"] - previous) * record.get("seconds_per_step", 0.0)
+        previous = record["step"]
+    return seconds / 3600
+
+
+def summarise_run(run_dir: str | Path, label: str | None = None) -> dict:
+    """A table row for one run folder: its minimum-FID evaluation (per the largest sample count)."""
+    run_dir = Path(run_dir)
+    row = {"method": label or run_dir.name, "run": str(run_dir)}
+    if not run_dir.is_dir():
+        return row | {"status": "missing"}
+    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    steps_done = metrics[-1]["step"] if metrics else 0
+    planned = _planned_steps(run_dir)
+    row |= {"steps_done": steps_done, "steps_planned": planned, "training_hours": round(training_hours(metrics), 3)}
+    evaluations = [r for r in _read_jsonl(run_dir / "evaluation.jsonl") if r.get("fid") is not None]
+    if evaluations:
+        count = max(r["num_samples"] for r in evaluations)
+        best = min((r for r in evaluations if r["num_samples"] == count), key=lambda r: r["fid"])
+        images = best.get("images_seen")
+        row |= {"best_step": best["step"], "fid": best["fid"], "isc": best.get("isc_mean"), "num_samples": count,
+                "feature_extractor": best.get("feature_extractor"),
+                "images_seen_mimg": None if images is None else round(images / 1e6, 3)}
+    finished = planned is not None and steps_done >= planned
+    row["status"] = "complete" if finished and evaluations else (
+        "partial: not evaluated" if finished else f"partial: {steps_done} of {planned} steps"
+        + ("" if evaluations else ", not evaluated"))
+    return row
+
+
+def table(rows: Sequence[Mapping], title: str) -> str:
+    """Markdown table of run summaries, with the paper's numbers beside ours."""
+    lines = [f"### {title}", "", "| method | FID | IS | samples | best checkpoint (Mimg) | training hours | status |"
+             " paper FID / IS |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        fid = f"{row['fid']:.3f}" if row.get("fid") is not None else "-"
+        isc = f"{row['isc']:.2f}" if row.get("isc") is not None else "-"
+        paper = PAPER.get(Path(row.get("run", "")).name)
+        lines.append(f"| {row['method']} | {fid} | {isc} | {row.get('num_samples') or '-'} "
+                     f"({row.get('feature_extractor') or '-'}) | {row.get('images_seen_mimg', '-')} | "
+                     f"{row.get('training_hours', '-')} | {row['status']} | "
+                     f"{'%.2f / %.2f' % paper if paper else '-'} |")
+    return "\n".join(lines)
+
+
+def write_table(rows: Sequence[Mapping], folder: Path, name: str, title: str) -> None:
+    with atomic_path(folder / f"{name}.csv") as temp, open(temp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=TABLE_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    with atomic_path(folder / f"{name}.md") as temp:
+        temp.write_text(table(rows, title) + "\n")
+
+
+def fid_curves(run_dirs: Mapping[str, Path]) -> dict[str, list[tuple[float, float]]]:
+    """label -> [(million images seen, FID)] from each run's evaluations (largest sample count)."""
+    curves = {}
+    for label, run_dir in run_dirs.items():
+        evaluations = [r for r in _read_jsonl(Path(run_dir) / "evaluation.jsonl") if r.get("fid") is not None]
+        if not evaluations:
+            curves[label] = []
+            continue
+        count = max(r["num_samples"] for r in evaluations)
+        curves[label] = sorted((r["images_seen"] / 1e6, r["fid"]) for r in evaluations
+                               if r["num_samples"] == count and r.get("images_seen") is not None)
+    return curves
+
+
+def plot_figure4(curves: Mapping[str, Sequence[tuple[float, float]]], path: Path, title: str,
+                 baseline: str | None = None) -> None:
+    """FID against training images, one line per run; horizontal lines at each run's minimum; runs without
+    evaluations are listed as missing in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, points in curves.items():
+        if not points:
+            axis.plot([], [], " ", label=f"{label} (missing)")
+            continue
+        line, = axis.plot(*zip(*points), "-o", markersize=3, label=label, linewidth=2 if label == baseline else 1)
+        axis.axhline(min(fid for _, fid in points), color=line.get_color(), linestyle=":", linewidth=0.8)
+    axis.set_xlabel("training images (M)")
+    axis.set_ylabel("FID")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    axis.grid(True, alpha=0.3)
+    figure.tight_layout()
+    with atomic_path(path) as temp:
+        figure.savefig(temp, dpi=110, format="png")
+    plt.close(figure)
+
+
+def sweep_runs(sweep_dir: str | Path) -> dict[str, Path]:
+    """label -> run folder for every job of a Hydra multirun sweep folder (labels: the override dirname)."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        return {}
+    return {child.name: child for child in sorted(sweep_dir.iterdir()) if (child / "config.yaml").exists()}
+
+
+def build_report(train_root: str | Path, out: str | Path, multirun_root: str | Path | None = None,
+                 tswitch_dir: str | Path | None = None) -> dict:
+    """Write Table 1 / Table 2 (markdown + CSV), Figure 4 and Figure 5 PNGs into ``out``; returns the rows."""
+    train_root, out = Path(train_root), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {}
+    for name, spec, title in (("table1", TABLE1, "Table 1: one-step CIFAR-10 consistency models"),
+                              ("table2", TABLE2, "Table 2: EDM on CIFAR-10 with different score estimators")):
+        rows = [summarise_run(train_root / folder, label) for label, folder in spec]
+        write_table(rows, out, name, title)
+        result[name] = rows
+    if multirun_root is not None:
+        for name, title in (("figure4_k", "Figure 4 (top): KNN search size k"),
+                            ("figure4_n", "Figure 4 (bottom): estimator sample size n")):
+            runs = {"iCT baseline": train_root / "figure4_baseline"} | sweep_runs(Path(multirun_root) / name)
+            curves = fid_curves(runs)
+            plot_figure4(curves, out / f"{name}.png", title, baseline="iCT baseline")
+            result[name] = curves
+    if tswitch_dir is not None:
+        csv_path = Path(tswitch_dir) / "tswitch.csv"
+        if csv_path.exists():
+            from knn_cm.evaluation.tswitch import write_tswitch
+
+            rows = list(csv.DictReader(open(csv_path)))
+            for row in rows:
+                for key in ("t_switch", "fid", "num_samples"):
+                    row[key] = float(row[key]) if row.get(key) not in (None, "") else None
+            write_tswitch(rows, out)  # figure5 as tswitch.png / tswitch.csv in the report folder
+            (out / "tswitch.png").replace(out / "figure5.png")
+            result["figure5"] = rows
+        else:
+            result["figure5"] = "missing"
+    return result

@@ -1,0 +1,33 @@
+"""Tables and figures of the paper from run folders.
+
+    python scripts/report.py [--train outputs/train] [--multirun multirun/train] [--tswitch FOLDER] [--out report]
+
+Writes table1.md/.csv (Table 1: iCT, iCT + STF, iCT + KNN), table2.md/.csv (Table 2: EDM, STF, EDM + KNN),
+figure4_k.png / figure4_n.png (FID against training images for the ablation sweeps) and figure5.png (FID
+against t_switch, from evaluate.py experiment=tswitch_sweep's folder). Runs that are missing or unfinished
+are marked so, never filled in. Each row is the run's minimum-FID evaluated checkpoint (evaluate.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from knn_cm.report import build_report
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", default="outputs/train", help="folder of training run folders (run_name = experiment)")
+    parser.add_argument("--multirun", default="multirun/train", help="folder of sweep folders (figure4_k, figure4_n)")
+    parser.add_argument("--tswitch", default=None, help="output folder of evaluate.py experiment=tswitch_sweep")
+    parser.add_argument("--out", default="report", help="where the tables and figures go")
+    args = parser.parse_args(argv)
+    result = build_report(args.train, args.out, args.multirun, args.tswitch)
+    for name in ("table1", "table2"):
+        print((Path(args.out) / f"{name}.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()
