@@ -34,10 +34,10 @@ def _compose(config_name: str, overrides: list[str], hydra_config: bool = False)
 
 
 def _app_of(path: Path) -> str:
-    text = path.read_text()
-    if "override /trainer" in text:
-        return "train"
-    return "evaluate" if "task:" in text else "estimator_study"
+    """estimators/* belong to evaluate_estimators.py, files that set a task to evaluate.py, the rest to train.py."""
+    if path.parent.name == "estimators":
+        return "estimator_study"
+    return "evaluate" if "task:" in path.read_text() else "train"
 
 
 ALL_EXPERIMENTS = sorted(str(p.relative_to(EXPERIMENTS).with_suffix("")) for p in EXPERIMENTS.rglob("*.yaml"))
