@@ -5,21 +5,23 @@ the project trains its own classifier once, deterministically, and caches it und
 ``cache_dir()/digits_classifier-<fingerprint of the digits store>-v1.pt``. Its penultimate layer
 (128-d) is the feature space of FID and its 10 logits give the Inception Score.
 
-Training: a fixed split (seeded permutation, 20% held out for the reported accuracy), fixed initialisation and batch order (seeded generators), deterministic algorithms and one
-thread, so two trainings from scratch give bit-identical weights on the same machine and software.
+Training: a fixed split (seeded permutation, 20% held out for the reported accuracy), fixed
+initialisation and batch order (seeded generators), deterministic algorithms and one thread, so two
+trainings from scratch give bit-identical weights on the same machine and software.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import pickle
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from knn_cm.data import DataStore, load_digits, uint8_to_float
 from knn_cm.io import atomic_path, cache_dir
@@ -30,7 +32,7 @@ FEATURE_DIM = 128
 IMAGE_SHAPE = (1, 8, 8)
 HELD_OUT_FRACTION = 0.2
 DEFAULT_SEED = 0
-DEFAULT_EPOCHS = 40
+DEFAULT_EPOCHS = 15
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_LEARNING_RATE = 2e-3
 
@@ -101,7 +103,7 @@ def _digits_arrays(store: DataStore | None) -> tuple[np.ndarray, np.ndarray, str
 def held_out_split(num_images: int, seed: int = DEFAULT_SEED) -> tuple[np.ndarray, np.ndarray]:
     """Fixed (train indices, held-out indices): a seeded permutation, the last 20% held out."""
     order = np.random.default_rng(seed).permutation(num_images)
-    num_held_out = int(round(HELD_OUT_FRACTION * num_images))
+    num_held_out = round(HELD_OUT_FRACTION * num_images)
     return np.sort(order[num_held_out:]), np.sort(order[:num_held_out])
 
 
@@ -148,7 +150,7 @@ def _fit(classifier: DigitsClassifier, images: torch.Tensor, labels: torch.Tenso
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            total, count = total + float(loss) * len(batch), count + len(batch)
+            total, count = total + loss.item() * len(batch), count + len(batch)
         schedule.step()
         epoch_loss = total / count
     classifier.eval()
@@ -191,8 +193,8 @@ def train_digits_classifier(store: DataStore | None = None, seed: int = DEFAULT_
         "store_fingerprint": fingerprint,
         "held_out_accuracy": classifier_accuracy(classifier, images[held_out_idx], labels[held_out_idx]),
         "train_accuracy": classifier_accuracy(classifier, images[train_idx], labels[train_idx]),
-        "num_train": int(len(train_idx)),
-        "num_held_out": int(len(held_out_idx)),
+        "num_train": len(train_idx),
+        "num_held_out": len(held_out_idx),
         "final_train_loss": final_loss,
         "train_seconds": time.perf_counter() - started,
         "seed": seed,
@@ -200,7 +202,7 @@ def train_digits_classifier(store: DataStore | None = None, seed: int = DEFAULT_
         "batch_size": batch_size,
         "learning_rate": learning_rate,
         "feature_dim": FEATURE_DIM,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "weights_digest": weights_digest(classifier),
     }
     return classifier
@@ -229,7 +231,7 @@ def _load(path: Path, fingerprint: str) -> DigitsClassifier | None:
         classifier = DigitsClassifier()
         classifier.load_state_dict(payload["state_dict"])
         metadata = dict(payload["metadata"])
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError):
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError):
         return None
     if metadata.get("store_fingerprint") != fingerprint or metadata.get("version") != CLASSIFIER_VERSION:
         return None
