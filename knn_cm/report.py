@@ -19,6 +19,8 @@ TABLE_FIELDS = ("method", "status", "best_step", "images_seen_mimg", "fid", "isc
 # (row label, run folder name) of the paper's tables; the folder names are the experiments' run names.
 TABLE1 = (("iCT (reimplemented)", "ict"), ("iCT + STF", "ict_stf"), ("iCT + KNN (ours)", "ict_knn"))
 TABLE2 = (("EDM", "edm"), ("STF", "edm_stf"), ("EDM + KNN (ours)", "edm_knn"))
+# The same tables at small scale on CPU (digits; experiments quickstart, digits_ict, digits_ict_stf).
+TABLE1_DIGITS = (("iCT", "digits_ict"), ("iCT + STF", "digits_ict_stf"), ("iCT + KNN (quickstart)", "quickstart"))
 PAPER = {"ict": (3.67, 9.45), "ict_stf": (3.79, 9.50), "ict_knn": (3.59, 9.49),
          "edm": (2.01, 9.76), "edm_stf": (1.94, 9.81), "edm_knn": (1.96, 9.87)}
 
@@ -152,13 +154,21 @@ def sweep_runs(sweep_dir: str | Path) -> dict[str, Path]:
 
 
 def build_report(train_root: str | Path, out: str | Path, multirun_root: str | Path | None = None,
-                 tswitch_dir: str | Path | None = None) -> dict:
-    """Write Table 1 / Table 2 (markdown + CSV), Figure 4 and Figure 5 PNGs into ``out``; returns the rows."""
+                 tswitch_dir: str | Path | None = None, scale: str = "paper") -> dict:
+    """Write Table 1 / Table 2 (markdown + CSV), Figure 4 and Figure 5 PNGs into ``out``; returns the rows.
+
+    ``scale="digits"`` reports the small-scale CPU runs instead (Table 1 from the digits experiments).
+    """
+    if scale not in ("paper", "digits"):
+        raise ValueError(f"scale must be 'paper' or 'digits', got {scale!r}")
     train_root, out = Path(train_root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {}
-    for name, spec, title in (("table1", TABLE1, "Table 1: one-step CIFAR-10 consistency models"),
-                              ("table2", TABLE2, "Table 2: EDM on CIFAR-10 with different score estimators")):
+    tables = (("table1", TABLE1, "Table 1: one-step CIFAR-10 consistency models"),
+              ("table2", TABLE2, "Table 2: EDM on CIFAR-10 with different score estimators"))
+    if scale == "digits":
+        tables = (("table1", TABLE1_DIGITS, "Table 1 at small scale: one-step consistency models on digits (CPU)"),)
+    for name, spec, title in tables:
         rows = [summarise_run(train_root / folder, label) for label, folder in spec]
         write_table(rows, out, name, title)
         result[name] = rows

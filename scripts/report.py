@@ -19,13 +19,17 @@ from knn_cm.report import build_report
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", default="outputs/train", help="folder of training run folders (run_name = experiment)")
-    parser.add_argument("--multirun", default="multirun/train", help="folder of sweep folders (figure4_k, figure4_n)")
+    parser.add_argument("--multirun", default="multirun/train",
+                        help="folder of sweep folders (figure4_k, figure4_n); \"\" to skip Figure 4")
     parser.add_argument("--tswitch", default=None, help="output folder of evaluate.py experiment=tswitch_sweep")
     parser.add_argument("--out", default="report", help="where the tables and figures go")
+    parser.add_argument("--scale", default="paper", choices=("paper", "digits"),
+                        help="digits: Table 1 from the small-scale CPU runs (quickstart, digits_ict, digits_ict_stf)")
     args = parser.parse_args(argv)
-    result = build_report(args.train, args.out, args.multirun, args.tswitch)
+    result = build_report(args.train, args.out, args.multirun or None, args.tswitch, scale=args.scale)
     for name in ("table1", "table2"):
-        print((Path(args.out) / f"{name}.md").read_text())
+        if (Path(args.out) / f"{name}.md").exists():
+            print((Path(args.out) / f"{name}.md").read_text())
     return result
 
 
