@@ -153,3 +153,12 @@ def test_report_builds_tables_and_figures_and_marks_missing_runs(tmp_path):
     for name in ("table1.csv", "table2.csv", "table2.md", "figure4_k.png", "figure4_n.png", "figure5.png"):
         assert (tmp_path / "report" / name).exists(), name
     assert result["figure4_n"] == {"iCT baseline": [(0.2048, 6.0), (0.4096, 5.0)]}
+
+
+def test_report_at_digits_scale(tmp_path):
+    _fake_run(tmp_path / "train" / "quickstart", 400, 400, [(400, 15.9, 8.1)])
+    result = build_report(tmp_path / "train", tmp_path / "report", scale="digits")
+    assert [row["status"] for row in result["table1"]] == ["missing", "missing", "complete"]
+    assert not (tmp_path / "report" / "table2.md").exists()
+    with pytest.raises(ValueError, match="scale"):
+        build_report(tmp_path / "train", tmp_path / "report", scale="celeba")
