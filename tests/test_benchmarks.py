@@ -18,7 +18,7 @@ def test_estimator_benchmark_smoke(capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["data"] == {"name": "synthetic2000", "N": 2000, "d": 3072}
     entry = result["per_t"]["20"]
-    assert set(entry) == {"knn_flat", "knn_ivf_p2", "knn_ivf_p16", "stf", "exact"}
+    assert set(entry) == {"flat_search", "knn_flat", "knn_ivf_p2", "knn_ivf_p16", "stf", "exact"}
     assert entry["knn_ivf_p16"]["mse_vs_exact"] >= 0 and entry["exact"]["gflops"] > 0
 
 import bench_training  # noqa: E402

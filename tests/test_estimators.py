@@ -11,7 +11,7 @@ import torch
 from knn_cm.data import DataStore
 from knn_cm.diffusion import VEProcess, VPProcess
 from knn_cm.estimators import ESTIMATORS, make_estimator
-from knn_cm.estimators.weighting import combine_duplicates
+from knn_cm.estimators.weighting import _gemm_is_accurate, combine_duplicates, weighted_row_mean
 from knn_cm.index import build_index
 
 SIGMAS = [0.002, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0]
@@ -307,6 +307,32 @@ def test_combine_duplicates_counts():
     unique, log_weights = combine_duplicates(indices, torch.zeros(2, 4))
     assert unique.tolist() == [[1, 3, -1, -1], [2, -1, -1, -1]]
     assert torch.allclose(log_weights.exp(), torch.tensor([[1.0, 3.0, 0, 0], [4.0, 0, 0, 0]]))
+
+
+def test_weighted_row_mean_both_distance_paths_match_float64(random_store, data64):
+    """A batch mixing small sigma (direct differences) and large sigma (GEMM distances), with padding
+    and duplicate-free random draws, against a float64 brute force of Eq. 11."""
+    rows = random_store.resident("cpu", torch.float32)
+    generator = torch.Generator().manual_seed(3)
+    sigma = torch.tensor([0.002, 0.05, 0.5, 2.0, 5.0, 20.0, 80.0, 80.0])
+    sources = torch.randint(0, len(random_store), (len(sigma),), generator=generator)
+    z64 = data64[sources] + sigma.to(F64).reshape(-1, 1) * torch.randn(len(sigma), data64.shape[1], generator=generator, dtype=F64)
+    indices = torch.stack([torch.randperm(len(random_store), generator=generator)[:40] for _ in sigma])
+    indices[:, 0] = sources  # the source is among the draws, so small sigma has a dominant element
+    indices[::2, 30:] = -1  # padding
+    log_weights = torch.randn(indices.shape, generator=generator)
+    z = z64.float()
+    paths = _gemm_is_accurate(z.square().sum(1), sigma, rows.max_sq_norm)
+    assert paths.any() and not paths.all(), "the batch must exercise both distance paths"
+
+    estimate = weighted_row_mean(z, sigma, rows, indices, log_weights)
+
+    valid = indices >= 0
+    gathered = data64[indices.clamp(min=0)]
+    log_w = log_weights.to(F64) - (gathered - z.to(F64)[:, None]).square().sum(-1) / (2 * sigma.to(F64)[:, None] ** 2)
+    weights = torch.softmax(log_w.masked_fill(~valid, -math.inf), dim=1)
+    reference = (weights[:, :, None] * gathered).sum(1)
+    assert torch.allclose(estimate.to(F64), reference, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- bad input

@@ -4,8 +4,9 @@ Two ways to get squared distances ||z - x||^2:
 - GEMM expansion ||z||^2 - 2 z.x + ||x||^2: fast (matrix products) but in float32 its absolute error
   reaches several eps * (||z||^2 + ||x||^2), up to 1.7e-3 on CIFAR-10: about 200 nats at sigma = 0.002.
   :func:`refine_sq_dists` recomputes exactly the few elements whose weight that error could change.
-- direct differences on gathered rows (:func:`weighted_row_mean`): exact to rounding of the distance
-  itself; used for every element an estimator draws.
+- direct differences on gathered rows: exact to rounding of the distance itself; used wherever the
+  GEMM error could change a weight by more than :data:`TOLERANCE_EPS` eps nats (small sigma), both for
+  refinement and for the elements an estimator draws (:func:`weighted_row_mean`).
 All weights are handled as logarithms and normalised with a max-shift (softmax), so sigma from 0.002
 to 80 gives no overflow, underflow to all-zero, NaN or inf.
 """
@@ -78,7 +79,7 @@ def refine_sq_dists(z: torch.Tensor, z_sq: torch.Tensor, sigma: torch.Tensor, sq
     """
     slack = gemm_slack(z_sq, max_row_sq, z.dtype)
     two_var = 2.0 * sigma.square()
-    needs = (slack / two_var > TOLERANCE_EPS * torch.finfo(z.dtype).eps).nonzero().squeeze(1)
+    needs = (~_gemm_is_accurate(z_sq, sigma, max_row_sq)).nonzero().squeeze(1)
     if needs.numel() == 0:
         return sq_dists
     window = (two_var * WINDOW_NATS + 2.0 * slack)[needs]
@@ -188,12 +189,16 @@ def combine_duplicates(indices: torch.Tensor, log_weights: torch.Tensor) -> tupl
 def weighted_row_mean(z: torch.Tensor, sigma: torch.Tensor, rows: ResidentRows, indices: torch.Tensor,
                       log_weights: torch.Tensor, use_likelihood: bool = True,
                       chunk_rows: int | None = None) -> torch.Tensor:
-    """Self-normalised weighted mean of gathered rows per query (Eq. 11), with exact distances.
+    """Self-normalised weighted mean of gathered rows per query (Eq. 11), with accurate distances.
 
     For each query b: x_hat_b = sum_j w_bj x_j / sum_j w_bj over its entries j with
     log w_bj = log_weights[b, j] (- ||z_b - x_j||^2 / (2 sigma_b^2) when ``use_likelihood``).
-    Computed as z_b + sum_j wbar_bj (x_j - z_b) on rows gathered into a reused buffer; queries are
-    processed in groups of similar entry counts so padding costs little.
+    Rows are gathered into a reused buffer; queries are processed in groups of similar entry counts
+    so padding costs little. Distances come from direct differences (z_b + sum_j wbar_bj (x_j - z_b))
+    for queries whose GEMM error allowance exceeds the tolerance of :func:`refine_sq_dists` (small
+    sigma), and from the GEMM expansion with batched products otherwise (two passes over the gathered
+    rows instead of four; the gather is memory-bound, so this is most of the estimator's cost at large
+    sigma).
 
     Args:
         z: [B, d]; sigma: [B].
@@ -213,23 +218,44 @@ def weighted_row_mean(z: torch.Tensor, sigma: torch.Tensor, rows: ResidentRows, 
     counts = valid.sum(dim=1)
     if bool((counts == 0).any()):
         raise ValueError("weighted_row_mean: a query has no entry with finite weight")
-    order = torch.argsort(counts, descending=True).tolist()
+    z_sq = z.square().sum(1)
+    if use_likelihood:
+        use_gemm = _gemm_is_accurate(z_sq, sigma, rows.max_sq_norm)
+    else:  # no distances needed
+        use_gemm = torch.ones_like(counts, dtype=torch.bool)
     counts_host = counts.tolist()
     out = torch.empty_like(z)
-    start = 0
-    while start < len(order):
-        width = counts_host[order[start]]
-        group = max(1, chunk_rows // width)
-        queries = torch.tensor(order[start : start + group], device=z.device)
-        start += group
-        ids = indices[queries, :width]
-        group_log_weights = log_weights[queries, :width]
-        padding = ids < 0
-        delta = rows.gather_scratch(ids.clamp(min=0).reshape(-1)).view(len(queries), width, -1)
-        z_group = z[queries]
-        delta.sub_(z_group.unsqueeze(1))  # x_j - z_b
-        if use_likelihood:
-            group_log_weights = group_log_weights + log_likelihood(sq_norms(delta), sigma[queries])
-        weights = torch.softmax(group_log_weights.masked_fill(padding, -math.inf), dim=1)
-        out[queries] = z_group + torch.bmm(weights.unsqueeze(1), delta).squeeze(1)
+    for gemm in (True, False):
+        selected = (use_gemm == gemm).nonzero().squeeze(1)
+        order = selected[torch.argsort(counts[selected], descending=True)].tolist()
+        start = 0
+        while start < len(order):
+            width = counts_host[order[start]]
+            group = max(1, chunk_rows // width)
+            queries = torch.tensor(order[start : start + group], device=z.device)
+            start += group
+            ids = indices[queries, :width]
+            group_log_weights = log_weights[queries, :width].masked_fill(ids < 0, -math.inf)
+            safe_ids = ids.clamp(min=0)
+            gathered = rows.gather_scratch(safe_ids.reshape(-1)).view(len(queries), width, -1)
+            z_group = z[queries]
+            if gemm:
+                if use_likelihood:
+                    # [G, 1, d] x [G, d, W]: 4x faster on CPU than the [G, W, d] x [G, d, 1] GEMV.
+                    dots = torch.bmm(z_group.unsqueeze(1), gathered.transpose(1, 2)).squeeze(1)
+                    sq_dists = (rows.sq_norms[safe_ids] - 2.0 * dots + z_sq[queries].unsqueeze(1)).clamp_(min=0.0)
+                    group_log_weights = group_log_weights + log_likelihood(sq_dists, sigma[queries])
+                weights = torch.softmax(group_log_weights, dim=1)
+                out[queries] = torch.bmm(weights.unsqueeze(1), gathered).squeeze(1)
+            else:  # small sigma (use_likelihood is set): exact distances
+                delta = gathered.sub_(z_group.unsqueeze(1))  # x_j - z_b
+                group_log_weights = group_log_weights + log_likelihood(sq_norms(delta), sigma[queries])
+                weights = torch.softmax(group_log_weights, dim=1)
+                out[queries] = z_group + torch.bmm(weights.unsqueeze(1), delta).squeeze(1)
     return out
+
+
+def _gemm_is_accurate(z_sq: torch.Tensor, sigma: torch.Tensor, max_row_sq: float) -> torch.Tensor:
+    """[B] bool: the GEMM distance error allowance stays within :data:`TOLERANCE_EPS` eps nats of log-weight."""
+    slack = gemm_slack(z_sq, max_row_sq, z_sq.dtype)
+    return slack / (2.0 * sigma.square()) <= TOLERANCE_EPS * torch.finfo(z_sq.dtype).eps
