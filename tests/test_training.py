@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from knn_cm.estimators import make_estimator
 from knn_cm.training import (EMA, ICTObjective, NonFiniteLossError, curriculum_steps, karras_levels,
                              level_probabilities, list_checkpoints, load_checkpoint, pseudo_huber)
 from knn_cm.training.stream import BatchStream
+from knn_cm.training.trainer import trainer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -217,6 +219,59 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
     state = load_checkpoint(last)
     assert last.name == "training-000000002.pt" and state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def _signal_at_step(monkeypatch, signum: int, at_step: int) -> None:
+    """The objective sends ``signum`` to this process during step ``at_step`` (as a cluster would)."""
+    original = ICTObjective.__call__
+
+    def signalling(self, student, teacher, x, step, *args, **kwargs):
+        if step == at_step:
+            os.kill(os.getpid(), signum)
+        return original(self, student, teacher, x, step, *args, **kwargs)
+
+    monkeypatch.setattr(ICTObjective, "__call__", signalling)
+
+
+def test_a_preemption_signal_checkpoints_the_running_step_and_resume_continues(tmp_path, monkeypatch):
+    overrides = tiny_overrides("quickstart", steps=6) + ["trainer.checkpoint_every=100"]
+    straight = train.run(compose_train(overrides + ["trainer.preemption_signals=[]"]), tmp_path / "straight")
+    with monkeypatch.context() as patch:
+        _signal_at_step(patch, signal.SIGUSR1, at_step=2)
+        with pytest.raises(SystemExit) as stopped:
+            train.run(compose_train(overrides), tmp_path / "preempted")
+    assert stopped.value.code == 128 + signal.SIGUSR1
+    # No periodic checkpoint was due: the signal's step (the third) was checkpointed on the way out.
+    assert [p.name for p in list_checkpoints(tmp_path / "preempted")] == ["training-000000003.pt"]
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL, "the previous handler must be restored"
+    resumed = train.run(compose_train(overrides), tmp_path / "preempted")
+    assert resumed.step == 6
+    for name, tensor in _weights(straight).items():
+        assert torch.equal(tensor, _weights(resumed)[name]), name
+
+
+def test_a_preemption_signal_hands_over_to_the_previous_handler(tmp_path, monkeypatch):
+    """submitit's SIGUSR2 handler (requeue) runs after the checkpoint is written; training then ends."""
+    calls = []
+
+    def requeue(signum, frame):
+        calls.append((signum, [p.name for p in list_checkpoints(tmp_path)]))
+
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        _signal_at_step(monkeypatch, signal.SIGUSR2, at_step=1)
+        trainer = train.run(compose_train(tiny_overrides("quickstart", steps=6) + ["trainer.checkpoint_every=100"]),
+                            tmp_path)
+        assert signal.getsignal(signal.SIGUSR2) is requeue
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert trainer.step == 2
+    assert calls == [(signal.SIGUSR2, ["training-000000002.pt"])]
+
+
+def test_unknown_preemption_signal_is_refused():
+    with pytest.raises(ValueError, match="unknown or unsupported preemption signal 'SIGKILL'; allowed: SIGTERM"):
+        trainer_config({"preemption_signals": ["SIGKILL"]})
 
 
 def test_quickstart_defaults_fit_a_laptop():

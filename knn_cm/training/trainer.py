@@ -23,6 +23,7 @@ from knn_cm.data import DataStore
 from knn_cm.io import atomic_path
 from knn_cm.models import resolve_amp_dtype, save_network
 from knn_cm.training.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from knn_cm.training.preemption import PreemptionGuard, parse_signal
 from knn_cm.training.distributed import DistributedContext
 from knn_cm.training.ema import EMA
 from knn_cm.training.logging import MetricsLog, NullLogger
@@ -63,6 +64,10 @@ class TrainerConfig:
     seed: int = 0  # data order, noise, dropout and estimator draws derive from it
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
     progress: bool = True  # progress bar with images/s and ETA (rank 0)
+    # Signals that stop training gracefully: the running step finishes, a checkpoint is written, then the
+    # signal's previous handler runs (submitit's requeue) or the process exits with 128 + signal number.
+    # SLURM's --signal, submitit (SIGUSR2) and scontrol requeue / torchrun shutdown (SIGTERM). [] disables.
+    preemption_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
     def __post_init__(self):
         if self.max_steps < 0 or self.batch_size < 1:
@@ -71,6 +76,8 @@ class TrainerConfig:
             raise ValueError(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"unknown lr_decay {self.lr_decay!r}; allowed: {', '.join(LR_DECAYS)}")
+        for name in self.preemption_signals:
+            parse_signal(name)  # a clear error now rather than when training starts
         for name in ("checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -247,7 +254,7 @@ class Trainer:
         return record
 
     def fit(self) -> dict:
-        """Train until ``max_steps``; returns the last metrics record."""
+        """Train until ``max_steps`` (or ``stop_after_steps``, or a preemption signal); returns the last metrics record."""
         config = self.config
         bar = None
         if config.progress and self.context.is_main:
@@ -260,32 +267,48 @@ class Trainer:
         stop_at = config.max_steps
         if config.stop_after_steps is not None:
             stop_at = min(stop_at, self.step + config.stop_after_steps)
-        try:
-            while self.step < stop_at:
-                step_record = self.train_step()
-                window.append(step_record)
+        preempted = False
+        # The guard stays installed through the final checkpoint, so a late signal cannot cut it short.
+        with PreemptionGuard(config.preemption_signals) as guard:
+            try:
+                while self.step < stop_at:
+                    step_record = self.train_step()
+                    window.append(step_record)
+                    if bar is not None:
+                        elapsed = time.perf_counter() - window_start
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{step_record['loss']:.4g}",
+                                        img_s=f"{len(window) * config.batch_size / max(elapsed, 1e-9):.0f}")
+                    if self.step % config.log_every == 0 or self.step == config.max_steps:
+                        record = self._log_window(window, time.perf_counter() - window_start)
+                        window, window_start = [], time.perf_counter()
+                    if self.step % config.checkpoint_every == 0 and self.step < config.max_steps:
+                        self.save_checkpoint()
+                    if config.snapshot_every and self.step % config.snapshot_every == 0 and self.step < config.max_steps:
+                        self.save_snapshot()
+                    if config.sample_every and self.step % config.sample_every == 0 and self.step < config.max_steps:
+                        self.save_samples()
+                    # Every rank stops at the same step when any rank was signalled.
+                    if guard.signals and self.context.any_true(guard.received is not None):
+                        preempted = True
+                        if window:
+                            record = self._log_window(window, time.perf_counter() - window_start)
+                        break
+            finally:
                 if bar is not None:
-                    elapsed = time.perf_counter() - window_start
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{step_record['loss']:.4g}",
-                                    img_s=f"{len(window) * config.batch_size / max(elapsed, 1e-9):.0f}")
-                if self.step % config.log_every == 0 or self.step == config.max_steps:
-                    record = self._log_window(window, time.perf_counter() - window_start)
-                    window, window_start = [], time.perf_counter()
-                if self.step % config.checkpoint_every == 0 and self.step < config.max_steps:
-                    self.save_checkpoint()
-                if config.snapshot_every and self.step % config.snapshot_every == 0 and self.step < config.max_steps:
-                    self.save_snapshot()
-                if config.sample_every and self.step % config.sample_every == 0 and self.step < config.max_steps:
-                    self.save_samples()
-        finally:
-            if bar is not None:
-                bar.close()
-        self.save_checkpoint()
-        if self.step >= config.max_steps:  # finished, not merely stopped: final snapshot and samples
-            self.save_snapshot()
-            self.save_samples()
-        self.logger.close()
+                    bar.close()
+            self.save_checkpoint()
+            if self.step >= config.max_steps:  # finished, not merely stopped: final snapshot and samples
+                self.save_snapshot()
+                self.save_samples()
+            self.logger.close()
+        if preempted:
+            if self.context.is_main:
+                log.warning("stopped by %s at step %d (%d images seen); checkpoint %s; the same command with "
+                            "trainer.resume=auto continues", guard.received_name, self.step, self.images_seen,
+                            checkpoint_path(self.run_dir, self.step))
+            if guard.received is not None:
+                guard.hand_over()
         return record
 
     def _log_window(self, window: list[dict], seconds: float) -> dict:
