@@ -23,10 +23,10 @@ from knn_cm.data import DataStore
 from knn_cm.io import atomic_path
 from knn_cm.models import resolve_amp_dtype, save_network
 from knn_cm.training.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
-from knn_cm.training.preemption import PreemptionGuard, parse_signal
 from knn_cm.training.distributed import DistributedContext
 from knn_cm.training.ema import EMA
 from knn_cm.training.logging import MetricsLog, NullLogger
+from knn_cm.training.preemption import PreemptionGuard, parse_signal
 from knn_cm.training.stream import BatchStream
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,10 @@ class Trainer:
         return record
 
     def fit(self) -> dict:
-        """Train until ``max_steps`` (or ``stop_after_steps``, or a preemption signal); returns the last metrics record."""
+        """Train until ``max_steps``, ``stop_after_steps`` more steps, or a preemption signal.
+
+        Returns the last metrics record.
+        """
         config = self.config
         bar = None
         if config.progress and self.context.is_main:
@@ -282,12 +285,7 @@ class Trainer:
                     if self.step % config.log_every == 0 or self.step == config.max_steps:
                         record = self._log_window(window, time.perf_counter() - window_start)
                         window, window_start = [], time.perf_counter()
-                    if self.step % config.checkpoint_every == 0 and self.step < config.max_steps:
-                        self.save_checkpoint()
-                    if config.snapshot_every and self.step % config.snapshot_every == 0 and self.step < config.max_steps:
-                        self.save_snapshot()
-                    if config.sample_every and self.step % config.sample_every == 0 and self.step < config.max_steps:
-                        self.save_samples()
+                    self._periodic_outputs()
                     # Every rank stops at the same step when any rank was signalled.
                     if guard.signals and self.context.any_true(guard.received is not None):
                         preempted = True
@@ -310,6 +308,18 @@ class Trainer:
             if guard.received is not None:
                 guard.hand_over()
         return record
+
+    def _periodic_outputs(self) -> None:
+        """Checkpoint, EMA snapshot and sample grid when their intervals come round (the end has its own)."""
+        config, step = self.config, self.step
+        if step >= config.max_steps:
+            return
+        if step % config.checkpoint_every == 0:
+            self.save_checkpoint()
+        if config.snapshot_every and step % config.snapshot_every == 0:
+            self.save_snapshot()
+        if config.sample_every and step % config.sample_every == 0:
+            self.save_samples()
 
     def _log_window(self, window: list[dict], seconds: float) -> dict:
         if not window:
