@@ -18,11 +18,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from knn_cm.device import as_device
 from knn_cm.evaluation.estimator_error import build_estimators
 from knn_cm.evaluation.run_evaluation import evaluate_run
 from knn_cm.evaluation.tswitch import tswitch_sweep, write_tswitch
 from knn_cm.models import load_network
-from sample import resolve_device
 
 log = logging.getLogger("evaluate")
 TASKS = ("checkpoints", "tswitch")
@@ -39,7 +39,7 @@ def training_store(config: DictConfig):
 def run(config: DictConfig, output_dir: Path) -> list[dict]:
     if config.task not in TASKS:
         raise ValueError(f"unknown task {config.task!r}; allowed: {', '.join(TASKS)}")
-    device = resolve_device(config.device)
+    device = as_device(config.device, "device")
     metrics = OmegaConf.to_container(config.metrics, resolve=True)
     sampler = OmegaConf.to_container(config.sampler, resolve=True)
     if config.task == "checkpoints":
@@ -55,7 +55,7 @@ def run(config: DictConfig, output_dir: Path) -> list[dict]:
         return records
     if config.tswitch.network is None:
         raise ValueError("task=tswitch needs tswitch.network=<pretrained EDM network file>")
-    store = instantiate(config.dataset.store).with_xflip(False)
+    store = training_store(config)
     network = load_network(config.tswitch.network, map_location=device)
     estimators = build_estimators(OmegaConf.to_container(config.tswitch.estimators, resolve=True), store,
                                   device=device)

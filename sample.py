@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from knn_cm.data import float_to_uint8
 from knn_cm.evaluation.estimator_error import build_estimators
+from knn_cm.device import as_device
 from knn_cm.evaluation.snapshots import resolve_network_path
 from knn_cm.io import atomic_path
 from knn_cm.models import load_network
@@ -31,17 +32,11 @@ from knn_cm.training import save_image_grid
 log = logging.getLogger("sample")
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def run(config: DictConfig, run_dir: Path) -> torch.Tensor:
     """Samples [M, C, H, W] in [-1, 1] for a composed config, written into ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=True))
-    device = resolve_device(config.device)
+    device = as_device(config.device, "device")
     store = instantiate(config.dataset.store).with_xflip(False)
     network = None
     if config.network is not None:

@@ -6,13 +6,18 @@ import torch
 
 
 def as_device(device, what: str = "device") -> torch.device:
-    """``device`` as a torch.device; a ValueError naming it unless it is cpu or an available CUDA device."""
+    """``device`` as a torch.device; a ValueError naming it unless it is cpu or an available CUDA device.
+
+    ``"auto"`` picks CUDA when available, else the CPU.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"{what} must be 'cpu' or 'cuda[:i]', got {device!r}") from error
+        raise ValueError(f"{what} must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}") from error
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{what} must be 'cpu' or 'cuda[:i]', got {device}")
+        raise ValueError(f"{what} must be 'auto', 'cpu' or 'cuda[:i]', got {device}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{what} {device} requested but CUDA is not available; use 'cpu'")
     return device

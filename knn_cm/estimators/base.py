@@ -123,7 +123,8 @@ class Estimator:
         if bool(bad.any()):
             raise ValueError(f"sigma must be finite and > 0, got {sigma[bad][0].item()!r} "
                              f"(at position {int(bad.nonzero()[0, 0])})")
-        if not bool(torch.isfinite(z.sum())):  # one reduction: NaN and inf propagate into the sum
+        # One reduction: NaN and inf propagate into the sum; float64 so large finite values cannot overflow.
+        if not bool(torch.isfinite(z.sum(dtype=torch.float64))):
             raise ValueError("z holds NaN or inf values; estimators need finite inputs")
         if x is not None and tuple(x.shape) != tuple(z.shape):
             raise ValueError(f"x must have the shape of z {tuple(z.shape)}, got {tuple(x.shape)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from knn_cm.estimators.base import Estimator
 
 

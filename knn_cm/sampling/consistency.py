@@ -16,7 +16,7 @@ from itertools import pairwise
 
 import torch
 
-from knn_cm.sampling.ode import check_noise
+from knn_cm.sampling.ode import check_noise, denoise
 
 ConsistencyFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -33,16 +33,6 @@ def _check_consistency_sigmas(sigmas, sigma_min) -> list[float]:
     if any(later >= earlier for earlier, later in pairwise(sigmas)):
         raise ValueError(f"sigmas must be strictly descending, got {sigmas}")
     return sigmas
-
-
-def _evaluate(consistency_fn: ConsistencyFunction, z: torch.Tensor, sigma: float) -> torch.Tensor:
-    """f(z, sigma) in float64 for a float64 state z [B, C, H, W]; f sees float32 z and sigma [B]."""
-    sigma_batch = torch.full((z.shape[0],), sigma, dtype=torch.float32, device=z.device)
-    x = consistency_fn(z.to(torch.float32), sigma_batch)
-    if not isinstance(x, torch.Tensor) or x.shape != z.shape:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"the consistency function must return a tensor of z's shape {tuple(z.shape)}, got {shape}")
-    return x.to(torch.float64)
 
 
 @torch.no_grad()
@@ -67,9 +57,9 @@ def consistency_sample(consistency_fn: ConsistencyFunction, noise: torch.Tensor,
     if not callable(consistency_fn):
         raise ValueError(f"consistency_fn must be callable as f(z, sigma), got {type(consistency_fn).__name__}")
     sigmas = _check_consistency_sigmas(sigmas, sigma_min)
-    x = _evaluate(consistency_fn, noise.to(torch.float64) * sigmas[0], sigmas[0])
+    x = denoise(consistency_fn, noise.to(torch.float64) * sigmas[0], sigmas[0])
     for sigma in sigmas[1:]:
         eps = torch.randn(noise.shape, generator=generator, dtype=torch.float32, device=noise.device)
         z = x + math.sqrt(sigma**2 - sigma_min**2) * eps.to(torch.float64)
-        x = _evaluate(consistency_fn, z, sigma)
+        x = denoise(consistency_fn, z, sigma)
     return x.to(torch.float32)

@@ -125,10 +125,10 @@ def forward_process_sample(store, network: Denoiser, t_switch: float, num_sample
 
     indices = torch.randint(len(store), (num_samples,), generator=generator, device=device).cpu()
     x = store.float(indices).to(device)
-    eps = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
     if t_switch == 0:  # p_0 is the data itself: nothing to integrate
         samples = x
     else:
+        eps = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
         start = x.to(torch.float64) + t_switch * eps.to(torch.float64)
         samples = solve_pf_ode(lambda step: network, start, sigmas, True)
     return (samples, indices) if return_indices else samples

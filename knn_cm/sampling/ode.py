@@ -15,7 +15,7 @@ from itertools import pairwise
 
 import torch
 
-from knn_cm.diffusion import karras_sigmas
+from knn_cm.diffusion import karras_sigmas, pf_ode_step
 
 # D(z [B, C, H, W] float32, sigma [B] float32) -> x_hat [B, C, H, W]
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -66,12 +66,13 @@ def _check_churn(s_churn: float, s_min: float, s_max: float, s_noise: float) -> 
 
 
 # ------------------------------------------------------------------------------------------ solver
-def denoise(denoiser: Denoiser, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """D(z, sigma) in float64 for a float64 state z [B, C, H, W] and a 0-dim float64 sigma.
+def denoise(denoiser: Denoiser, z: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """D(z, sigma) in float64 for a float64 state z [B, C, H, W] and one noise level (0-dim tensor or float).
 
-    The denoiser gets float32 z and a float32 sigma [B] (the estimator and network contract).
+    The denoiser (network, estimator or consistency function) gets float32 z and a float32 sigma [B].
     """
     batch = z.shape[0]
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=z.device)
     x_hat = denoiser(z.to(torch.float32), sigma.to(torch.float32).reshape(1).expand(batch))
     if not isinstance(x_hat, torch.Tensor) or x_hat.shape != z.shape:
         shape = tuple(x_hat.shape) if isinstance(x_hat, torch.Tensor) else type(x_hat).__name__
@@ -113,18 +114,15 @@ def solve_pf_ode(denoiser_for_step: Callable[[int], Denoiser], start: torch.Tens
     """
     s_churn, s_min, s_max, s_noise = churn
     num_steps = sigmas.numel() - 1
+    levels = sigmas.tolist()  # host copies for the branches (no device sync per step)
     x_next = start
     trajectory = [x_next.to(torch.float32)] if return_trajectory else None
     for i, (sigma_cur, sigma_next) in enumerate(pairwise(sigmas)):
         denoiser = denoiser_for_step(i)
-        x_cur = x_next
-        gamma = min(s_churn / num_steps, math.sqrt(2) - 1) if s_min <= float(sigma_cur) <= s_max else 0.0
-        x_hat, sigma_hat = _add_churn(x_cur, sigma_cur, gamma, s_noise, generator)
-        d_cur = (x_hat - denoise(denoiser, x_hat, sigma_hat)) / sigma_hat
-        x_next = x_hat + (sigma_next - sigma_hat) * d_cur
-        if second_order and float(sigma_next) > 0:
-            d_prime = (x_next - denoise(denoiser, x_next, sigma_next)) / sigma_next
-            x_next = x_hat + (sigma_next - sigma_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        gamma = min(s_churn / num_steps, math.sqrt(2) - 1) if s_min <= levels[i] <= s_max else 0.0
+        x_hat, sigma_hat = _add_churn(x_next, sigma_cur, gamma, s_noise, generator)
+        solver = "heun" if second_order and levels[i + 1] > 0 else "euler"
+        x_next = pf_ode_step(lambda z, sigma: denoise(denoiser, z, sigma), x_hat, sigma_hat, sigma_next, solver)
         if return_trajectory:
             trajectory.append(x_next.to(torch.float32))
     x_final = x_next.to(torch.float32)
