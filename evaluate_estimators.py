@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from knn_cm.evaluation import build_estimators, estimator_error_study, markdown_table, plot_study, write_csv
+from knn_cm.evaluation.estimator_error import METRICS, TARGETS
 
 log = logging.getLogger("evaluate_estimators")
 
@@ -36,7 +37,7 @@ def run(config: DictConfig, run_dir: Path) -> list[dict]:
     title = f"{store.name} (N={len(store)}): M={study.num_sources}, R={study.repeats}"
     plot_study(rows, run_dir / "estimator_error.png", title=title)
     summary = "\n\n".join(f"## {target} {metric}\n\n" + markdown_table(rows, target, metric)
-                          for target in ("posterior_mean", "score") for metric in ("mse", "bias2", "variance"))
+                          for target in TARGETS for metric in METRICS)
     (run_dir / "summary.md").write_text(f"# {title}\n\n{summary}\n")
     log.info("wrote %s", run_dir)
     return rows

@@ -1,11 +1,13 @@
-"""File-system helpers shared by caches and checkpoints: the cache folder and atomic writes."""
+"""File-system helpers shared by caches, checkpoints and results: the cache folder and atomic writes."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 
@@ -53,3 +55,20 @@ def file_digest(path: str | os.PathLike, chunk_bytes: int = 16 << 20) -> str:
         while block := handle.read(chunk_bytes):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_csv_rows(path: str | os.PathLike, fields: Sequence[str], rows: Iterable[Mapping]) -> None:
+    """Write ``rows`` (dicts) as a CSV with columns ``fields`` atomically; other keys are left out."""
+    with atomic_path(path) as temp, open(temp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(fields), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_figure(figure, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as temp:
+        figure.savefig(temp, dpi=dpi, format="png")
+    plt.close(figure)

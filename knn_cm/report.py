@@ -8,11 +8,12 @@ finished (fewer steps than configured, or not evaluated yet) as partial; nothing
 from __future__ import annotations
 
 import csv
-import json
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from knn_cm.io import atomic_path
+from knn_cm.io import atomic_path, save_figure, write_csv_rows
+from knn_cm.training.logging import read_metrics
 
 TABLE_FIELDS = ("method", "status", "best_step", "images_seen_mimg", "fid", "isc", "num_samples",
                 "feature_extractor", "training_hours", "steps_done", "steps_planned")
@@ -26,15 +27,7 @@ PAPER = {"ict": (3.67, 9.45), "ict_stf": (3.79, 9.50), "ict_knn": (3.59, 9.49),
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-    return records
+    return read_metrics(path) if path.exists() else []
 
 
 def _planned_steps(run_dir: Path) -> int | None:
@@ -96,10 +89,7 @@ def table(rows: Sequence[Mapping], title: str) -> str:
 
 
 def write_table(rows: Sequence[Mapping], folder: Path, name: str, title: str) -> None:
-    with atomic_path(folder / f"{name}.csv") as temp, open(temp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=TABLE_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv_rows(folder / f"{name}.csv", TABLE_FIELDS, rows)
     with atomic_path(folder / f"{name}.md") as temp:
         temp.write_text(table(rows, title) + "\n")
 
@@ -140,9 +130,7 @@ def plot_figure4(curves: Mapping[str, Sequence[tuple[float, float]]], path: Path
     axis.legend(fontsize=8)
     axis.grid(True, alpha=0.3)
     figure.tight_layout()
-    with atomic_path(path) as temp:
-        figure.savefig(temp, dpi=110, format="png")
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def sweep_runs(sweep_dir: str | Path) -> dict[str, Path]:
@@ -182,14 +170,16 @@ def build_report(train_root: str | Path, out: str | Path, multirun_root: str | P
     if tswitch_dir is not None:
         csv_path = Path(tswitch_dir) / "tswitch.csv"
         if csv_path.exists():
-            from knn_cm.evaluation.tswitch import write_tswitch
+            from knn_cm.evaluation.tswitch import plot_tswitch
 
-            rows = list(csv.DictReader(open(csv_path)))
+            with open(csv_path, newline="") as handle:
+                rows = list(csv.DictReader(handle))
             for row in rows:
                 for key in ("t_switch", "fid", "num_samples"):
                     row[key] = float(row[key]) if row.get(key) not in (None, "") else None
-            write_tswitch(rows, out)  # figure5 as tswitch.png / tswitch.csv in the report folder
-            (out / "tswitch.png").replace(out / "figure5.png")
+            plot_tswitch(rows, out / "figure5.png")
+            if csv_path.resolve() != (out / "tswitch.csv").resolve():  # the sweep's own CSV beside the figure
+                shutil.copyfile(csv_path, out / "tswitch.csv")
             result["figure5"] = rows
         else:
             result["figure5"] = "missing"

@@ -1,15 +1,22 @@
 """Evaluation: the estimator-error study (Section 4.2), FID / IS (torch-fidelity; Inception or the project's
-digits classifier), memorisation, per-checkpoint evaluation of runs and the t_switch sweep (Section 6)."""
+digits classifier), memorisation, per-checkpoint evaluation of runs and the t_switch sweep (Section 6).
 
-from knn_cm.evaluation.estimator_error import (build_estimators, estimator_error_study, read_csv,
-                                               write_csv)
-from knn_cm.evaluation.feature_extractors import InceptionWeightsUnavailable, register_extractor
-from knn_cm.evaluation.fidelity import compute_fidelity
-from knn_cm.evaluation.memorisation import memorisation
-from knn_cm.evaluation.run_evaluation import evaluate_run, evaluate_samples
-from knn_cm.evaluation.study_plot import markdown_table, plot_study
-from knn_cm.evaluation.tswitch import tswitch_sweep
+Names are imported on first use, so light submodules (``snapshots``) do not load torch-fidelity.
+"""
 
-__all__ = ["InceptionWeightsUnavailable", "build_estimators", "compute_fidelity", "estimator_error_study",
-           "evaluate_run", "evaluate_samples", "markdown_table", "memorisation", "plot_study", "read_csv",
-           "register_extractor", "tswitch_sweep", "write_csv"]
+import importlib
+
+_EXPORTS = {
+    "InceptionWeightsUnavailable": "feature_extractors", "register_extractor": "feature_extractors",
+    "build_estimators": "estimator_error", "estimator_error_study": "estimator_error",
+    "read_csv": "estimator_error", "write_csv": "estimator_error", "compute_fidelity": "fidelity",
+    "memorisation": "memorisation", "evaluate_run": "run_evaluation", "evaluate_samples": "run_evaluation",
+    "markdown_table": "study_plot", "plot_study": "study_plot", "tswitch_sweep": "tswitch",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'knn_cm.evaluation' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"knn_cm.evaluation.{_EXPORTS[name]}"), name)

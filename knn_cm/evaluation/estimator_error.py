@@ -28,7 +28,7 @@ import torch
 from knn_cm.data import DataStore
 from knn_cm.estimators import Estimator, make_estimator
 from knn_cm.index import build_index
-from knn_cm.io import atomic_path
+from knn_cm.io import write_csv_rows
 
 METRICS = ("mse", "bias2", "variance")
 TARGETS = ("posterior_mean", "score")
@@ -140,10 +140,7 @@ def build_estimators(specs: Mapping[str, Mapping], store: DataStore, device: str
 
 def write_csv(rows: Sequence[Mapping], path: str | Path) -> None:
     """Write study rows to ``path`` atomically (columns :data:`CSV_FIELDS`)."""
-    with atomic_path(path) as temp, open(temp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows({key: row[key] for key in CSV_FIELDS} for row in rows)
+    write_csv_rows(path, CSV_FIELDS, ({key: row[key] for key in CSV_FIELDS} for row in rows))
 
 
 def read_csv(path: str | Path) -> list[dict]:

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from torch_fidelity import KEY_METRIC_FID, KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, calculate_metrics
 
 from knn_cm.data import DataStore, float_to_uint8
+from knn_cm.device import as_device
 from knn_cm.evaluation.feature_extractors import (INCEPTION, ExtractorSpec, InceptionWeightsUnavailable,
                                                   get_extractor_spec, resolve_inception_weights)
 from knn_cm.io import cache_dir
@@ -111,10 +112,7 @@ def _check_inputs(images: torch.Tensor, reference: DataStore, spec: ExtractorSpe
 
 def _cuda_flag(device) -> bool:
     """True for a CUDA device (torch-fidelity's ``cuda`` switch), False for CPU; ValueError otherwise."""
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be a CPU or CUDA device, got {device}")
-    return device.type == "cuda"
+    return as_device(device, "device").type == "cuda"
 
 
 # ---------------------------------------------------------------------------------------- the cache

@@ -8,45 +8,45 @@ Every FID is stored with its sample count.
 
 from __future__ import annotations
 
-import csv
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from knn_cm.data import DataStore, float_to_uint8
+from knn_cm.data import DataStore
+from knn_cm.evaluation.fidelity import compute_fidelity
 from knn_cm.evaluation.memorisation import memorisation
 from knn_cm.evaluation.snapshots import list_snapshots
-from knn_cm.io import atomic_path
-from knn_cm.models import load_network, load_network_file
+from knn_cm.index import Index, build_index
+from knn_cm.io import write_csv_rows
+from knn_cm.models import load_network_file, network_from_payload
 from knn_cm.sampling import generate, make_sampler, resolve_kind
+from knn_cm.training.logging import MetricsLog, read_metrics
 
 EVALUATION_FIELDS = ("step", "images_seen", "network", "sampler", "num_samples", "feature_extractor", "fid",
                      "isc_mean", "isc_std", "fraction_memorised", "mean_nearest_distance", "seconds", "best")
 
 
-def evaluate_samples(samples: torch.Tensor, store: DataStore, metrics: Mapping, device="cpu") -> dict:
+def evaluate_samples(samples: torch.Tensor, store: DataStore, metrics: Mapping, device="cpu",
+                     index: Index | None = None) -> dict:
     """FID / IS (``metrics``: feature_extractor, inception_weights, fid, isc) and memorisation of
-    samples [M, C, H, W] in [-1, 1] against the training set ``store``."""
+    samples [M, C, H, W] in [-1, 1] against the training set ``store`` (``index``: a flat index of it,
+    built here when not given; callers evaluating many sample sets pass one)."""
     record = {"num_samples": int(samples.shape[0]), "feature_extractor": metrics.get("feature_extractor")}
     if metrics.get("fid", True) or metrics.get("isc", True):
-        from knn_cm.evaluation.fidelity import compute_fidelity
-
-        record.update(compute_fidelity(float_to_uint8(samples), store, feature_extractor=metrics["feature_extractor"],
+        record.update(compute_fidelity(samples, store, feature_extractor=metrics["feature_extractor"],
                                        fid=metrics.get("fid", True), isc=metrics.get("isc", True), device=device,
                                        inception_weights=metrics.get("inception_weights")))
     if metrics.get("memorisation", True):
-        stats = memorisation(samples, store)
+        stats = memorisation(samples, store, index=index)
         record.update({key: stats[key] for key in ("fraction_memorised", "mean_nearest_distance")})
     return record
 
 
-def _done(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def memorisation_index(store: DataStore, metrics: Mapping) -> Index | None:
+    """The flat index memorisation searches, built once per store (None when memorisation is off)."""
+    return build_index(store, "flat") if metrics.get("memorisation", True) else None
 
 
 def evaluate_run(run_dir: str | Path, store: DataStore, sampler: Mapping, metrics: Mapping, num_samples: int,
@@ -65,24 +65,28 @@ def evaluate_run(run_dir: str | Path, store: DataStore, sampler: Mapping, metric
     snapshots = list_snapshots(run_dir)
     if not snapshots:
         raise FileNotFoundError(f"{run_dir} has no snapshots/network-*.pt to evaluate")
-    log_path = run_dir / "evaluation.jsonl"
+    log = MetricsLog(run_dir, "evaluation.jsonl")
+    done = read_metrics(log.path) if log.path.exists() else []
     seeds = range(seed_start, seed_start + num_samples)
+    index = None
     for step, path in snapshots:
-        network = load_network(path, map_location=device)
-        kind = resolve_kind(sampler.get("kind", "auto"), network)
+        payload = load_network_file(path, map_location=device)
+        kind = resolve_kind(sampler.get("kind", "auto"), payload["precond_class"])
         settings = {"network": path.name, "sampler": kind, "num_samples": num_samples,
                     "feature_extractor": metrics["feature_extractor"]}
-        if any(all(record.get(k) == v for k, v in settings.items()) for record in _done(log_path)):
+        if any(all(record.get(k) == v for k, v in settings.items()) for record in done):
             continue
+        network = network_from_payload(payload, device, source=str(path))
+        index = index or memorisation_index(store, metrics)
         started = time.perf_counter()
         samples = generate(make_sampler(network=network, store=store, **(dict(sampler) | {"kind": kind})), seeds,
                            store.shape, batch_size=batch_size, device=device, progress=progress)
-        record = {"step": step, "images_seen": load_network_file(path)["metadata"].get("images_seen"),
-                  **settings, **evaluate_samples(samples, store, metrics, device)}
+        record = {"step": step, "images_seen": payload["metadata"].get("images_seen"),
+                  **settings, **evaluate_samples(samples, store, metrics, device, index)}
         record["seconds"] = time.perf_counter() - started
-        with open(log_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-    records = [r for r in _done(log_path) if r.get("feature_extractor") == metrics["feature_extractor"]]
+        log.log(record)
+        done.append(record)
+    records = [r for r in done if r.get("feature_extractor") == metrics["feature_extractor"]]
     write_evaluation_table(records, run_dir / "evaluation.csv")
     return records
 
@@ -94,8 +98,6 @@ def write_evaluation_table(records: list[dict], path: str | Path) -> None:
         fid, count = record.get("fid"), record.get("num_samples")
         if fid is not None and (count not in best or fid < best[count]["fid"]):
             best[count] = record
-    with atomic_path(path) as temp, open(temp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=EVALUATION_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for record in sorted(records, key=lambda r: (r.get("num_samples", 0), r.get("step", 0))):
-            writer.writerow(record | {"best": int(best.get(record.get("num_samples")) is record)})
+    ordered = sorted(records, key=lambda r: (r.get("num_samples", 0), r.get("step", 0)))
+    write_csv_rows(path, EVALUATION_FIELDS,
+                   (record | {"best": int(best.get(record.get("num_samples")) is record)} for record in ordered))

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from knn_cm.evaluation.estimator_error import METRICS, TARGETS
-from knn_cm.io import atomic_path
+from knn_cm.io import save_figure
 
 FLOAT32_EPS = 2.0**-23
 METRIC_LABELS = {"mse": "MSE", "bias2": "squared bias", "variance": "variance"}
@@ -71,9 +71,7 @@ def plot_study(rows: Sequence[Mapping], path: str | Path, title: str = "") -> No
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    with atomic_path(path) as temp:
-        figure.savefig(temp, dpi=110, format="png")
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def markdown_table(rows: Sequence[Mapping], target: str = "posterior_mean", metric: str = "mse") -> str:

@@ -8,13 +8,12 @@ memorisation) against the training set.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from knn_cm.data import DataStore
-from knn_cm.evaluation.run_evaluation import evaluate_samples
-from knn_cm.io import atomic_path
+from knn_cm.evaluation.run_evaluation import evaluate_samples, memorisation_index
+from knn_cm.io import save_figure, write_csv_rows
 from knn_cm.sampling import generate, make_sampler
 
 TSWITCH_FIELDS = ("method", "t_switch", "num_samples", "feature_extractor", "fid", "isc_mean", "isc_std",
@@ -31,6 +30,7 @@ def tswitch_sweep(network, store: DataStore, estimators: Mapping, t_switches: Se
     if include_forward:
         methods.append(("forward", "forward", None))
     seeds = range(seed_start, seed_start + num_samples)
+    index = memorisation_index(store, metrics)
     rows = []
     for t_switch in t_switches:
         for label, kind, estimator in methods:
@@ -38,22 +38,24 @@ def tswitch_sweep(network, store: DataStore, estimators: Mapping, t_switches: Se
                                    **schedule)
             samples = generate(sampler, seeds, store.shape, batch_size=batch_size, device=device, progress=progress)
             rows.append({"method": label, "t_switch": float(t_switch), **evaluate_samples(samples, store, metrics,
-                                                                                            device)})
+                                                                                            device, index)})
     return rows
 
 
 def write_tswitch(rows: Sequence[Mapping], folder: str | Path) -> None:
-    """``tswitch.csv`` and ``tswitch.png`` (FID against t_switch, one line per method) into ``folder``."""
+    """``tswitch.csv`` and ``tswitch.png`` (see :func:`plot_tswitch`) into ``folder``."""
+    folder = Path(folder)
+    write_csv_rows(folder / "tswitch.csv", TSWITCH_FIELDS, rows)
+    plot_tswitch(rows, folder / "tswitch.png")
+
+
+def plot_tswitch(rows: Sequence[Mapping], path: str | Path) -> None:
+    """Figure 5: FID against t_switch, one line per method, as a PNG at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder = Path(folder)
-    with atomic_path(folder / "tswitch.csv") as temp, open(temp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=TSWITCH_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
     figure, axis = plt.subplots(figsize=(5, 3.5))
     for method in dict.fromkeys(row["method"] for row in rows):
         points = sorted((row["t_switch"], row["fid"]) for row in rows if row["method"] == method and row.get("fid"))
@@ -66,7 +68,5 @@ def write_tswitch(rows: Sequence[Mapping], folder: str | Path) -> None:
     axis.legend()
     axis.grid(True, alpha=0.3)
     figure.tight_layout()
-    with atomic_path(folder / "tswitch.png") as temp:
-        figure.savefig(temp, dpi=110, format="png")
-    plt.close(figure)
+    save_figure(figure, path)
 

@@ -18,6 +18,7 @@ from knn_cm.models.checkpoint import (
     load_edm_pickle,
     load_network,
     load_network_file,
+    network_from_payload,
     save_network,
     save_state_dict,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "load_edm_pickle",
     "load_network",
     "load_network_file",
+    "network_from_payload",
     "resolve_amp_dtype",
     "save_network",
     "save_state_dict",

@@ -485,11 +485,17 @@ def load_network(
     Builds ``PRECOND_CLASSES[precond_class](SongUNet(**songunet_kwargs), **precond_kwargs)`` and loads
     the weights strictly; reads the file with ``weights_only=True``.
     """
-    payload = load_network_file(path, map_location=map_location)
+    return network_from_payload(load_network_file(path, map_location=map_location), map_location, amp_dtype,
+                                source=str(path))
+
+
+def network_from_payload(payload: dict, map_location: str | torch.device = "cpu",
+                         amp_dtype: torch.dtype | str | None = None, source: str = "network file") -> EDMPrecond | CMPrecond:
+    """The denoiser of an already read network file (:func:`load_network_file`), in eval mode."""
     precond_class = payload["precond_class"]
     if precond_class not in PRECOND_CLASSES:
         raise ValueError(
-            f"{path}: precond class {precond_class!r} is not supported; allowed: {', '.join(PRECOND_CLASSES)}"
+            f"{source}: precond class {precond_class!r} is not supported; allowed: {', '.join(PRECOND_CLASSES)}"
         )
     with torch.device("meta"):
         model = SongUNet(**payload["songunet_kwargs"])

@@ -21,12 +21,16 @@ SAMPLER_KINDS = ("auto", "consistency", "heun", "euler", "pf_ode", "hybrid", "fo
 
 
 def resolve_kind(kind: str, network) -> str:
-    """``auto``: one-step consistency sampling for a consistency model (CMPrecond), Heun otherwise."""
+    """``auto``: one-step consistency sampling for a consistency model (CMPrecond), Heun otherwise.
+
+    ``network``: the denoiser, or its preconditioning class name (a network file's ``precond_class``).
+    """
     if kind not in SAMPLER_KINDS:
         raise ValueError(f"unknown sampler {kind!r}; allowed: {', '.join(SAMPLER_KINDS)}")
     if kind != "auto":
         return kind
-    return "consistency" if type(network).__name__ == "CMPrecond" else "heun"
+    precond_class = network if isinstance(network, str) else type(network).__name__
+    return "consistency" if precond_class == "CMPrecond" else "heun"
 
 
 def make_sampler(kind: str, network=None, estimator=None, store=None, sigmas: Sequence[float] = (80.0,),
