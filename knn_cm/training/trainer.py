@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from knn_cm.data import DataStore
+from knn_cm.data import DataStore, float_to_uint8
 from knn_cm.io import atomic_path
 from knn_cm.models import resolve_amp_dtype, save_network
 from knn_cm.training.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -372,9 +372,8 @@ def save_image_grid(images: torch.Tensor, path: str | Path, columns: int | None 
     from PIL import Image
 
     columns = columns or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
-    grid = torchvision.utils.make_grid(images.float().clamp(-1, 1).add(1).div(2).cpu(), nrow=columns, padding=1,
-                                       pad_value=1.0)
-    array = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    grid = torchvision.utils.make_grid(float_to_uint8(images.float()).cpu(), nrow=columns, padding=1, pad_value=255)
+    array = grid.permute(1, 2, 0).numpy()
     picture = Image.fromarray(array[..., 0] if images.shape[1] == 1 else array)
     scale = max(1, math.ceil(min_size / max(picture.size)))
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
