@@ -216,7 +216,11 @@ def _digits_fingerprint(store: DataStore | None) -> str:
 
 def digits_classifier_path(store: DataStore | None = None) -> Path:
     """``cache_dir()/digits_classifier-<fingerprint>-v1.pt`` for the digits store (scikit-learn's when None)."""
-    return cache_dir() / f"digits_classifier-{_digits_fingerprint(store)}-v{CLASSIFIER_VERSION}.pt"
+    return _classifier_path(_digits_fingerprint(store))
+
+
+def _classifier_path(fingerprint: str) -> Path:
+    return cache_dir() / f"digits_classifier-{fingerprint}-v{CLASSIFIER_VERSION}.pt"
 
 
 def _save(classifier: DigitsClassifier, path: Path) -> None:
@@ -249,8 +253,9 @@ def load_digits_classifier(store: DataStore | None = None, device: str | torch.d
     Returns:
         DigitsClassifier in eval mode with ``.metadata`` (``held_out_accuracy``, ``train_seconds``, ...).
     """
-    path = digits_classifier_path(store)
-    classifier = _load(path, _digits_fingerprint(store)) if path.exists() else None
+    fingerprint = _digits_fingerprint(store)
+    path = _classifier_path(fingerprint)
+    classifier = _load(path, fingerprint) if path.exists() else None
     if classifier is None:
         classifier = train_digits_classifier(store)
         _save(classifier, path)
