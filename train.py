@@ -12,6 +12,7 @@ Everything the run writes lands in its stable run folder: the resolved config, c
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -20,7 +21,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from knn_cm.io import atomic_path, remove_stale_temp_files
 from knn_cm.training import EMA, DistributedContext, Trainer, trainer_config
+from knn_cm.training.checkpoint import remove_orphan_digests
+from knn_cm.training.run_folder import RunFolder, RunFolderError
+from knn_cm.training.trainer import refuse_restart_over_checkpoints
 
 log = logging.getLogger("train")
 
@@ -40,14 +45,42 @@ def build_estimator(config: DictConfig, store, context: DistributedContext):
 
 
 def run(config: DictConfig, run_dir: Path) -> Trainer:
-    """Train with a composed config, writing into ``run_dir``; returns the trainer (weights, last step)."""
+    """Train with a composed config, writing into ``run_dir``; returns the trainer (weights, last step).
+
+    Before anything is written, rank 0 validates the settings, takes the run folder's lock and checks that the
+    folder belongs to this config and dataset (``knn_cm.training.run_folder``); then it writes config.yaml.
+    """
     context = DistributedContext.from_env(config.trainer.device)
+    folder = RunFolder(run_dir)
     try:
+        resolved = OmegaConf.to_container(config, resolve=True)
+        settings = trainer_config(resolved["trainer"])  # a bad setting fails here, before the folder is touched
+        refusal, binding = None, None
         if context.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=True))
+            try:
+                folder.acquire()
+            except RunFolderError as error:
+                refusal = error
         store = instantiate(config.dataset.store)
+        if context.is_main and refusal is None:
+            try:
+                binding = folder.check_binding(resolved, store.fingerprint, bool(config.accept_config_change),
+                                               legacy_config=_legacy_config(run_dir))
+                refuse_restart_over_checkpoints(run_dir, settings.resume)
+            except (RunFolderError, ValueError) as error:
+                refusal = error
+        if context.any_true(refusal is not None):
+            raise refusal or RunFolderError(f"rank 0 refused run folder {run_dir} (see its log)")
+        invocation = None
         if context.is_main:
+            folder.write_binding(binding)
+            with atomic_path(run_dir / "config.yaml") as temp:
+                temp.write_text(OmegaConf.to_yaml(config, resolve=True))
+            for stale in remove_stale_temp_files(run_dir):
+                log.warning("removed %s, left by a process killed while writing it", stale)
+            remove_orphan_digests(run_dir)
+            invocation = folder.start_invocation({"overrides": _overrides(), "world_size": context.world_size,
+                                                  "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
             log.info("dataset %s: N=%d, shape %s; run folder %s", store.name, len(store), store.shape, run_dir)
         estimator = build_estimator(config, store, context)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
@@ -62,12 +95,11 @@ def run(config: DictConfig, run_dir: Path) -> Trainer:
         if context.is_main:
             logger = instantiate(config.logger)
             if callable(logger) and not hasattr(logger, "log"):  # a partial that needs the run folder
-                logger = logger(run_dir=run_dir, config=OmegaConf.to_container(config, resolve=True))
-        trainer = Trainer(trainer_config(OmegaConf.to_container(config.trainer, resolve=True)), run_dir, store,
-                          denoiser, objective, instantiate(config.trainer.optimizer), ema_factory=ema_factory,
-                          context=context, logger=logger,
+                logger = logger(run_dir=run_dir, config=resolved)
+        trainer = Trainer(settings, run_dir, store, denoiser, objective, instantiate(config.trainer.optimizer),
+                          ema_factory=ema_factory, context=context, logger=logger,
                           run_metadata={"config": OmegaConf.to_yaml(config, resolve=True)},
-                          estimator_device=estimator.device)
+                          estimator_device=estimator.device, invocation=invocation)
         if context.is_main:
             parameters = sum(p.numel() for p in denoiser.parameters())
             log.info("%s: %.2fM parameters; %d steps of %d images (%d accumulation micro-steps x %d ranks)",
@@ -77,6 +109,22 @@ def run(config: DictConfig, run_dir: Path) -> Trainer:
         return trainer
     finally:
         context.close()
+        folder.release()
+
+
+def _legacy_config(run_dir: Path) -> dict | None:
+    """config.yaml of a run folder written before run.json existed (its binding is checked against it)."""
+    path = Path(run_dir) / "config.yaml"
+    if (Path(run_dir) / "run.json").exists() or not path.exists():
+        return None
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+
+
+def _overrides() -> list[str]:
+    """This invocation's command-line overrides (recorded per invocation in invocations.jsonl)."""
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return []
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")

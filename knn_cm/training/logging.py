@@ -7,6 +7,8 @@ import os
 import secrets
 from pathlib import Path
 
+from knn_cm.io import atomic_path
+
 
 class MetricsLog:
     """Appends one JSON object per call to ``<run>/metrics.jsonl`` (flushed, so a crash loses nothing)."""
@@ -18,6 +20,28 @@ class MetricsLog:
     def log(self, record: dict) -> None:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+    def drop_after(self, step: int) -> int:
+        """Remove the records of steps after ``step`` (and lines cut short by a kill); returns how many.
+
+        Called on resume from a checkpoint at ``step``: the steps after it are trained again and logged again,
+        so the log never holds a step twice.
+        """
+        if not self.path.exists():
+            return 0
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
+        if len(kept) != len(lines):
+            with atomic_path(self.path) as temp:
+                temp.write_text("".join(line + "\n" for line in kept))
+        return len(lines) - len(kept)
+
+
+def _record_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def read_metrics(path: str | Path) -> list[dict]:

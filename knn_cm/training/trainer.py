@@ -22,7 +22,8 @@ from torch import nn
 from knn_cm.data import DataStore, float_to_uint8
 from knn_cm.io import atomic_path
 from knn_cm.models import resolve_amp_dtype, save_network
-from knn_cm.training.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from knn_cm.training.checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, load_latest_intact,
+                                        newest_finite_checkpoint, save_checkpoint)
 from knn_cm.training.distributed import DistributedContext
 from knn_cm.training.ema import EMA
 from knn_cm.training.logging import MetricsLog, NullLogger
@@ -36,7 +37,7 @@ LR_DECAYS = ("constant", "cosine")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the run stopped without overwriting its last good checkpoint."""
+    """The loss, the gradients or the weights became NaN or inf; the run stopped without writing them."""
 
 
 @dataclass
@@ -70,8 +71,12 @@ class TrainerConfig:
     preemption_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
     def __post_init__(self):
-        if self.max_steps < 0 or self.batch_size < 1:
-            raise ValueError(f"max_steps must be >= 0 and batch_size >= 1, got {self.max_steps}, {self.batch_size}")
+        for field in dataclasses.fields(self):
+            _check_type(field, getattr(self, field.name))
+        if self.max_steps < 0:
+            raise ValueError(f"trainer.max_steps must be >= 0, got {self.max_steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"trainer.batch_size must be >= 1, got {self.batch_size}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if self.lr_decay not in LR_DECAYS:
@@ -80,7 +85,33 @@ class TrainerConfig:
             parse_signal(name)  # a clear error now rather than when training starts
         for name in ("checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.stop_after_steps is not None and self.stop_after_steps < 0:
+            raise ValueError(f"trainer.stop_after_steps must be >= 0 or null, got {self.stop_after_steps}")
+        for name in ("micro_batch_size", "snapshot_every", "sample_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1 or null, got {getattr(self, name)}")
+
+
+def _check_type(field: dataclasses.Field, value) -> None:
+    """A clear error for a setting of the wrong type (``trainer.max_steps=abc``) before any arithmetic on it."""
+    annotation = str(field.type)
+    optional = "None" in annotation
+    if value is None:
+        if not optional:
+            raise ValueError(f"trainer.{field.name} must be set, got null")
+        return
+    if annotation.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"trainer.{field.name} must be an integer{' or null' if optional else ''}, got "
+                             f"{value!r}")
+    elif annotation.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"trainer.{field.name} must be a number{' or null' if optional else ''}, got {value!r}")
+    elif annotation.startswith("bool") and not isinstance(value, bool):
+        raise ValueError(f"trainer.{field.name} must be true or false, got {value!r}")
+    elif annotation.startswith("str") and not isinstance(value, str):
+        raise ValueError(f"trainer.{field.name} must be a string, got {value!r}")
 
 
 class Trainer:
@@ -99,11 +130,12 @@ class Trainer:
         logger: extra logger (wandb) on rank 0; metrics.jsonl is always written.
         run_metadata: stored in checkpoints and snapshots (e.g. the resolved config).
         estimator_device: device of the estimator's random generator.
+        invocation: rank 0's wall-clock record (:class:`knn_cm.training.run_folder.Invocation`), or None.
     """
 
     def __init__(self, config: TrainerConfig, run_dir: str | Path, store: DataStore, denoiser: nn.Module, objective,
                  optimizer_factory, ema_factory=EMA, context: DistributedContext | None = None, logger=None,
-                 run_metadata: dict | None = None, estimator_device: torch.device | str = "cpu"):
+                 run_metadata: dict | None = None, estimator_device: torch.device | str = "cpu", invocation=None):
         self.config = config
         self.run_dir = Path(run_dir)
         self.store = store
@@ -112,6 +144,7 @@ class Trainer:
         self.logger = logger if (logger is not None and self.context.is_main) else NullLogger()
         self.metrics = MetricsLog(self.run_dir) if self.context.is_main else None
         self.run_metadata = run_metadata or {}
+        self.invocation = invocation if self.context.is_main else None
         self.device = self.context.device
 
         world = self.context.world_size
@@ -139,6 +172,7 @@ class Trainer:
         self.estimator_generator = torch.Generator(device=estimator_device).manual_seed(rank_seed + 1)
         self.step = 0
         self.images_seen = 0
+        self._checkpointed_step = None  # the step of the newest checkpoint this invocation wrote or loaded
         self._resume()
 
     # ------------------------------------------------------------------------------------- state
@@ -178,23 +212,54 @@ class Trainer:
                         len(generators), self.context.world_size)
 
     def _resume(self) -> None:
+        """Load the newest intact checkpoint (resume="auto") or the given one; refuse to start over a run.
+
+        resume="never" on a folder that has checkpoints raises instead of training a new run whose checkpoints
+        would interleave with (and prune) the old ones.
+        """
         resume = self.config.resume
+        refuse_restart_over_checkpoints(self.run_dir, resume)
         if resume == "never":
             return
-        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            return
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        if resume == "auto":
+            found = load_latest_intact(self.run_dir, map_location=self.device)
+            if found is None:
+                return
+            path, state = found
+        else:
+            path, state = Path(resume), load_checkpoint(resume, map_location=self.device)
+        self.load_state_dict(state)
+        self._checkpointed_step = self.step
         if self.context.is_main:
-            log.info("resumed from %s (step %d, %d images seen)", path, self.step, self.images_seen)
+            dropped = self.metrics.drop_after(self.step)
+            log.info("resumed from %s (step %d, %d images seen)%s", path, self.step, self.images_seen,
+                     f"; {dropped} metrics records after it will be logged again" if dropped else "")
 
     def save_checkpoint(self) -> Path:
-        state = self.state_dict()  # collective
+        """Checkpoint the current step (collective); never writes non-finite weights."""
         path = checkpoint_path(self.run_dir, self.step)
+        if self._checkpointed_step == self.step:
+            return path
+        self._raise_if_weights_not_finite()
+        state = self.state_dict()  # collective
         if self.context.is_main:
             save_checkpoint(path, state, keep=self.config.keep_checkpoints)
         self.context.barrier()
+        self._checkpointed_step = self.step
         return path
+
+    def _raise_if_weights_not_finite(self) -> None:
+        parameters = list(self.model.parameters()) + list(self.ema.model.parameters())
+        if self.context.any_true(not _all_finite(parameters)):
+            self._raise_non_finite("non-finite weights")
+
+    def _raise_non_finite(self, what: str) -> None:
+        newest = newest_finite_checkpoint(self.run_dir) if self.context.is_main else None
+        raise NonFiniteLossError(
+            f"{what} at step {self.step} ({self.images_seen} images seen); training stopped and nothing of this "
+            f"step was written. The newest checkpoint with finite weights is "
+            f"{newest or 'none (no checkpoint written yet)'}; resume from it (trainer.resume=PATH) with a lower "
+            f"learning rate, gradient clipping (trainer.grad_clip) or fp32 precision.")
 
     # -------------------------------------------------------------------------------------- loop
     def learning_rate_factor(self, step: int, images_seen: int) -> float:
@@ -227,18 +292,19 @@ class Trainer:
                 self.scaler.scale(loss / self.accumulation).backward()
             loss_sum += float(loss.detach())
         loss_value = loss_sum / self.accumulation
-        if self.context.any_true(not math.isfinite(loss_value)):
-            self.optimizer.zero_grad(set_to_none=True)
-            last = latest_checkpoint(self.run_dir)
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss_value}) at step {self.step} ({self.images_seen} images seen); training "
-                f"stopped. The last good checkpoint is {last or 'none (no checkpoint written yet)'}; resume from "
-                f"it with a lower learning rate, gradient clipping (trainer.grad_clip) or fp32 precision.")
         self.scaler.unscale_(self.optimizer)
         if self.config.nan_to_num_grads:
             for param in self.model.parameters():
                 if param.grad is not None:
                     torch.nan_to_num(param.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=param.grad)
+        # fp16's grad scaler skips steps with non-finite gradients by design; otherwise they would poison the weights
+        check_grads = not self.scaler.is_enabled()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        bad = not math.isfinite(loss_value) or (check_grads and not _all_finite(grads))
+        if self.context.any_true(bad):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = f"non-finite loss ({loss_value})" if not math.isfinite(loss_value) else "non-finite gradients"
+            self._raise_non_finite(what if bad else "a non-finite loss or gradients on another rank")
         grad_norm = None
         if self.config.grad_clip is not None:
             grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
@@ -271,6 +337,7 @@ class Trainer:
         if config.stop_after_steps is not None:
             stop_at = min(stop_at, self.step + config.stop_after_steps)
         preempted = False
+        self._catch_up_outputs()
         # The guard stays installed through the final checkpoint, so a late signal cannot cut it short.
         with PreemptionGuard(config.preemption_signals) as guard:
             try:
@@ -295,10 +362,11 @@ class Trainer:
             finally:
                 if bar is not None:
                     bar.close()
-            self.save_checkpoint()
             if self.step >= config.max_steps:  # finished, not merely stopped: final snapshot and samples
                 self.save_snapshot()
                 self.save_samples()
+            self.save_checkpoint()  # last: a checkpoint counts only once everything due at its step is written
+            self._record_invocation(finished=self.step >= config.max_steps)
             self.logger.close()
         if preempted:
             if self.context.is_main:
@@ -310,16 +378,41 @@ class Trainer:
         return record
 
     def _periodic_outputs(self) -> None:
-        """Checkpoint, EMA snapshot and sample grid when their intervals come round (the end has its own)."""
+        """EMA snapshot, sample grid and checkpoint when their intervals come round (the end has its own).
+
+        The checkpoint comes last: a kill before it replays the step from the previous checkpoint, which writes
+        the same snapshot and grids again, so nothing due at a checkpointed step is ever missing.
+        """
         config, step = self.config, self.step
         if step >= config.max_steps:
             return
-        if step % config.checkpoint_every == 0:
-            self.save_checkpoint()
         if config.snapshot_every and step % config.snapshot_every == 0:
             self.save_snapshot()
         if config.sample_every and step % config.sample_every == 0:
             self.save_samples()
+        if step % config.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def _catch_up_outputs(self) -> None:
+        """Write the snapshot and grids due at the resumed step when they are missing (checkpoints of older
+        versions were written before their snapshot; a copy may have been deleted by hand)."""
+        config, step = self.config, self.step
+        if step == 0 or not self.context.is_main:
+            return
+        finished = step >= config.max_steps
+        if (finished or (config.snapshot_every and step % config.snapshot_every == 0)) and \
+                not self.snapshot_path(step).exists():
+            log.warning("snapshot due at step %d is missing: writing it now", step)
+            self.save_snapshot()
+        names = list(self.objective.samplers()) if config.num_sample_images >= 1 else []
+        if (finished or (config.sample_every and step % config.sample_every == 0)) and \
+                any(not self.sample_path(name, step).exists() for name in names):
+            log.warning("sample grids due at step %d are missing: writing them now", step)
+            self.save_samples()
+
+    def _record_invocation(self, **values) -> None:
+        if self.invocation is not None:
+            self.invocation.update(step=self.step, images_seen=self.images_seen, **values)
 
     def _log_window(self, window: list[dict], seconds: float) -> dict:
         if not window:
@@ -336,14 +429,23 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.log(record)
             self.logger.log(record)
+        self._record_invocation()
         return record
 
     # --------------------------------------------------------------------------------- outputs
+    def snapshot_path(self, step: int) -> Path:
+        return self.run_dir / "snapshots" / f"network-{step:09d}.pt"
+
+    def sample_path(self, name: str, step: int) -> Path:
+        return self.run_dir / "samples" / f"{name}-{step:09d}.png"
+
     def save_snapshot(self) -> Path | None:
         """The EMA network as a network file (``snapshots/network-<step>.pt``) for sampling / evaluation."""
         if not self.context.is_main:
             return None
-        path = self.run_dir / "snapshots" / f"network-{self.step:09d}.pt"
+        if not _all_finite(list(self.ema.model.parameters())):
+            self._raise_non_finite("non-finite EMA weights")
+        path = self.snapshot_path(self.step)
         metadata = {"step": self.step, "images_seen": self.images_seen, **self.run_metadata}
         return save_network(path, self.ema.model, metadata=metadata)
 
@@ -358,7 +460,7 @@ class Trainer:
         paths = []
         for name, sampler in self.objective.samplers().items():
             images = sampler(self.ema.model, noise, torch.Generator(device=self.device).manual_seed(0))
-            path = self.run_dir / "samples" / f"{name}-{self.step:09d}.png"
+            path = self.sample_path(name, self.step)
             save_image_grid(images, path)
             self.logger.log_image(f"samples/{name}", path, self.step)
             paths.append(path)
@@ -380,6 +482,24 @@ def save_image_grid(images: torch.Tensor, path: str | Path, columns: int | None 
     with atomic_path(path) as temp:
         picture.save(temp, format="PNG")
     return Path(path)
+
+
+def refuse_restart_over_checkpoints(run_dir: str | Path, resume: str) -> None:
+    """trainer.resume=never on a folder with checkpoints would mix two runs' checkpoints: refuse it."""
+    existing = list_checkpoints(run_dir)
+    if resume == "never" and existing:
+        raise ValueError(f"trainer.resume=never, but run folder {run_dir} already has checkpoints (newest "
+                         f"{existing[-1].name}); nothing was overwritten. Start the new run in its own folder "
+                         f"(run_name=NEW_NAME), or continue this one with trainer.resume=auto")
+
+
+def _all_finite(tensors) -> bool:
+    """True when every entry of every tensor is finite (one reduction per tensor, one host sync in all)."""
+    tensors = [t.detach() for t in tensors if t is not None]
+    if not tensors:
+        return True
+    flags = torch.stack([torch.isfinite(t).all() for t in tensors])
+    return bool(flags.all())
 
 
 def trainer_config(values: dict) -> TrainerConfig:

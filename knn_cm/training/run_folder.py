@@ -1,0 +1,195 @@
+"""A run folder belongs to one run: one config, one dataset, one process at a time.
+
+- **Binding.** ``run.json`` holds a canonical digest of the resolved config (without :data:`VOLATILE_KEYS`, the
+  settings that may change between invocations of the same run) and the dataset fingerprint. A launch with
+  another config or dataset stops before writing anything, naming each differing key with both values.
+- **Lock.** ``.lock`` is held with ``flock`` for the whole invocation (the kernel releases it when the holder
+  dies, also on ``kill -9``); a second launch fails at once naming the holder's PID and host.
+- **Invocations.** ``invocations.jsonl`` records each invocation's wall-clock time (updated as it trains), so
+  the reported training hours count every invocation, replayed steps included.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from knn_cm.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+# Keys that may change between invocations of the same run: where it runs and how it is driven, never what
+# it computes. Everything else (lr, k, seed, dataset, model, schedule, ...) binds the folder.
+VOLATILE_KEYS = (
+    "run_name", "output_root", "accept_config_change",  # where the folder is, and this very switch
+    "trainer.resume", "trainer.stop_after_steps",  # how this invocation starts and ends
+    "trainer.progress", "trainer.device", "trainer.preemption_signals",  # how it runs (device: same maths)
+    "trainer.micro_batch_size",  # accumulation gives the same step (tests/test_training.py)
+    "trainer.keep_checkpoints", "logger",  # bookkeeping
+)
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+INVOCATIONS_FILE = "invocations.jsonl"
+
+
+class RunFolderError(RuntimeError):
+    """The run folder refuses this launch (another config, another process, or a request that would destroy data)."""
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        flat.update(flatten(value, name) if isinstance(value, Mapping) and value else {name: value})
+    return flat
+
+
+def identity(config: Mapping, volatile_keys=VOLATILE_KEYS) -> dict:
+    """The config without its volatile keys, flattened: what binds a run folder."""
+    return {key: value for key, value in sorted(flatten(config).items())
+            if not any(key == v or key.startswith(v + ".") for v in volatile_keys)}
+
+
+def digest(identity_items: Mapping) -> str:
+    canonical = json.dumps(identity_items, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
+
+
+def differences(old: Mapping, new: Mapping) -> list[str]:
+    """``key: old -> new`` lines for every key whose value differs (or exists on one side only)."""
+    missing = "(not set)"
+    return [f"{key}: {old.get(key, missing)!r} (run) -> {new.get(key, missing)!r} (this launch)"
+            for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
+
+
+class RunFolder:
+    """The run folder of a training run (rank 0's view; other DDP ranks share rank 0's lock).
+
+    Args:
+        path: the folder (created when missing).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock_handle = None
+
+    # ---------------------------------------------------------------------------------------- lock
+    def acquire(self) -> None:
+        """Hold the folder's lock until :meth:`release` or the process ends; fail at once if another holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunFolderError(
+                f"run folder {self.path} is in use by another process ({holder}); one process trains a run at a "
+                f"time. Wait for it to finish or stop it, or give this launch its own folder with run_name=NAME"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"PID {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self._lock_handle = handle
+
+    def release(self) -> None:
+        if self._lock_handle is not None:
+            self._lock_handle.close()  # closing the descriptor releases the flock
+            self._lock_handle = None
+
+    # ------------------------------------------------------------------------------------- binding
+    def check_binding(self, config: Mapping, dataset_fingerprint: str, accept_change: bool = False,
+                      legacy_config: Mapping | None = None) -> dict | None:
+        """Raise :class:`RunFolderError` when this folder was trained with another config or dataset.
+
+        Args:
+            config: this launch's resolved config (a plain mapping).
+            dataset_fingerprint: the training store's content fingerprint.
+            accept_change: continue under a changed config on purpose (the change is recorded in run.json).
+            legacy_config: the folder's config.yaml when it predates run.json (compared instead).
+        Returns the record to write with :meth:`write_binding` (None when nothing changes).
+        """
+        new = identity(config)
+        record_path = self.path / RUN_FILE
+        if record_path.exists():
+            record = json.loads(record_path.read_text())
+        elif legacy_config is not None:
+            record = {"identity": identity(legacy_config), "dataset_fingerprint": None, "history": []}
+        else:
+            return {"identity": new, "config_digest": digest(new), "dataset_fingerprint": dataset_fingerprint,
+                    "volatile_keys": list(VOLATILE_KEYS), "created": time.time(), "history": []}
+        changed = differences(record["identity"], new)
+        if record.get("dataset_fingerprint") not in (None, dataset_fingerprint):
+            changed.append(f"dataset fingerprint: {record['dataset_fingerprint']} (run) -> {dataset_fingerprint} "
+                           f"(this launch: the training data differ)")
+        if not changed:
+            if record_path.exists():
+                return None
+            return record | {"identity": new, "config_digest": digest(new), "dataset_fingerprint": dataset_fingerprint,
+                             "volatile_keys": list(VOLATILE_KEYS), "created": time.time()}
+        if not accept_change:
+            listing = "\n  ".join(changed)
+            raise RunFolderError(
+                f"run folder {self.path} belongs to a run with another config; this launch differs in:\n  {listing}\n"
+                f"Nothing was written. Start a new run with run_name=NEW_NAME, or continue this one under the new "
+                f"config on purpose with accept_config_change=true (recorded in {RUN_FILE}). Settings that may "
+                f"change freely: {', '.join(VOLATILE_KEYS)}.")
+        log.warning("continuing %s under a changed config (accept_config_change=true):\n  %s", self.path,
+                    "\n  ".join(changed))
+        history = record.get("history", []) + [{"time": time.time(), "changes": changed}]
+        return {**record, "identity": new, "config_digest": digest(new), "dataset_fingerprint": dataset_fingerprint,
+                "volatile_keys": list(VOLATILE_KEYS), "history": history}
+
+    def write_binding(self, record: dict | None) -> None:
+        if record is not None:
+            with atomic_path(self.path / RUN_FILE) as temp:
+                temp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+
+    # --------------------------------------------------------------------------------- invocations
+    def start_invocation(self, details: Mapping) -> "Invocation":
+        return Invocation(self.path / INVOCATIONS_FILE, details)
+
+
+class Invocation:
+    """One launch's wall-clock record in ``invocations.jsonl``: a line per update, the newest line per id counts."""
+
+    def __init__(self, path: Path, details: Mapping):
+        self.path = path
+        self.started = time.time()
+        self.record = {"id": f"{os.getpid()}-{int(self.started * 1000)}", "host": socket.gethostname(),
+                       "pid": os.getpid(), "started": self.started, **details}
+
+    def update(self, **values) -> None:
+        self.record.update(values, seconds=time.time() - self.started)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(self.record, default=str) + "\n")
+
+
+def invocation_seconds(run_dir: str | Path) -> float | None:
+    """Total wall-clock seconds of every invocation of a run (None when the folder has no invocation record)."""
+    path = Path(run_dir) / INVOCATIONS_FILE
+    if not path.exists():
+        return None
+    newest: dict[str, float] = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            newest[record["id"]] = max(newest.get(record["id"], 0.0), float(record["seconds"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    return sum(newest.values())
