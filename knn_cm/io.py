@@ -24,12 +24,13 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike, sync_folder: bool = True):
     """Yield a temporary path beside ``path``; on success make it ``path``, durably and atomically.
 
     The temporary file is fsync'd before the rename and the folder after it, so after a crash (or a power
     loss) readers find the old file or the complete new one, never a half-written or empty one. A failed
     write removes its temporary file; a full disk raises ``OSError(ENOSPC)`` naming ``path``.
+    ``sync_folder=False`` leaves the folder's fsync to a later rename into the same folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +41,8 @@ def atomic_path(path: str | os.PathLike):
         yield Path(temp_name)
         fsync_path(temp_name)
         os.replace(temp_name, path)
-        fsync_path(path.parent)
+        if sync_folder:
+            fsync_path(path.parent)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp_name)

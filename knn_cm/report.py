@@ -14,6 +14,7 @@ from pathlib import Path
 
 from knn_cm.io import atomic_path, save_figure, write_csv_rows
 from knn_cm.training.logging import read_metrics
+from knn_cm.training.run_folder import invocation_seconds
 
 TABLE_FIELDS = ("method", "status", "best_step", "images_seen_mimg", "fid", "isc", "num_samples",
                 "feature_extractor", "training_hours", "steps_done", "steps_planned")
@@ -40,7 +41,8 @@ def _planned_steps(run_dir: Path) -> int | None:
 
 
 def training_hours(metrics: Sequence[Mapping]) -> float:
-    """Training wall-clock in hours from metrics records: each covers the steps since the previous one."""
+    """Training hours from metrics records (each covers the steps since the previous one): the estimate for
+    run folders without ``invocations.jsonl``, which count the steps of a killed invocation only once."""
     seconds, previous = 0.0, 0
     for record in metrics:
         seconds += (record["step"] - previous) * record.get("seconds_per_step", 0.0)
@@ -57,7 +59,9 @@ def summarise_run(run_dir: str | Path, label: str | None = None) -> dict:
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
     steps_done = metrics[-1]["step"] if metrics else 0
     planned = _planned_steps(run_dir)
-    row |= {"steps_done": steps_done, "steps_planned": planned, "training_hours": round(training_hours(metrics), 3)}
+    wall_seconds = invocation_seconds(run_dir)  # every invocation, replayed steps included
+    hours = wall_seconds / 3600 if wall_seconds is not None else training_hours(metrics)  # older run folders
+    row |= {"steps_done": steps_done, "steps_planned": planned, "training_hours": round(hours, 3)}
     evaluations = [r for r in _read_jsonl(run_dir / "evaluation.jsonl") if r.get("fid") is not None]
     if evaluations:
         count = max(r["num_samples"] for r in evaluations)

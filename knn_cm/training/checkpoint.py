@@ -81,7 +81,7 @@ def save_checkpoint(path: str | Path, state: dict, keep: int | None = None) -> P
         with open(temp, "wb") as handle:
             writer = _DigestingWriter(handle)
             torch.save(state, writer)
-        with atomic_path(digest_path(path)) as digest_temp:
+        with atomic_path(digest_path(path), sync_folder=False) as digest_temp:  # the checkpoint's rename syncs it
             digest_temp.write_text(json.dumps({"blake2b": writer.digest.hexdigest(), "bytes": writer.size}) + "\n")
     if keep is not None and keep > 0:
         for old in list_checkpoints(path.parent.parent)[:-keep]:

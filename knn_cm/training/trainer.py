@@ -223,7 +223,9 @@ class Trainer:
             return
         if resume == "auto":
             found = load_latest_intact(self.run_dir, map_location=self.device)
-            if found is None:
+            if found is None:  # killed before its first checkpoint: the records of that attempt are replayed too
+                if self.context.is_main:
+                    self.metrics.drop_after(0)
                 return
             path, state = found
         else:
