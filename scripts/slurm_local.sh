@@ -14,6 +14,7 @@
 # Configuration: /etc/slurm/slurm.conf (and slurmdbd.conf) filled from slurm/local/*.conf.in with this machine's
 # short hostname, CPU count and memory, so every client (sinfo, sbatch, submitit) finds the cluster without
 # SLURM_CONF. A slurm.conf that this script did not write (a real cluster's) is never overwritten: start refuses.
+# KNN_CM_SLURM_CONF_DIR=DIR writes the configuration there instead; clients then need SLURM_CONF=DIR/slurm.conf.
 # Daemons run in the foreground (no systemd) in their own sessions, their PIDs in /run/knn-cm-slurm/*.pid;
 # stop signals exactly those PIDs. A munged or MariaDB server that was already running is used, never stopped.
 # Settings: KNN_CM_SLURM_PARTITION (default debug), KNN_CM_SLURM_KILL_WAIT (seconds, default 5).
@@ -21,8 +22,9 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TEMPLATES=$REPO/slurm/local
-CONF_DIR=/etc/slurm
+CONF_DIR=${KNN_CM_SLURM_CONF_DIR:-/etc/slurm}
 CONF=$CONF_DIR/slurm.conf
+export SLURM_CONF=$CONF  # the daemons and this script's clients; other shells need it only for another CONF_DIR
 DBD_CONF=$CONF_DIR/slurmdbd.conf
 MARKER="knn-cm local test cluster"
 RUN_DIR=/run/knn-cm-slurm
@@ -158,10 +160,6 @@ fill() {  # template target accounting: substitute the machine's values, write a
 write_config() {  # accounting
     [[ $PARTITION =~ ^[A-Za-z0-9_-]+$ ]] || die "KNN_CM_SLURM_PARTITION must be letters, digits, - or _, got '$PARTITION'"
     [[ $KILL_WAIT =~ ^[0-9]+$ ]] || die "KNN_CM_SLURM_KILL_WAIT must be a whole number of seconds, got '$KILL_WAIT'"
-    for file in "$CONF" "$DBD_CONF"; do
-        own_or_absent "$file" || die "$file exists and was not written by this script (a real cluster's?);" \
-            "not overwriting it. Stop that cluster and move the file away to use the local test cluster."
-    done
     mkdir -p "$CONF_DIR" "$RUN_DIR" "$STATE_DIR/slurmctld" "$STATE_DIR/slurmd" "$LOG_DIR"
     fill "$TEMPLATES/slurm.conf.in" "$CONF" "$1" 644
     if [[ $1 == 1 ]]; then
@@ -169,6 +167,13 @@ write_config() {  # accounting
     else
         rm -f "$DBD_CONF"
     fi
+}
+
+check_config_is_ours() {
+    for file in "$CONF" "$DBD_CONF"; do
+        own_or_absent "$file" || die "$file exists and was not written by this script (a real cluster's?);" \
+            "not overwriting it. Use KNN_CM_SLURM_CONF_DIR=DIR (clients then need SLURM_CONF=DIR/slurm.conf)."
+    done
 }
 
 accounting_configured() { [[ -f $CONF ]] && grep -q '^AccountingStorageType=accounting_storage/slurmdbd' "$CONF"; }
@@ -229,6 +234,7 @@ cmd_start() {
         esac
     done
     [[ $(id -u) == 0 ]] || die "start needs root (it writes /etc/slurm and runs the SLURM daemons as root)"
+    check_config_is_ours
     install_packages "$install" "$accounting"
     if alive slurmctld && alive slurmd && node_answers; then
         log "already running"
