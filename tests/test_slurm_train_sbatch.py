@@ -1,4 +1,5 @@
-"""slurm/train.sbatch submitted with plain sbatch on a real scheduler (CPU): torchrun, and the USR1 requeue."""
+"""slurm/train.sbatch submitted with plain sbatch on a real scheduler (CPU): two processes through torchrun,
+and the USR1 requeue of a one-process job (which runs without torchrun)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from knn_cm.training import list_checkpoints
+from knn_cm.training import list_checkpoints, load_checkpoint
 from tests.slurm_helpers import ROOT, job_env, read_output, signal_running_job, wait_for_state, wait_until
 from tests.test_launch import TINY
 
@@ -19,14 +20,15 @@ pytestmark = pytest.mark.slurm
 CPU_SBATCH = ["--gpus-per-node=0", "--cpus-per-task=2", "--mem=4G", "slurm/train.sbatch", "experiment=quickstart"]
 
 
-def _sbatch_env() -> dict[str, str]:
+def _sbatch_env(**extra: str) -> dict[str, str]:
     """The interpreter running the tests (its venv's activate script) for the job, and this checkout's code."""
-    return job_env(KNN_CM_PYTHON_ENV=str(Path(sys.executable).parent / "activate"))
+    return job_env(KNN_CM_PYTHON_ENV=str(Path(sys.executable).parent / "activate"), **extra)
 
 
-def _submit_template(slurm_jobs, tmp_path, overrides: list[str]) -> str:
+def _submit_template(slurm_jobs, tmp_path, overrides: list[str], **env: str) -> str:
     sbatch = CPU_SBATCH[:-2] + [f"--output={tmp_path}/slurm-%x-%j.out"] + CPU_SBATCH[-2:]
-    return slurm_jobs.submit([*sbatch, *TINY, f"output_root={tmp_path}", *overrides], cwd=ROOT, env=_sbatch_env())
+    return slurm_jobs.submit([*sbatch, *TINY, f"output_root={tmp_path}", *overrides], cwd=ROOT,
+                             env=_sbatch_env(**env))
 
 
 def _steps(run_dir: Path) -> list[int]:
@@ -34,13 +36,18 @@ def _steps(run_dir: Path) -> list[int]:
 
 
 def test_train_sbatch_runs_two_steps_through_torchrun_on_cpu(slurm_jobs, tmp_path):
-    job = _submit_template(slurm_jobs, tmp_path, ["trainer.max_steps=2", "run_name=sbatch_cpu"])
-    info = wait_for_state(job, "COMPLETED", timeout=180)
+    """KNN_CM_NPROC_PER_NODE=2 on a CPU node: torchrun starts two gloo ranks that train together."""
+    job = _submit_template(slurm_jobs, tmp_path, ["trainer.max_steps=2", "run_name=sbatch_cpu"],
+                           KNN_CM_NPROC_PER_NODE="2")
+    info = wait_for_state(job, "COMPLETED", timeout=240)
     output = read_output(job)
     assert info["ExitCode"] == "0:0" and info["Restarts"] == "0"
-    assert f"knn-cm: job {job} restart 0 on" in output and "1 node(s) x 1 process(es)" in output
+    assert f"knn-cm: job {job} restart 0 on" in output and "1 node(s) x 2 process(es)" in output
     run_dir = tmp_path / "sbatch_cpu"
+    log = (run_dir / "train.log").read_text()
+    assert "rank 0 of 2 (local rank 0)" in log and "rank 1 of 2 (local rank 1)" in log  # torchrun's variables
     assert [p.name for p in list_checkpoints(run_dir)][-1] == "training-000000002.pt"
+    assert load_checkpoint(list_checkpoints(run_dir)[-1])["world_size"] == 2
     assert (run_dir / "config.yaml").exists() and _steps(run_dir)[-1] == 2
 
 
