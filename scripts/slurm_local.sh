@@ -233,8 +233,8 @@ cmd_start() {
             *) die "unknown option '$arg' for start; allowed: --install, --no-accounting" ;;
         esac
     done
-    [[ $(id -u) == 0 ]] || die "start needs root (it writes /etc/slurm and runs the SLURM daemons as root)"
     check_config_is_ours
+    [[ $(id -u) == 0 ]] || die "start needs root (it writes /etc/slurm and runs the SLURM daemons as root)"
     install_packages "$install" "$accounting"
     if alive slurmctld && alive slurmd && node_answers; then
         log "already running"
