@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from knn_cm.report import build_report
+from knn_cm.report import SCALES, build_report
 
 
 def main(argv=None) -> dict:
@@ -23,8 +23,9 @@ def main(argv=None) -> dict:
                         help="folder of sweep folders (figure4_k, figure4_n); \"\" to skip Figure 4")
     parser.add_argument("--tswitch", default=None, help="output folder of evaluate.py experiment=tswitch_sweep")
     parser.add_argument("--out", default="report", help="where the tables and figures go")
-    parser.add_argument("--scale", default="paper", choices=("paper", "digits"),
-                        help="digits: Table 1 from the small-scale CPU runs (quickstart, digits_ict, digits_ict_stf)")
+    parser.add_argument("--scale", default="paper", choices=SCALES,
+                        help="digits: Table 1 from the small-scale CPU runs (quickstart, digits_ict, digits_ict_stf); "
+                             "toy: the paper's run folders filled by scripts/campaign.py --scale toy")
     args = parser.parse_args(argv)
     result = build_report(args.train, args.out, args.multirun or None, args.tswitch, scale=args.scale)
     for name in ("table1", "table2"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from knn_cm.data import DataStore
+from tests.slurm_helpers import slurm_cluster, slurm_jobs  # noqa: F401  (fixtures for tests marked slurm)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +46,9 @@ class DistributedContext:
             chosen = torch.device("cpu")
         if world_size > 1 and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        if world_size > 1:
+            log.info("rank %d of %d (local rank %d), master %s:%s, device %s", rank, world_size, local_rank,
+                     os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), chosen)
         return cls(rank, world_size, local_rank, chosen)
 
     @property
@@ -79,11 +85,25 @@ class DistributedContext:
 
 
 def _export_submitit_environment() -> None:
-    """Inside a multi-task submitit job without torchrun's variables, export them from the SLURM job."""
-    if "WORLD_SIZE" in os.environ or "SUBMITIT_FOLDER" not in os.environ:
-        return
-    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-        return
-    import submitit
+    """Inside a multi-task SLURM job step without torchrun's variables, export them from the SLURM job.
 
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    A step of several tasks is a submitit job (SUBMITIT_FOLDER, SLURM_NTASKS > 1: submitit's
+    TorchDistributedEnvironment) or plain ``srun`` (SLURM_STEP_NUM_TASKS > 1, e.g. ``sbatch --ntasks-per-node=2``
+    with ``srun python train.py``: the step's tasks, master on the job's first node, MASTER_PORT or
+    20000 + job id % 20000 as in slurm/train.sbatch). A batch script is no step: there ``python train.py``
+    stays a single process.
+    """
+    if "WORLD_SIZE" in os.environ:
+        return
+    if "SUBMITIT_FOLDER" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    elif int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        from submitit.slurm.slurm import SlurmJobEnvironment
+
+        job = SlurmJobEnvironment()
+        tasks, nodes = int(os.environ["SLURM_STEP_NUM_TASKS"]), int(os.environ.get("SLURM_STEP_NUM_NODES", "1"))
+        os.environ.update({"MASTER_ADDR": job.hostnames[0], "RANK": str(job.global_rank), "WORLD_SIZE": str(tasks),
+                           "LOCAL_RANK": str(job.local_rank), "LOCAL_WORLD_SIZE": str(tasks // nodes),
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(20000 + int(job.raw_job_id) % 20000))})
