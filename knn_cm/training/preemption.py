@@ -65,13 +65,18 @@ class PreemptionGuard:
     def hand_over(self) -> None:
         """After the checkpoint: run the signal's previous handler, or exit with 128 + signal number.
 
-        A Python handler (submitit's requeue on rank 0) runs as if it had received the signal; when it
-        returns (submitit on other ranks) so does this method, and the caller ends training normally.
+        A Python handler (submitit's requeue on rank 0) runs as if it had received the signal. When it
+        returns after SIGTERM (submitit only logs SIGTERM: SLURM sends it because the job is being requeued,
+        preempted or cancelled), the process still exits with 128 + 15: ending normally would report the
+        unfinished run as a successful result while SLURM runs the job again. After another signal (USR2 on a
+        rank other than 0, where submitit leaves the requeue to rank 0) this method returns and the caller
+        ends training normally.
         """
         signum = self.received
         previous = self._previous.get(signum)
         self.__exit__()
         if callable(previous):
             previous(signum, None)
-            return
+            if signum != signal.SIGTERM:
+                return
         raise SystemExit(128 + signum)
