@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from knn_cm.data.store import DataStore
-from knn_cm.durable import durable_path
 from knn_cm.io import atomic_path, cache_dir, file_digest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
@@ -167,7 +166,7 @@ def load_image_folder(path: str | os.PathLike, subfolder: str | None = None, res
 
         iterator = tqdm(iterator, total=len(entries), desc=f"decoding {name}", leave=False)
     target = cached if use_cache else cache_dir() / "datasets" / f".scratch-{key}.npy"
-    with (durable_path if use_cache else atomic_path)(target) as temp:
+    with atomic_path(target) as temp:
         images = None
         for i, (member, data) in enumerate(iterator):
             image = _decode(data, resolution, channels)
@@ -221,7 +220,7 @@ def _write_sidecar(cached: Path) -> None:
     """Record the cache file's shape and digest (verified on every load)."""
     shape = list(np.load(cached, mmap_mode="r").shape)
     record = {"format": CACHE_FORMAT, "shape": shape, "digest": file_digest(cached)}
-    with durable_path(_sidecar(cached)) as temp:
+    with atomic_path(_sidecar(cached)) as temp:
         temp.write_text(json.dumps(record))
 
 

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from knn_cm.durable import durable_path
+from knn_cm.io import atomic_path
 
 _ENTRIES = ("mu", "sigma", "num_images", "fingerprint")
 
 
 def save_statistics(path: str | Path, statistics: dict, fingerprint: str, num_images: int) -> None:
     """Write ``statistics`` ({"mu": [D], "sigma": [D, D]}) of ``num_images`` reference images to ``path``."""
-    with durable_path(path) as temp, open(temp, "wb") as handle:
+    with atomic_path(path) as temp, open(temp, "wb") as handle:
         np.savez(handle, mu=np.asarray(statistics["mu"]), sigma=np.asarray(statistics["sigma"]),
                  num_images=np.int64(num_images), fingerprint=np.str_(fingerprint))
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from knn_cm.durable import durable_path
+from knn_cm.io import atomic_path
 from knn_cm.models.precond import CMPrecond, EDMPrecond
 from knn_cm.models.song_unet import SongUNet
 from knn_cm.weights_only import UnreadableTorchFile, load_weights_only
@@ -88,7 +88,7 @@ def check_layout(state_dict: Mapping[str, torch.Tensor], songunet_kwargs: Mappin
 
 def _atomic_torch_save(obj, path: Path) -> None:
     """torch.save to a temporary file in the target directory, fsync, rename (no torn files)."""
-    with durable_path(path) as temporary:
+    with atomic_path(path) as temporary:
         torch.save(obj, temporary)
 
 
