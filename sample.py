@@ -17,16 +17,17 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from knn_cm.data import float_to_uint8
+from knn_cm.data.from_config import store_from_config
 from knn_cm.evaluation.estimator_error import build_estimators
 from knn_cm.device import as_device
 from knn_cm.evaluation.snapshots import resolve_network_path
 from knn_cm.io import atomic_path
 from knn_cm.models import load_network
 from knn_cm.sampling import generate, make_sampler
+from knn_cm.settings import non_negative_int, positive_int
 from knn_cm.training import save_image_grid
 
 log = logging.getLogger("sample")
@@ -34,10 +35,16 @@ log = logging.getLogger("sample")
 
 def run(config: DictConfig, run_dir: Path) -> torch.Tensor:
     """Samples [M, C, H, W] in [-1, 1] for a composed config, written into ``run_dir``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=True))
+    num_samples = positive_int(config.num_samples, "num_samples")
+    batch_size = positive_int(config.batch_size, "batch_size")
+    seed_start = non_negative_int(config.seed_start, "seed_start")
+    grid_images = non_negative_int(config.grid_images, "grid_images")
     device = as_device(config.device, "device")
-    store = instantiate(config.dataset.store).with_xflip(False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_dir / "config.yaml") as temp:
+        temp.write_text(OmegaConf.to_yaml(config, resolve=True))
+    store = store_from_config(OmegaConf.to_container(config.dataset.store, resolve=True),
+                              "dataset.store").with_xflip(False)
     network = None
     if config.network is not None:
         path = resolve_network_path(config.network)
@@ -49,11 +56,12 @@ def run(config: DictConfig, run_dir: Path) -> torch.Tensor:
         estimator = build_estimators({"estimator": spec}, store, device=device)["estimator"]
     sampler = make_sampler(network=network, estimator=estimator, store=store,
                            **OmegaConf.to_container(config.sampler, resolve=True))
-    seeds = list(range(config.seed_start, config.seed_start + config.num_samples))
-    samples = generate(sampler, seeds, store.shape, batch_size=config.batch_size, device=device, progress=True)
+    seeds = list(range(seed_start, seed_start + num_samples))
+    samples = generate(sampler, seeds, store.shape, batch_size=batch_size, device=device, progress=True)
     with atomic_path(run_dir / "samples.npz") as temp, open(temp, "wb") as handle:
         np.savez_compressed(handle, images=float_to_uint8(samples).numpy(), seeds=np.asarray(seeds))
-    save_image_grid(samples[: config.grid_images], run_dir / "grid.png")
+    if grid_images:
+        save_image_grid(samples[:grid_images], run_dir / "grid.png")
     log.info("wrote %d samples to %s", len(seeds), run_dir)
     return samples
 

@@ -5,7 +5,7 @@
 
 The output holds the EMA network's state dict (EDM's parameter names), the SongUNet keyword arguments
 and the EDMPrecond arguments recovered from the pickle; ``knn_cm.models.load_network`` rebuilds the
-denoiser from it with ``torch.load(weights_only=True)``. The logic lives in ``knn_cm.models.checkpoint``.
+denoiser from it with ``torch.load(weights_only=True)``. The logic lives in ``knn_cm.models.edm_pickle`` and ``knn_cm.models.network_file``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ try:
 except ModuleNotFoundError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from knn_cm.models.checkpoint import load_edm_pickle, save_state_dict
+from knn_cm.models.edm_pickle import load_edm_pickle
+from knn_cm.models.network_file import save_state_dict
 
 TRUST_HELP = (
     "required: confirm that INPUT comes from a source you trust. Python pickles can execute arbitrary "

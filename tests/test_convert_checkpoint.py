@@ -227,5 +227,5 @@ def test_save_and_load_network(tmp_path, precond):
 def test_load_network_rejects_foreign_files(tmp_path):
     path = tmp_path / "plain.pt"
     torch.save({"weights": torch.zeros(1)}, path)
-    with pytest.raises(ValueError, match="not a knn_cm.network.v1 network file"):
+    with pytest.raises(ValueError, match="not a knn-cm network file"):
         load_network(path)

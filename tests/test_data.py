@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
@@ -144,3 +146,50 @@ def test_shared_cifar10_archive_loads():
     store = load_image_folder(shared_cifar_archive(), subfolder="train", progress=False)
     assert len(store) == 50000 and store.shape == (3, 32, 32)
     assert sorted(np.bincount(store.labels).tolist()) == [5000] * 10
+
+
+def _write_bmps(folder, count: int = 3) -> list[np.ndarray]:
+    """Uncompressed images: editing pixels in place keeps every file's size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = [np.random.default_rng(i).integers(0, 256, (4, 4, 3), dtype=np.uint8) for i in range(count)]
+    for i, array in enumerate(arrays):
+        Image.fromarray(array).save(folder / f"{i:03d}.bmp")
+    return arrays
+
+
+def test_image_edited_in_place_changes_the_fingerprint(tmp_path):
+    """The cache is keyed by content: same file names, sizes and folder mtime, other pixels -> new pixels."""
+    folder = tmp_path / "images"
+    _write_bmps(folder)
+    first = load_image_folder(folder, progress=False)
+    stats = [(p.stat().st_size, p.stat().st_mtime_ns) for p in (folder / "001.bmp", folder)]
+    edited = np.full((4, 4, 3), 7, dtype=np.uint8)
+    Image.fromarray(edited).save(folder / "001.bmp")
+    os.utime(folder / "001.bmp", ns=(stats[0][1], stats[0][1]))  # even with its old time
+    assert [(p.stat().st_size, p.stat().st_mtime_ns) for p in (folder / "001.bmp", folder)] == stats
+    second = load_image_folder(folder, progress=False)
+    assert second.fingerprint != first.fingerprint
+    assert np.array_equal(second.images[1], edited.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("damage", ["flipped_bytes", "truncated", "not_an_array"])
+def test_corrupt_dataset_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("KNN_CM_CACHE", str(tmp_path / "cache"))
+    arrays = _write_bmps(tmp_path / "images")
+    first = load_image_folder(tmp_path / "images", progress=False)
+    (cached,) = (tmp_path / "cache" / "datasets").glob("*.npy")
+    data = bytearray(cached.read_bytes())
+    if damage == "flipped_bytes":
+        data[-5:] = bytes(255 - b for b in data[-5:])
+    elif damage == "truncated":
+        data = data[: len(data) - 7]
+    else:
+        data = bytearray(b"not a numpy array")
+    cached.write_bytes(bytes(data))
+    with pytest.warns(RuntimeWarning, match=f"dataset cache {cached} is corrupt"):
+        second = load_image_folder(tmp_path / "images", progress=False)
+    assert second.fingerprint == first.fingerprint
+    assert np.array_equal(second.images[2], arrays[2].transpose(2, 0, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rebuilt: the next load is clean
+        assert load_image_folder(tmp_path / "images", progress=False).fingerprint == first.fingerprint

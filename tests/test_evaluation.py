@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,11 +13,16 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from knn_cm.data import DataStore, load_digits
 from knn_cm.estimators import make_estimator
+from knn_cm.evaluation import feature_extractors, run_evaluation
+from knn_cm.evaluation.feature_extractors import INCEPTION_FILENAME, InceptionWeightsUnavailable
 from knn_cm.evaluation.memorisation import memorisation
-from knn_cm.models import EDMPrecond, SongUNet, save_network
+from knn_cm.evaluation.snapshots import list_snapshots
+from knn_cm.models import EDMPrecond, SongUNet, load_network, load_network_file, save_network
 from knn_cm.sampling import heun_sample, noise_for_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,3 +113,158 @@ def test_evaluation_configs_compose():
     assert _compose("evaluate", []).metrics.feature_extractor == "inception"
     with pytest.raises(ValueError, match="unknown task"):
         evaluate.run(_compose("evaluate", ["task=nope"]), Path("/tmp/unused"))
+
+
+# ------------------------------------------------------------------------------ trustworthy evaluations
+TINY_RUN = ["run_name=trust", "model=ncsnpp_tiny", "trainer.max_steps=2", "trainer.batch_size=8",
+            "trainer.snapshot_every=null", "trainer.sample_every=null", "trainer.num_sample_images=4",
+            "trainer.progress=false", "trainer.device=cpu", "trainer.objective.s1=20", "estimator.k=32", "estimator.n=8"]
+FAST = ["num_samples=32", "metrics.feature_extractor=digits", "metrics.isc=false", "metrics.memorisation=false",
+        "progress=false", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, one_torch_thread):
+    """A tiny iCT run folder (2 steps, one snapshot), trained once per module."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        train.run(compose(config_name="train", overrides=TINY_RUN), run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+
+
+def _evaluate(run_dir: Path, *overrides: str, fast: bool = True) -> list[dict]:
+    config = _compose("evaluate", [f"run_dir={run_dir}", *(FAST if fast else []), *overrides])
+    return evaluate.run(config, run_dir.parent / "eval")
+
+
+def _table(run_dir: Path) -> list[dict]:
+    return list(csv.DictReader(open(run_dir / "evaluation.csv")))
+
+
+def test_changed_sampler_settings_and_seeds_are_new_evaluations(run_copy):
+    """Two-step sampling after one-step evaluation of the same snapshot is scored afresh (the issue: the
+    one-step FID was reported), as are other seeds; settings the sampler does not read are not."""
+    one = _evaluate(run_copy)[0]
+    two = _evaluate(run_copy, "sampler.sigmas=[80,0.821]")[0]
+    seeds = _evaluate(run_copy, "seed_start=100")[0]
+    assert one["sampler_settings"] == {"sigmas": [80.0], "sigma_min": 0.002}
+    assert two["sampler_settings"] == {"sigmas": [80.0, 0.821], "sigma_min": 0.002}
+    assert len({one["fid"], two["fid"], seeds["fid"]}) == 3
+    assert _evaluate(run_copy, "sampler.sigmas=[80.0,0.821]")[0] == two  # the same settings: read back
+    assert _evaluate(run_copy, "sampler.num_steps=4")[0] == one  # consistency sampling does not read num_steps
+    assert len((run_copy / "evaluation.jsonl").read_text().splitlines()) == 3
+    rows = _table(run_copy)
+    assert sorted(row["sampler_settings"] for row in rows) == ['{"sigma_min":0.002,"sigmas":[80.0,0.821]}',
+                                                               '{"sigma_min":0.002,"sigmas":[80.0]}',
+                                                               '{"sigma_min":0.002,"sigmas":[80.0]}']
+    assert all(row["best"] == "1" for row in rows)  # each setting is its own comparison
+
+
+def test_a_retrained_snapshot_is_scored_again(run_copy):
+    first = _evaluate(run_copy)[0]
+    ((_, path),) = list_snapshots(run_copy)
+    network = load_network(path)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.mul_(0.5)
+    save_network(path, network, metadata=load_network_file(path)["metadata"])  # same name, other content
+    second = _evaluate(run_copy)[0]
+    assert second["network"] == first["network"] and second["network_digest"] != first["network_digest"]
+    assert second["fid"] != first["fid"]
+    assert [row["network_digest"] for row in _table(run_copy)] == [second["network_digest"]]  # the old one is gone
+
+
+def test_fid_false_then_true_computes_the_fid(run_copy):
+    without = _evaluate(run_copy, "metrics.fid=false", "metrics.memorisation=true")[0]
+    assert without["fid"] is None and without["fraction_memorised"] is not None
+    assert _evaluate(run_copy)[0]["fid"] is not None
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Any sample generated by the checkpoint evaluation fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a sample was generated before the metric settings were checked")
+
+    monkeypatch.setattr(run_evaluation, "generate", refuse)
+
+
+def test_missing_inception_weights_fail_before_any_sample(run_copy, tmp_path, no_sampling):
+    """`python evaluate.py run_dir=... metrics.inception_weights=PATH` (default: 50,000 samples) with no file."""
+    with pytest.raises(InceptionWeightsUnavailable) as error:
+        _evaluate(run_copy, f"metrics.inception_weights={tmp_path / 'absent.pth'}", fast=False)
+    assert "metrics.inception_weights=PATH" in str(error.value) and "download it once" in str(error.value)
+    assert not (run_copy / "evaluation.jsonl").exists()
+
+
+def test_offline_inception_download_fails_before_any_sample(run_copy, tmp_path, monkeypatch, no_sampling):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(feature_extractors, "INCEPTION_URL", f"http://127.0.0.1:9/{INCEPTION_FILENAME}")
+    with pytest.raises(InceptionWeightsUnavailable) as error:
+        _evaluate(run_copy, fast=False)
+    assert "metrics.inception_weights=PATH" in str(error.value) and "downloading it failed" in str(error.value)
+    assert not (run_copy / "evaluation.jsonl").exists()
+
+
+class CreatesMarker:
+    """Unpickling this calls ``open(marker, "w")``: a stand-in for any code a crafted file could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _crafted_store(kind: str, marker: Path) -> dict:
+    """A dataset.store section whose _target_ creates ``marker`` when instantiated."""
+    if kind == "open":
+        return {"_target_": "builtins.open", "file": str(marker), "mode": "w"}
+    buffer = io.BytesIO()
+    torch.save({"images": CreatesMarker(marker)}, buffer)  # the issue's example: torch.load of embedded bytes
+    return {"_target_": "torch.load", "f": {"_target_": "io.BytesIO", "_args_": [buffer.getvalue()]},
+            "weights_only": False}
+
+
+@pytest.mark.parametrize("kind", ["open", "torch_load"])
+def test_a_crafted_run_config_runs_no_code(run_copy, tmp_path, kind):
+    config = OmegaConf.load(run_copy / "config.yaml")
+    live = tmp_path / "live-marker"  # the payload is real: Hydra's instantiate runs it
+    instantiate(OmegaConf.create(_crafted_store(kind, live)))
+    assert live.exists()
+    marker = tmp_path / "marker"
+    config.dataset.store = _crafted_store(kind, marker)
+    (run_copy / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    target = "builtins.open" if kind == "open" else "torch.load"
+    with pytest.raises(ValueError, match=rf"config.yaml: dataset.store._target_='{target}' is refused"):
+        _evaluate(run_copy)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("num_samples=0", "num_samples must be a positive integer"), ("num_samples=-5", "num_samples must be a positive"),
+    ("num_samples=1.5", "num_samples must be a positive integer .* got 1.5"),
+    ("num_samples=abc", "num_samples must be a positive integer .* got 'abc'"),
+    ("batch_size=0", "batch_size must be a positive integer"), ("seed_start=-1", "seed_start must be an integer >= 0"),
+    ("metrics.fid=maybe", "metrics.fid must be true or false"),
+    ("metrics.feature_extractor=vgg", "metrics.feature_extractor: unknown feature_extractor 'vgg'"),
+    ("num_samples=5", "num_samples must be >= 10 for metrics.isc=true")])
+def test_bad_evaluation_values_name_the_setting(run_copy, no_sampling, override, message):
+    overrides = ["metrics.feature_extractor=digits", "progress=false", override]
+    with pytest.raises(ValueError, match=message):
+        _evaluate(run_copy, *overrides, fast=False)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("num_samples=0", "num_samples must be a positive integer"), ("num_samples=2.5", "num_samples must be a positive"),
+    ("num_samples=abc", "num_samples must be a positive integer"), ("batch_size=0", "batch_size must be a positive"),
+    ("batch_size=-2", "batch_size must be a positive"), ("grid_images=-1", "grid_images must be an integer >= 0")])
+def test_bad_sample_values_name_the_setting(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        sample.run(_compose("sample", ["sampler.kind=pf_ode", override]), tmp_path / "out")
+    assert not (tmp_path / "out" / "samples.npz").exists()

@@ -3,9 +3,11 @@ the reference-statistics cache, sample formats, and the Inception-weights error 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -19,7 +21,9 @@ from knn_cm.evaluation.digits_classifier import (DigitsFeatures, digits_classifi
                                                  train_digits_classifier)
 from knn_cm.evaluation.feature_extractors import (INCEPTION_FILENAME, InceptionWeightsUnavailable,
                                                   register_extractor, torch_fidelity_inception_cache_path)
-from knn_cm.evaluation.fidelity import compute_fidelity, fidelity_cache_dir, reference_statistics_path
+from knn_cm.evaluation.feature_extractors import get_extractor_spec
+from knn_cm.evaluation.fidelity import (compute_fidelity, fidelity_cache_dir, reference_cache_name,
+                                        reference_statistics_path)
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +123,12 @@ def test_reference_statistics_are_cached_and_reused(digits):
     def run(**options):
         return compute_fidelity(samples, reference, feature_extractor="test-counting-digits", **options)
 
-    assert _count_images(run) == 50 + 300 + 50  # FID: samples + reference; IS: samples
+    assert _count_images(run) == 50 + 300  # the samples once (for FID and IS), the reference once
     assert statistics.is_file() and statistics.parent == fidelity_cache_dir()
     assert not [p for p in os.listdir(fidelity_cache_dir()) if "-features-" in p]  # only statistics are kept
     first = run()
-    assert _count_images(run) == 50 + 50  # the reference statistics come from the cache
-    assert _count_images(lambda: run(cache=False)) == 50 + 300 + 50
+    assert _count_images(run) == 50  # the reference statistics come from the cache
+    assert _count_images(lambda: run(cache=False)) == 50 + 300
     assert run() == first
     assert first["feature_extractor"] == "test-counting-digits"
 
@@ -169,6 +173,8 @@ def test_inception_plumbing_with_a_local_weights_file(digits, tmp_path, monkeypa
         network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                               feature_extractor_weights_path=str(tmp_path / "empty.pth"))
     torch.save(network.state_dict(), tmp_path / INCEPTION_FILENAME)
+    digest = hashlib.sha256((tmp_path / INCEPTION_FILENAME).read_bytes()).hexdigest()
+    monkeypatch.setattr(feature_extractors, "INCEPTION_SHA256_PREFIX", digest[:8])  # stands in for the real file
     reference = DataStore.from_array(digits.images[:3], name="digits-first-3")
     result = compute_fidelity(digits.uint8([3, 4, 5]), reference, feature_extractor="inception", isc_splits=3,
                               inception_weights=tmp_path / INCEPTION_FILENAME, cache=False)
@@ -184,3 +190,70 @@ def test_bad_arguments_raise_value_errors(halves):
         compute_fidelity(real[:, :, :4], reference, feature_extractor="digits")
     with pytest.raises(ValueError, match="already registered"):
         register_extractor("digits", CountingDigitsFeatures, "penultimate")
+
+
+class CreatesMarker:
+    """Unpickling this calls ``open(marker, "w")``: a stand-in for any code a crafted file could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_crafted_payload_is_live(tmp_path):
+    """The payload below runs code when unpickled fully, as torch-fidelity unpickles its caches and weights."""
+    torch.save({"mu": CreatesMarker(tmp_path / "marker")}, tmp_path / "payload.pt")
+    torch.load(tmp_path / "payload.pt", weights_only=False)
+    assert (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("crafted", ["pickles", "truncated"])
+def test_statistics_cache_runs_no_code_and_corrupt_files_are_recomputed(digits, tmp_path, crafted):
+    """A statistics cache with pickled code (in torch-fidelity's .pt cache and in an .npz object array) is
+    never unpickled; a corrupt .npz is recomputed with a warning naming it."""
+    marker = tmp_path / "marker"
+    reference = DataStore.from_array(digits.images[:200 + len(crafted)], name=f"digits-cache-{crafted}")
+    samples = digits.uint8(np.arange(300, 360))
+    expected = compute_fidelity(samples, reference, feature_extractor="digits", isc=False, cache=False)
+    path = reference_statistics_path(reference, "digits")
+    spec = get_extractor_spec("digits")
+    torch_fidelity_cache = fidelity_cache_dir() / (f"{reference_cache_name(reference, spec)}-"
+                                                  f"{spec.torch_fidelity_name}-stat-fid-{spec.fid_feature}.pt")
+    torch_fidelity_cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"mu": CreatesMarker(marker), "sigma": CreatesMarker(marker)}, torch_fidelity_cache)
+    if crafted == "pickles":
+        payload = np.empty(1, dtype=object)
+        payload[0] = CreatesMarker(marker)
+        with open(path, "wb") as handle:
+            np.savez(handle, mu=payload, sigma=payload, num_images=np.int64(len(reference)),
+                     fingerprint=np.str_(reference.fingerprint))
+    else:
+        compute_fidelity(samples, reference, feature_extractor="digits", isc=False)
+        path.write_bytes(path.read_bytes()[:300])
+    with pytest.warns(RuntimeWarning, match=f"FID statistics cache {path} is not usable"):
+        result = compute_fidelity(samples, reference, feature_extractor="digits", isc=False)
+    assert result["fid"] == expected["fid"] and not marker.exists()
+    with np.load(path, allow_pickle=False) as archive:  # rewritten as plain arrays
+        assert archive["sigma"].shape == (128, 128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compute_fidelity(samples, reference, feature_extractor="digits", isc=False) == expected
+
+
+def test_crafted_inception_weights_run_no_code(halves, tmp_path, monkeypatch):
+    """A weights file holding code: refused by the hash check, and (when the hash is made to match)
+    by the weights-only load; no marker either way."""
+    reference, real = halves
+    marker = tmp_path / "marker"
+    weights = tmp_path / INCEPTION_FILENAME
+    torch.save({"Conv2d_1a_3x3.conv.weight": CreatesMarker(marker)}, weights)
+    with pytest.raises(InceptionWeightsUnavailable, match="its SHA-256 is .* the published hash starts with 6726825d"):
+        compute_fidelity(real, reference, feature_extractor="inception", inception_weights=weights)
+    assert not marker.exists()
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    monkeypatch.setattr(feature_extractors, "INCEPTION_SHA256_PREFIX", digest[:8])
+    with pytest.raises(InceptionWeightsUnavailable, match="could run code"):
+        compute_fidelity(real, reference, feature_extractor="inception", inception_weights=weights)
+    assert not marker.exists()

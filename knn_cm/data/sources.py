@@ -1,26 +1,34 @@
 """Dataset sources, each returning a :class:`DataStore`: digits, CIFAR-10, image folders, arrays.
 
-Every loader is usable as a Hydra ``_target_`` (see ``configs/dataset/``). Decoded image folders are
-cached as ``.npy`` files (written atomically, memory-mapped when large) so a second run starts fast.
+Every loader is usable as a Hydra ``_target_`` (see ``configs/dataset/``; ``knn_cm.data.from_config`` builds
+them from configs without running other code). Decoded image folders are cached as ``.npy`` files so a
+second run skips decoding: the cache is keyed by the source's content (every image file's bytes, or the
+archive's bytes, plus ``subfolder``, ``resolution`` and ``channels``), so an image edited in place is decoded
+again; it is written durably (temporary file, fsync, rename) with a sidecar ``.json`` holding its shape and
+digest, and a cache that does not match them is rebuilt with a warning naming it. Memory-mapped when large.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from knn_cm.data.store import DataStore
-from knn_cm.io import atomic_path, cache_dir
+from knn_cm.io import atomic_path, cache_dir, file_digest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 MEMMAP_BYTES = 1 << 30  # decoded datasets larger than this stay on disk, memory-mapped
+CACHE_FORMAT = "knn_cm.decoded_images.v2"  # v2: keyed by content (v1 was keyed by names, sizes and mtime)
+_HASH_CHUNK = 16 << 20
 
 
 def load_digits(xflip: bool = False) -> DataStore:
@@ -121,7 +129,8 @@ def load_image_folder(path: str | os.PathLike, subfolder: str | None = None, res
             ImageNet-64); None keeps the images' own size, which must then be the same for all.
         channels: 3 (RGB) or 1 (grey).
         use_cache: decode once and keep an ``.npy`` copy in the cache folder, keyed by the source's
-            file names, sizes and times and by ``resolution`` and ``channels``.
+            content (file names and bytes) and by ``subfolder``, ``resolution`` and ``channels``; a
+            corrupt copy is rebuilt with a warning.
     """
     path = Path(path)
     if not path.exists():
@@ -144,14 +153,12 @@ def load_image_folder(path: str | os.PathLike, subfolder: str | None = None, res
         labels = np.array([label_of.get(entry.rsplit("/", 1)[0], -1) if "/" in entry else -1
                            for entry, _, _ in entries], dtype=np.int64)
 
-    key = hashlib.blake2b(repr((str(path.resolve()), [(m, size) for _, size, m in entries], _mtime(path),
-                                resolution, channels)).encode(), digest_size=10).hexdigest()
+    key = _content_key(path, entries, (subfolder, resolution, channels))
     cached = cache_dir() / "datasets" / f"{name}-{key}.npy"
     if use_cache and cached.exists():
-        images = np.load(cached, mmap_mode="r")
-        if images.nbytes <= MEMMAP_BYTES:
-            images = np.array(images)
-        return DataStore(images, name=name, labels=labels, xflip=xflip)
+        images = _read_cache(cached, (len(entries), channels) + ((resolution, resolution) if resolution else ()))
+        if images is not None:
+            return DataStore(images, name=name, labels=labels, xflip=xflip)
 
     iterator = _iter_images(path, entries)
     if progress:
@@ -173,6 +180,8 @@ def load_image_folder(path: str | os.PathLike, subfolder: str | None = None, res
             images[i] = image
         images.flush()
         del images
+    if use_cache:
+        _write_sidecar(cached)
     result = np.load(target, mmap_mode="r")
     if result.nbytes <= MEMMAP_BYTES or not use_cache:
         result = np.array(result)
@@ -191,8 +200,50 @@ def _is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _mtime(path: Path) -> float:
-    return path.stat().st_mtime
+def _content_key(path: Path, entries: list[tuple[str, int, str]], options: tuple) -> str:
+    """blake2b over the images' names and bytes (a folder) or the archive's bytes, and the decode options."""
+    digest = hashlib.blake2b(digest_size=10)
+    digest.update(repr((CACHE_FORMAT, options, [(name, size, member) for name, size, member in entries])).encode())
+    files = [path / member for _, _, member in entries] if path.is_dir() else [path]
+    for file in files:
+        with open(file, "rb") as handle:
+            while block := handle.read(_HASH_CHUNK):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _sidecar(cached: Path) -> Path:
+    return cached.with_name(cached.name + ".json")
+
+
+def _write_sidecar(cached: Path) -> None:
+    """Record the cache file's shape and digest (verified on every load)."""
+    shape = list(np.load(cached, mmap_mode="r").shape)
+    record = {"format": CACHE_FORMAT, "shape": shape, "digest": file_digest(cached)}
+    with atomic_path(_sidecar(cached)) as temp:
+        temp.write_text(json.dumps(record))
+
+
+def _read_cache(cached: Path, expected_prefix: tuple) -> np.ndarray | None:
+    """The cached images, or None (with a warning naming the file) when it does not match its record."""
+    try:
+        record = json.loads(_sidecar(cached).read_text())
+        images = np.load(cached, mmap_mode="r", allow_pickle=False)
+        shape = tuple(images.shape)
+        if record.get("format") != CACHE_FORMAT or list(shape) != record.get("shape"):
+            problem = f"shape {shape} does not match its record {record.get('shape')}"
+        elif images.dtype != np.uint8 or images.ndim != 4 or shape[: len(expected_prefix)] != expected_prefix:
+            problem = f"holds {images.dtype} {shape}, expected uint8 {expected_prefix + ('...',)}"
+        elif file_digest(cached) != record.get("digest"):
+            problem = "its bytes do not match their recorded digest"
+        else:
+            problem = None
+    except (OSError, ValueError, EOFError, json.JSONDecodeError, AttributeError) as error:
+        problem = f"unreadable: {(str(error).splitlines() or [type(error).__name__])[0]}"
+    if problem is not None:
+        warnings.warn(f"dataset cache {cached} is corrupt ({problem}); rebuilding it", RuntimeWarning, stacklevel=3)
+        return None
+    return np.array(images) if images.nbytes <= MEMMAP_BYTES else images
 
 
 def _list_images(path: Path) -> list[tuple[str, int, str]]:

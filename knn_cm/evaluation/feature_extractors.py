@@ -2,10 +2,14 @@
 
 Two are built in:
 
-- ``"inception"``: torch-fidelity's ``inception-v3-compat`` (the standard FID / IS network). Its
-  weights come from ``inception_weights`` (a local ``.pth``) or from torch-fidelity's download into the
-  torch hub cache; :func:`resolve_inception_weights` checks this before any long work and raises
-  :class:`InceptionWeightsUnavailable` naming both options when neither works.
+- ``"inception"``: torch-fidelity's Inception-v3 (``inception-v3-compat``, the standard FID / IS network),
+  registered as ``knn-cm-inception-v3-compat`` so that its weights are read safely: from
+  ``inception_weights`` (a local ``.pth``) or torch-fidelity's download into the torch hub cache, the
+  file's SHA-256 is checked against the hash published in its name (torch.hub's convention:
+  ``weights-inception-2015-12-05-6726825d.pth`` -> the digest starts with ``6726825d``) and it is
+  unpickled with ``weights_only=True`` (torch-fidelity itself would unpickle it fully, running any code
+  in it). :func:`resolve_inception_weights` checks all this before any long work and raises
+  :class:`InceptionWeightsUnavailable` naming both ways to provide the weights.
 - ``"digits"``: the project's small CNN digit classifier (:mod:`knn_cm.evaluation.digits_classifier`),
   offline and CPU-friendly: FID in its 128-d penultimate space, IS from its 10 logits.
 
@@ -17,7 +21,9 @@ torch-fidelity ``FeatureExtractorBase`` subclass, so FID / IS still go through
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
+import io
 import re
 import socket
 from collections.abc import Callable, Mapping
@@ -27,15 +33,19 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from knn_cm.evaluation.digits_classifier import DigitsFeatures, load_digits_classifier
+from knn_cm.weights_only import UnreadableTorchFile, load_weights_only
 
 INCEPTION = "inception"
 DIGITS = "digits"
 INCEPTION_URL = URL_INCEPTION_V3
 INCEPTION_FILENAME = INCEPTION_URL.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
+# The published hash: torch.hub names files "<name>-<first hex digits of their SHA-256>.<ext>" (hub.HASH_REGEX).
+INCEPTION_SHA256_PREFIX = re.search(r"-([a-f0-9]+)\.", INCEPTION_FILENAME).group(1)  # "6726825d"
+INCEPTION_TORCH_FIDELITY_NAME = "knn-cm-inception-v3-compat"
 INCEPTION_WEIGHTS_CONFIG_KEY = "metrics.inception_weights"
 DOWNLOAD_TIMEOUT_SECONDS = 30.0
 TORCH_FIDELITY_PREFIX = "knn-cm-"
@@ -173,15 +183,18 @@ def register_extractor(name: str, module_factory: Callable[[], nn.Module], fid_f
                          f"{isc_feature!r}")
     spec = ExtractorSpec(name, TORCH_FIDELITY_PREFIX + name, fid_feature, isc_feature, input_channels,
                          None if input_shape is None else tuple(int(s) for s in input_shape), version)
-    cls = _torch_fidelity_class(spec, module_factory)
-    if spec.torch_fidelity_name in FEATURE_EXTRACTORS_REGISTRY:
-        if not replace:
-            raise ValueError(f"torch-fidelity already has a feature extractor {spec.torch_fidelity_name!r}")
-        FEATURE_EXTRACTORS_REGISTRY[spec.torch_fidelity_name] = cls  # torch-fidelity's API cannot replace
-    else:
-        register_feature_extractor(spec.torch_fidelity_name, cls)
+    _register_torch_fidelity(spec.torch_fidelity_name, _torch_fidelity_class(spec, module_factory), replace)
     _SPECS[name] = spec
     return spec
+
+
+def _register_torch_fidelity(name: str, cls: type, replace: bool) -> None:
+    if name in FEATURE_EXTRACTORS_REGISTRY:
+        if not replace:
+            raise ValueError(f"torch-fidelity already has a feature extractor {name!r}")
+        FEATURE_EXTRACTORS_REGISTRY[name] = cls  # torch-fidelity's API cannot replace
+    else:
+        register_feature_extractor(name, cls)
 
 
 # ------------------------------------------------------------------------------- Inception-v3 weights
@@ -201,6 +214,50 @@ def _weights_message(reason: str) -> str:
             f"{torch_fidelity_inception_cache_path()}.")
 
 
+def check_inception_hash(data: bytes, path: str | Path) -> None:
+    """InceptionWeightsUnavailable unless the SHA-256 of ``data`` starts with the published hash."""
+    digest = hashlib.sha256(data).hexdigest()
+    if not digest.startswith(INCEPTION_SHA256_PREFIX):
+        raise InceptionWeightsUnavailable(_weights_message(
+            f"{path} is not {INCEPTION_FILENAME}: its SHA-256 is {digest[:16]}..., the published hash starts with "
+            f"{INCEPTION_SHA256_PREFIX}"))
+
+
+def load_inception_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The Inception-v3 state dict in ``path``: hash-checked, then unpickled with ``weights_only=True``.
+
+    The hash is computed from the same bytes that are loaded, so the file cannot change in between.
+    """
+    data = Path(path).read_bytes()
+    check_inception_hash(data, path)
+    try:
+        state_dict = load_weights_only(data)
+    except UnreadableTorchFile as error:
+        raise InceptionWeightsUnavailable(_weights_message(f"{path} cannot be read: {error.reason}")) from None
+    if not isinstance(state_dict, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
+        raise InceptionWeightsUnavailable(_weights_message(f"{path} does not hold a state dict of tensors"))
+    return dict(state_dict)
+
+
+class WeightsOnlyInceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's Inception-v3 whose weights are hash-checked and read with ``weights_only=True``.
+
+    torch-fidelity unpickles a weights file fully (``weights_only=False``); here the file is read by
+    :func:`load_inception_state_dict` and torch-fidelity receives the checked tensors re-serialised in
+    memory, so nothing from the file but tensors reaches its loader.
+    """
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        if feature_extractor_weights_path is None:
+            feature_extractor_weights_path = resolve_inception_weights(None, verify=False)
+        state_dict = load_inception_state_dict(feature_extractor_weights_path)
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
+        buffer.seek(0)
+        super().__init__(name, features_list, feature_extractor_weights_path=buffer, **kwargs)
+
+
 @contextlib.contextmanager
 def _socket_timeout(seconds: float):
     """Temporarily give new sockets a timeout, so a stalled download fails instead of hanging."""
@@ -213,43 +270,53 @@ def _socket_timeout(seconds: float):
 
 
 def resolve_inception_weights(inception_weights: str | Path | None = None, download: bool = True,
-                              verbose: bool = False) -> Path:
+                              verbose: bool = False, verify: bool = True) -> Path:
     """The local path of torch-fidelity's Inception-v3 weights, downloading them into its cache if needed.
 
     Args:
         inception_weights: a local weights file; when None, torch-fidelity's cache
-            (:func:`torch_fidelity_inception_cache_path`) is used, downloading into it once when absent.
+            (:func:`torch_fidelity_inception_cache_path`) is used, downloading into it once when absent
+            (torch.hub checks the download against the published hash).
         download: allow that download (with a socket timeout of ``DOWNLOAD_TIMEOUT_SECONDS``).
+        verify: check the file's SHA-256 against the published hash (the extractor checks it again
+            when it loads the file).
 
     Raises:
-        InceptionWeightsUnavailable: the file does not exist, or the download is impossible (offline);
-            the message names both ways to provide the weights.
+        InceptionWeightsUnavailable: the file does not exist or has another hash, or the download is
+            impossible (offline); the message names both ways to provide the weights.
     """
     if inception_weights is not None:
         path = Path(inception_weights).expanduser()
         if not path.is_file():
             raise InceptionWeightsUnavailable(_weights_message(f"inception_weights={str(inception_weights)!r} "
                                                                f"is not a file"))
-        return path
-    cached = torch_fidelity_inception_cache_path()
-    if cached.is_file():
-        return cached
-    if not download:
-        raise InceptionWeightsUnavailable(_weights_message(f"no inception_weights given and {cached} is absent"))
+    else:
+        path = torch_fidelity_inception_cache_path()
+        if not path.is_file():
+            if not download:
+                raise InceptionWeightsUnavailable(_weights_message(f"no inception_weights given and {path} is absent"))
+            _download(path, verbose)
+    if verify:
+        check_inception_hash(path.read_bytes(), path)
+    return path
+
+
+def _download(cached: Path, verbose: bool) -> None:
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         with _socket_timeout(DOWNLOAD_TIMEOUT_SECONDS):
-            torch.hub.download_url_to_file(INCEPTION_URL, str(cached), progress=verbose)
-    except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, refused connections
+            torch.hub.download_url_to_file(INCEPTION_URL, str(cached), hash_prefix=INCEPTION_SHA256_PREFIX,
+                                           progress=verbose)
+    except (OSError, http.client.HTTPException, RuntimeError) as error:  # offline, timeouts, a wrong hash
         raise InceptionWeightsUnavailable(_weights_message(
             f"no inception_weights given, {cached} is absent and downloading it failed ({error})")) from error
-    return cached
 
 
 # --------------------------------------------------------------------------------------- built-ins
 def _register_builtins() -> None:
-    """Inception-v3 (torch-fidelity's own registration) and the digits classifier."""
-    _SPECS[INCEPTION] = ExtractorSpec(INCEPTION, "inception-v3-compat", fid_feature="2048",
+    """Inception-v3 (torch-fidelity's network, weights read safely) and the digits classifier."""
+    _register_torch_fidelity(INCEPTION_TORCH_FIDELITY_NAME, WeightsOnlyInceptionV3, replace=True)
+    _SPECS[INCEPTION] = ExtractorSpec(INCEPTION, INCEPTION_TORCH_FIDELITY_NAME, fid_feature="2048",
                                       isc_feature="logits_unbiased", input_channels=3, input_shape=None,
                                       version=INCEPTION_FILENAME.removesuffix(".pth"))
     register_extractor(DIGITS, lambda: DigitsFeatures(load_digits_classifier()),

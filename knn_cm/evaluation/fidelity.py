@@ -1,18 +1,17 @@
-"""FID and Inception Score of samples against the training set, through torch-fidelity.
+"""FID and Inception Score of samples against the training set, through torch-fidelity's feature extractors.
 
-``compute_fidelity(samples, reference)`` wraps both image sets as torch Datasets of uint8 [C, H, W]
-and calls ``torch_fidelity.calculate_metrics`` with a registered feature extractor (see
-:mod:`knn_cm.evaluation.feature_extractors`): torch-fidelity's Inception-v3 (``"inception"``), the
-project's digits classifier (``"digits"``) or any extractor added with ``register_extractor``.
+``compute_fidelity(samples, reference)`` wraps both image sets as torch Datasets of uint8 [C, H, W],
+extracts features with a registered feature extractor (see :mod:`knn_cm.evaluation.feature_extractors`):
+torch-fidelity's Inception-v3 (``"inception"``), the project's digits classifier (``"digits"``) or any
+extractor added with ``register_extractor``, and computes FID and IS with torch-fidelity's own formulas
+(``fid_features_to_statistics`` / ``fid_statistics_to_metric``, ``isc_features_to_metric``). The samples
+pass through the extractor once for both metrics.
 
-The reference statistics (FID's mean and covariance of the training set's features) are cached by
-torch-fidelity's own cache under ``cache_dir()/fidelity``, named by the store's name and content
-fingerprint, the extractor and its weights version, so later calls against the same training set
-only extract features of the samples. torch-fidelity also caches the reference's raw features on the
-way; those are deleted (the statistics suffice, and the raw features of a large training set take
-gigabytes). FID and IS are two calculate_metrics calls (FID-only, then IS-only), so the samples pass
-through the extractor once per requested metric: torch-fidelity's combined FID + IS path would extract
-and cache the reference's raw features (both layers) on every cache-less run instead.
+The reference statistics (FID's mean and covariance of the training set's features) are cached under
+``cache_dir()/fidelity`` as ``.npz`` files of plain arrays (:mod:`knn_cm.evaluation.statistics_cache`,
+read with ``allow_pickle=False``), named by the store's name and content fingerprint, the extractor and
+its weights version and the feature layer; torch-fidelity's own cache (``torch.save`` pickles read back
+with full unpickling) is never used.
 """
 
 from __future__ import annotations
@@ -24,12 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torch_fidelity import KEY_METRIC_FID, KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, calculate_metrics
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from knn_cm.data import DataStore, float_to_uint8
 from knn_cm.device import as_device
 from knn_cm.evaluation.feature_extractors import (INCEPTION, ExtractorSpec, InceptionWeightsUnavailable,
                                                   get_extractor_spec, resolve_inception_weights)
+from knn_cm.evaluation.statistics_cache import load_statistics, save_statistics
 from knn_cm.io import cache_dir
 
 __all__ = ["InceptionWeightsUnavailable", "compute_fidelity", "fidelity_cache_dir", "reference_cache_name",
@@ -117,53 +119,49 @@ def _cuda_flag(device) -> bool:
 
 # ---------------------------------------------------------------------------------------- the cache
 def fidelity_cache_dir() -> Path:
-    """``cache_dir()/fidelity``: torch-fidelity's ``cache_root`` for reference statistics."""
+    """``cache_dir()/fidelity``: where reference statistics are cached."""
     return cache_dir() / "fidelity"
 
 
 def reference_cache_name(reference: DataStore, spec: ExtractorSpec) -> str:
-    """torch-fidelity's ``input2_cache_name`` for ``reference``: store name, fingerprint, extractor version."""
+    """The cache name of ``reference`` for an extractor: store name, fingerprint, extractor version."""
     store_name = re.sub(r"[^A-Za-z0-9_.]+", "_", reference.name) or "store"
     return f"knn-cm-{store_name}-{reference.fingerprint}-{spec.cache_token()}"
 
 
-def _cache_file(cache_name: str, spec: ExtractorSpec, kind: str) -> Path:
-    """torch-fidelity's file name for a cached item of kind "stat-fid" or "features"."""
-    return fidelity_cache_dir() / f"{cache_name}-{spec.torch_fidelity_name}-{kind}-{spec.fid_feature}.pt"
-
-
 def reference_statistics_path(reference: DataStore, feature_extractor: str = INCEPTION) -> Path:
-    """The file holding the cached FID statistics (mu [D], sigma [D, D]) of ``reference``."""
+    """The ``.npz`` file holding the cached FID statistics (mu [D], sigma [D, D]) of ``reference``."""
     spec = get_extractor_spec(feature_extractor)
-    return _cache_file(reference_cache_name(reference, spec), spec, "stat-fid")
+    return fidelity_cache_dir() / f"{reference_cache_name(reference, spec)}-{spec.name}-stat-fid-{spec.fid_feature}.npz"
 
 
 # -------------------------------------------------------------------------------------------- metrics
 def _extractor_kwargs(spec: ExtractorSpec, inception_weights, verbose: bool) -> dict:
-    """Extra calculate_metrics arguments of the extractor: the Inception weights path, resolved up front."""
+    """Extra extractor arguments: the Inception weights path, resolved up front (the extractor checks its hash)."""
     if spec.name != INCEPTION:
         return {}
-    return {"feature_extractor_weights_path": str(resolve_inception_weights(inception_weights, verbose=verbose))}
+    path = resolve_inception_weights(inception_weights, verbose=verbose, verify=False)
+    return {"feature_extractor_weights_path": str(path)}
 
 
-def _fid(samples: Dataset, reference: DataStore, reference_data: Dataset, spec: ExtractorSpec, cache: bool,
-         common: dict) -> float:
-    """FID through torch-fidelity's FID-only path, which reads/writes only the reference statistics."""
-    cache_name = reference_cache_name(reference, spec)
-    metrics = calculate_metrics(input1=samples, input2=reference_data, fid=True, isc=False,
-                                feature_layer_fid=spec.fid_feature, cache=cache, cache_root=str(fidelity_cache_dir()),
-                                input2_cache_name=cache_name if cache else None, **common)
-    if cache:  # keep the statistics, drop the raw reference features torch-fidelity cached on the way
-        _cache_file(cache_name, spec, "features").unlink(missing_ok=True)
-    return float(metrics[KEY_METRIC_FID])
+def _features(extractor, data: Dataset, batch_size: int, cuda: bool, verbose: bool) -> dict[str, torch.Tensor]:
+    """{feature name: float [M, D]} of every item of ``data`` (no DataLoader worker processes)."""
+    return get_featuresdict_from_dataset(data, extractor, batch_size, cuda, True, verbose)
 
 
-def _isc(samples: Dataset, spec: ExtractorSpec, isc_splits: int, common: dict) -> tuple[float, float]:
-    """(IS mean, IS std over ``isc_splits`` splits) of the samples through torch-fidelity."""
-    metrics = calculate_metrics(input1=samples, isc=True, fid=False, feature_layer_isc=spec.isc_feature,
-                                isc_splits=isc_splits, samples_shuffle=True, rng_seed=RNG_SEED, cache=False,
-                                **common)
-    return float(metrics[KEY_METRIC_ISC_MEAN]), float(metrics[KEY_METRIC_ISC_STD])
+def _reference_statistics(extractor, reference: DataStore, reference_data: Dataset, spec: ExtractorSpec,
+                          cache: bool, batch_size: int, cuda: bool, verbose: bool) -> dict:
+    """FID statistics {"mu", "sigma"} of the reference, from the cache when it holds them."""
+    path = reference_statistics_path(reference, spec.name)
+    if cache:
+        statistics = load_statistics(path, reference.fingerprint, len(reference))
+        if statistics is not None:
+            return statistics
+    features = _features(extractor, reference_data, batch_size, cuda, verbose)[spec.fid_feature]
+    statistics = fid_features_to_statistics(features)
+    if cache:
+        save_statistics(path, statistics, reference.fingerprint, len(reference))
+    return statistics
 
 
 def compute_fidelity(samples, reference: DataStore, feature_extractor: str = INCEPTION, fid: bool = True,
@@ -182,7 +180,8 @@ def compute_fidelity(samples, reference: DataStore, feature_extractor: str = INC
         device: "cpu" or a CUDA device.
         inception_weights: local path of torch-fidelity's Inception weights file
             (weights-inception-2015-12-05-6726825d.pth); None uses torch-fidelity's download/cache.
-            Checked before any feature extraction (InceptionWeightsUnavailable when unavailable).
+            Checked before any feature extraction (InceptionWeightsUnavailable when unavailable or when
+            its SHA-256 is not the published one); read with ``weights_only=True``.
         cache: read/write the reference statistics under ``cache_dir()/fidelity``.
         isc_splits: splits of the samples for IS mean and std (torch-fidelity's default 10).
 
@@ -198,17 +197,25 @@ def compute_fidelity(samples, reference: DataStore, feature_extractor: str = INC
     images = to_uint8_images(samples)
     _check_inputs(images, reference, spec, fid, isc, isc_splits)
     cuda = _cuda_flag(device)
-    common = {"feature_extractor": spec.torch_fidelity_name, "batch_size": int(batch_size), "cuda": cuda,
-              "verbose": bool(verbose), "save_cpu_ram": True,  # no DataLoader worker processes
-              **_extractor_kwargs(spec, inception_weights, verbose)}
+    verbose = bool(verbose)
+    requested = [spec.fid_feature] * bool(fid) + [spec.isc_feature] * bool(isc)
     repeat_to_rgb = spec.input_channels == 3
     sample_data = _ImagesDataset(lambda indices: images[torch.from_numpy(indices)], len(images), repeat_to_rgb)
     reference_data = _ImagesDataset(reference.uint8, len(reference), repeat_to_rgb)
     result = {"fid": None, "isc_mean": None, "isc_std": None, "num_samples": len(images),
               "num_reference": len(reference), "feature_extractor": spec.name}
     with torch.cuda.device(torch.device(device)) if cuda else contextlib.nullcontext():
+        extractor = create_feature_extractor(spec.torch_fidelity_name, list(dict.fromkeys(requested)), cuda=cuda,
+                                             verbose=verbose, **_extractor_kwargs(spec, inception_weights, verbose))
+        features = _features(extractor, sample_data, int(batch_size), cuda, verbose)
         if fid:
-            result["fid"] = _fid(sample_data, reference, reference_data, spec, cache, common)
+            reference_statistics = _reference_statistics(extractor, reference, reference_data, spec, cache,
+                                                         int(batch_size), cuda, verbose)
+            sample_statistics = fid_features_to_statistics(features[spec.fid_feature])
+            result["fid"] = float(fid_statistics_to_metric(sample_statistics, reference_statistics,
+                                                           verbose)[KEY_METRIC_FID])
         if isc:
-            result["isc_mean"], result["isc_std"] = _isc(sample_data, spec, isc_splits, common)
+            scores = isc_features_to_metric(features[spec.isc_feature], splits=int(isc_splits), shuffle=True,
+                                            rng_seed=RNG_SEED)
+            result["isc_mean"], result["isc_std"] = float(scores[KEY_METRIC_ISC_MEAN]), float(scores[KEY_METRIC_ISC_STD])
     return result

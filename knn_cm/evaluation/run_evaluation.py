@@ -1,9 +1,14 @@
 """Evaluate every EMA snapshot of a training run: FID / IS against the training set and memorisation.
 
-Results are appended to ``<run>/evaluation.jsonl`` as each snapshot finishes (an interrupted evaluation
-resumes where it stopped: snapshots already evaluated with the same settings are skipped), and
-``<run>/evaluation.csv`` lists them all with the minimum-FID snapshot marked, as Table 1 reports.
-Every FID is stored with its sample count.
+Results are appended to ``<run>/evaluation.jsonl`` as each snapshot finishes. A snapshot is skipped
+only when a record has the same key (:mod:`knn_cm.evaluation.records`: snapshot content digest, sampler
+kind and settings, estimator, seeds, count, batch size, feature extractor and weights, metric flags), so
+an interrupted evaluation resumes where it stopped and any changed setting is evaluated afresh.
+``<run>/evaluation.csv`` lists the records of the snapshots now in the run folder with their settings,
+the minimum-FID snapshot of each group of equal settings marked, as Table 1 reports.
+
+Everything that can fail without sampling is checked first: the settings, the feature extractor and the
+Inception weights (a missing file or an impossible download fails before any sample is generated).
 """
 
 from __future__ import annotations
@@ -15,17 +20,54 @@ from pathlib import Path
 import torch
 
 from knn_cm.data import DataStore
-from knn_cm.evaluation.fidelity import compute_fidelity
 from knn_cm.evaluation.memorisation import memorisation
+from knn_cm.evaluation.records import KEY_FIELDS, record_key, write_evaluation_table
 from knn_cm.evaluation.snapshots import list_snapshots
 from knn_cm.index import Index, build_index
-from knn_cm.io import write_csv_rows
 from knn_cm.models import load_network_file, network_from_payload
 from knn_cm.sampling import generate, make_sampler, resolve_kind
+from knn_cm.sampling.generate import USES_ESTIMATOR, sampler_settings
+from knn_cm.settings import boolean, non_negative_int, positive_int
 from knn_cm.training.logging import MetricsLog, read_metrics
 
-EVALUATION_FIELDS = ("step", "images_seen", "network", "sampler", "num_samples", "feature_extractor", "fid",
-                     "isc_mean", "isc_std", "fraction_memorised", "mean_nearest_distance", "seconds", "best")
+METRIC_FLAGS = ("fid", "isc", "memorisation")
+
+
+def prepare_metrics(metrics: Mapping, num_samples: int) -> dict:
+    """Checked metric settings, with the feature extractor's weights resolved now (before any sampling).
+
+    Returns ``metrics`` with the flags as bools, ``inception_weights`` the checked local path (Inception),
+    and ``extractor_version`` identifying the extractor's weights (None when neither FID nor IS is on).
+
+    Raises:
+        ValueError: a flag that is not a bool, an unknown extractor, too few samples for FID / IS.
+        InceptionWeightsUnavailable: the Inception weights file is absent, not the published file, or
+            cannot be downloaded; the message names ``metrics.inception_weights=PATH`` and the download.
+    """
+    from knn_cm.evaluation.feature_extractors import INCEPTION, get_extractor_spec, resolve_inception_weights
+    from knn_cm.evaluation.fidelity import ISC_SPLITS
+
+    prepared = dict(metrics)
+    for flag in METRIC_FLAGS:
+        prepared[flag] = boolean(metrics.get(flag, True), f"metrics.{flag}")
+    prepared["extractor_version"] = None
+    if not (prepared["fid"] or prepared["isc"]):
+        return prepared
+    try:
+        spec = get_extractor_spec(metrics.get("feature_extractor"))
+    except ValueError as error:
+        raise ValueError(f"metrics.feature_extractor: {error}") from None
+    if prepared["fid"] and num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2 for metrics.fid=true, got {num_samples}")
+    if prepared["isc"] and spec.isc_feature is None:
+        raise ValueError(f"metrics.feature_extractor={spec.name!r} has no logits for the Inception Score; "
+                         f"set metrics.isc=false")
+    if prepared["isc"] and num_samples < ISC_SPLITS:
+        raise ValueError(f"num_samples must be >= {ISC_SPLITS} for metrics.isc=true (IS splits), got {num_samples}")
+    if spec.name == INCEPTION:
+        prepared["inception_weights"] = str(resolve_inception_weights(metrics.get("inception_weights")))
+    prepared["extractor_version"] = spec.cache_token()
+    return prepared
 
 
 def evaluate_samples(samples: torch.Tensor, store: DataStore, metrics: Mapping, device="cpu",
@@ -33,7 +75,10 @@ def evaluate_samples(samples: torch.Tensor, store: DataStore, metrics: Mapping, 
     """FID / IS (``metrics``: feature_extractor, inception_weights, fid, isc) and memorisation of
     samples [M, C, H, W] in [-1, 1] against the training set ``store`` (``index``: a flat index of it,
     built here when not given; callers evaluating many sample sets pass one)."""
-    record = {"num_samples": int(samples.shape[0]), "feature_extractor": metrics.get("feature_extractor")}
+    from knn_cm.evaluation.fidelity import compute_fidelity
+
+    record = {"num_samples": int(samples.shape[0]), "feature_extractor": metrics.get("feature_extractor"),
+              "fid": None, "isc_mean": None, "isc_std": None}
     if metrics.get("fid", True) or metrics.get("isc", True):
         record.update(compute_fidelity(samples, store, feature_extractor=metrics["feature_extractor"],
                                        fid=metrics.get("fid", True), isc=metrics.get("isc", True), device=device,
@@ -51,8 +96,8 @@ def memorisation_index(store: DataStore, metrics: Mapping) -> Index | None:
 
 def evaluate_run(run_dir: str | Path, store: DataStore, sampler: Mapping, metrics: Mapping, num_samples: int,
                  seed_start: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
-                 progress: bool = True) -> list[dict]:
-    """Evaluate each snapshot of ``run_dir`` not yet evaluated with these settings; returns all records.
+                 progress: bool = True, estimator: Mapping | None = None) -> list[dict]:
+    """Evaluate each snapshot of ``run_dir`` not yet evaluated with these settings.
 
     Args:
         store: the training set (without x-flip doubling) that FID and memorisation compare against.
@@ -60,44 +105,61 @@ def evaluate_run(run_dir: str | Path, store: DataStore, sampler: Mapping, metric
         metrics: ``feature_extractor`` ("inception" or "digits"), ``inception_weights``, ``fid``, ``isc``,
             ``memorisation``.
         num_samples: samples per snapshot (the paper: 50,000); sample i uses seed seed_start + i.
+        estimator: the estimator spec (``build_estimators`` form) for the pf_ode and hybrid samplers.
+
+    Returns:
+        This evaluation's record of every snapshot, oldest first.
     """
+    from knn_cm.evaluation.estimator_error import build_estimators
+
     run_dir = Path(run_dir)
+    num_samples = positive_int(num_samples, "num_samples")
+    batch_size = positive_int(batch_size, "batch_size")
+    seed_start = non_negative_int(seed_start, "seed_start")
     snapshots = list_snapshots(run_dir)
     if not snapshots:
         raise FileNotFoundError(f"{run_dir} has no snapshots/network-*.pt to evaluate")
+    metrics = prepare_metrics(metrics, num_samples)
+    flags = {flag: metrics[flag] for flag in METRIC_FLAGS}
     log = MetricsLog(run_dir, "evaluation.jsonl")
     done = read_metrics(log.path) if log.path.exists() else []
+    evaluated = {record_key(record): record for record in done}
     seeds = range(seed_start, seed_start + num_samples)
-    index = None
+    index = built_estimator = None
+    current, present = [], set()
     for step, path in snapshots:
         payload = load_network_file(path, map_location=device)
         kind = resolve_kind(sampler.get("kind", "auto"), payload["precond_class"])
-        settings = {"network": path.name, "sampler": kind, "num_samples": num_samples,
-                    "feature_extractor": metrics["feature_extractor"]}
-        if any(all(record.get(k) == v for k, v in settings.items()) for record in done):
+        uses_estimator = kind in USES_ESTIMATOR
+        if uses_estimator and estimator is None:
+            raise ValueError(f"sampler.kind={kind} needs an estimator (estimator.name=knn ...)")
+        settings = {"network": path.name, "network_digest": payload["digest"], "sampler": kind,
+                    "sampler_settings": sampler_settings(kind, sampler),
+                    "estimator": dict(estimator) if uses_estimator else None, "seed_start": seed_start,
+                    "num_samples": num_samples, "batch_size": batch_size,
+                    "feature_extractor": metrics["feature_extractor"] if metrics["extractor_version"] else None,
+                    "extractor_version": metrics["extractor_version"], "metrics": flags}
+        present.add((path.name, payload["digest"]))
+        key = record_key(settings)
+        if key in evaluated:
+            current.append(evaluated[key])
             continue
         network = network_from_payload(payload, device, source=str(path))
         index = index or memorisation_index(store, metrics)
+        if uses_estimator and built_estimator is None:
+            built_estimator = build_estimators({"estimator": estimator}, store, device=device)["estimator"]
         started = time.perf_counter()
-        samples = generate(make_sampler(network=network, store=store, **(dict(sampler) | {"kind": kind})), seeds,
+        make = dict(sampler) | {"kind": kind}
+        samples = generate(make_sampler(network=network, estimator=built_estimator, store=store, **make), seeds,
                            store.shape, batch_size=batch_size, device=device, progress=progress)
+        results = evaluate_samples(samples, store, metrics, device, index)
         record = {"step": step, "images_seen": payload["metadata"].get("images_seen"),
-                  **settings, **evaluate_samples(samples, store, metrics, device, index)}
-        record["seconds"] = time.perf_counter() - started
+                  **{k: v for k, v in results.items() if k not in KEY_FIELDS}, **settings,
+                  "seconds": time.perf_counter() - started}
         log.log(record)
+        evaluated[key] = record
         done.append(record)
-    records = [r for r in done if r.get("feature_extractor") == metrics["feature_extractor"]]
-    write_evaluation_table(records, run_dir / "evaluation.csv")
-    return records
-
-
-def write_evaluation_table(records: list[dict], path: str | Path) -> None:
-    """CSV of evaluation records with ``best`` = 1 on the minimum-FID record (per sample count)."""
-    best = {}
-    for record in records:
-        fid, count = record.get("fid"), record.get("num_samples")
-        if fid is not None and (count not in best or fid < best[count]["fid"]):
-            best[count] = record
-    ordered = sorted(records, key=lambda r: (r.get("num_samples", 0), r.get("step", 0)))
-    write_csv_rows(path, EVALUATION_FIELDS,
-                   (record | {"best": int(best.get(record.get("num_samples")) is record)} for record in ordered))
+        current.append(record)
+    table = [r for r in done if (r.get("network"), r.get("network_digest")) in present]
+    write_evaluation_table(table, run_dir / "evaluation.csv")
+    return current

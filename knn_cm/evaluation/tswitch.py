@@ -12,9 +12,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from knn_cm.data import DataStore
-from knn_cm.evaluation.run_evaluation import evaluate_samples, memorisation_index
+from knn_cm.evaluation.run_evaluation import evaluate_samples, memorisation_index, prepare_metrics
 from knn_cm.io import save_figure, write_csv_rows
 from knn_cm.sampling import generate, make_sampler
+from knn_cm.settings import positive_int
 
 TSWITCH_FIELDS = ("method", "t_switch", "num_samples", "feature_extractor", "fid", "isc_mean", "isc_std",
                   "fraction_memorised", "mean_nearest_distance")
@@ -24,7 +25,10 @@ def tswitch_sweep(network, store: DataStore, estimators: Mapping, t_switches: Se
                   num_samples: int, include_forward: bool = True, schedule: Mapping | None = None,
                   seed_start: int = 0, batch_size: int = 256, device="cpu", progress: bool = True) -> list[dict]:
     """Rows (method, t_switch, metrics) for every estimator in ``estimators`` (label -> estimator) used by
-    the hybrid sampler, plus the forward-process baseline."""
+    the hybrid sampler, plus the forward-process baseline. The metric settings (and the Inception weights)
+    are checked before any sampling."""
+    num_samples = positive_int(num_samples, "num_samples")
+    metrics = prepare_metrics(metrics, num_samples)
     schedule = dict(schedule or {})
     methods = [(label, "hybrid", estimator) for label, estimator in estimators.items()]
     if include_forward:

@@ -8,14 +8,14 @@
 
 Modules: ``layers`` (Conv2d, Linear, GroupNorm, embeddings), ``blocks`` (UNetBlock), ``song_unet``,
 ``precond``, ``precision`` (autocast), ``dropout`` (shared dropout masks), ``factory``
-(``build_denoiser``, the Hydra target), ``checkpoint`` (EDM pickles and our ``.pt`` network files).
+(``build_denoiser``, the Hydra target), ``network_file`` (the project's ``.pt`` network files, read with
+``weights_only=True``), ``edm_pickle`` (importing EDM's network pickles without running their code).
 """
 
 from knn_cm.models.blocks import UNetBlock
-from knn_cm.models.checkpoint import (
-    EDMNetwork,
-    UntrustedPickleError,
-    load_edm_pickle,
+from knn_cm.models.edm_pickle import EDMNetwork, UntrustedPickleError, load_edm_pickle
+from knn_cm.models.network_file import (
+    NotANetworkFileError,
     load_network,
     load_network_file,
     network_from_payload,
@@ -37,6 +37,7 @@ __all__ = [
     "FourierEmbedding",
     "GroupNorm",
     "Linear",
+    "NotANetworkFileError",
     "PRECONDITIONERS",
     "PositionalEmbedding",
     "SongUNet",

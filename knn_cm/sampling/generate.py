@@ -8,16 +8,25 @@ batch size.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from knn_cm.settings import positive_int
 from knn_cm.sampling.consistency import consistency_sample
 from knn_cm.sampling.hybrid import forward_process_sample, hybrid_sample
 from knn_cm.sampling.ode import estimator_denoiser, euler_sample, heun_sample
 from knn_cm.sampling.seeds import noise_for_seeds
 
 SAMPLER_KINDS = ("auto", "consistency", "heun", "euler", "pf_ode", "hybrid", "forward")
+_SCHEDULE = ("num_steps", "sigma_min", "sigma_max", "rho")
+# The make_sampler arguments each kind reads (everything else leaves its samples unchanged).
+SAMPLER_SETTINGS = {"consistency": ("sigmas", "sigma_min"), "heun": _SCHEDULE + ("s_churn",),
+                    "euler": _SCHEDULE + ("s_churn",), "pf_ode": _SCHEDULE, "hybrid": _SCHEDULE + ("t_switch",),
+                    "forward": _SCHEDULE + ("t_switch",)}
+USES_ESTIMATOR = ("pf_ode", "hybrid")
+_DEFAULTS = {"sigmas": (80.0,), "num_steps": 18, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "t_switch": 1.0,
+             "s_churn": 0.0}
 
 
 def resolve_kind(kind: str, network) -> str:
@@ -31,6 +40,27 @@ def resolve_kind(kind: str, network) -> str:
         return kind
     precond_class = network if isinstance(network, str) else type(network).__name__
     return "consistency" if precond_class == "CMPrecond" else "heun"
+
+
+def sampler_settings(kind: str, settings: Mapping) -> dict:
+    """The settings that determine a sampler's output: those ``kind`` reads (make_sampler's defaults for
+    absent ones), as plain numbers (floats, ``num_steps`` an int, ``sigmas`` a list of floats).
+
+    ``kind`` must be resolved (not "auto"); settings the kind does not read are left out, so e.g. a
+    consistency evaluation does not depend on ``num_steps``.
+    """
+    if kind not in SAMPLER_SETTINGS:
+        raise ValueError(f"unknown sampler {kind!r}; allowed: {', '.join(SAMPLER_SETTINGS)}")
+    out = {}
+    for name in SAMPLER_SETTINGS[kind]:
+        value = settings.get(name, _DEFAULTS[name])
+        if name == "sigmas":
+            out[name] = [float(sigma) for sigma in value]
+        elif name == "num_steps":
+            out[name] = int(value)
+        else:
+            out[name] = float(value)
+    return out
 
 
 def make_sampler(kind: str, network=None, estimator=None, store=None, sigmas: Sequence[float] = (80.0,),
@@ -69,6 +99,7 @@ def make_sampler(kind: str, network=None, estimator=None, store=None, sigmas: Se
 def generate(sampler: Callable, seeds: Sequence[int], shape: Sequence[int], batch_size: int = 256,
              device: str | torch.device = "cpu", progress: bool = False) -> torch.Tensor:
     """Samples [len(seeds), C, H, W] (float32 in [-1, 1], on CPU); sample i uses seed ``seeds[i]``."""
+    batch_size = positive_int(batch_size, "batch_size")
     seeds = list(seeds)
     batches = [seeds[start : start + batch_size] for start in range(0, len(seeds), batch_size)]
     if progress:

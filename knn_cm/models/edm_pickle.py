@@ -1,11 +1,7 @@
-"""Network files: EDM pickle import, atomic ``.pt`` save, and ``weights_only`` loading.
+"""Importing NVIDIA EDM's network pickles (``network-snapshot-*.pkl``) without importing or running EDM.
 
-Our network file (``.pt``, written by ``save_state_dict`` / ``save_network``) is a plain dict that
-``torch.load(path, weights_only=True)`` reads without executing code::
-
-    {'format': 'knn_cm.network.v1', 'state_dict': OrderedDict(name -> tensor),
-     'network_class': 'SongUNet', 'songunet_kwargs': {...},
-     'precond_class': 'EDMPrecond' | 'CMPrecond', 'precond_kwargs': {...}, 'metadata': {...}}
+The result (:class:`EDMNetwork`) is written as a knn-cm network file by
+:func:`knn_cm.models.network_file.save_state_dict` (``scripts/convert_edm_checkpoint.py``).
 
 EDM network pickles (``network-snapshot-*.pkl``) are a dict whose key ``'ema'`` holds the EDMPrecond
 module. EDM saves its modules with ``torch_utils.persistence``: each persistent object is pickled as a
@@ -26,7 +22,6 @@ import io
 import math
 import os
 import pickle
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,11 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from knn_cm.models.precond import CMPrecond, EDMPrecond
+from knn_cm.models.network_file import check_layout, to_plain
 from knn_cm.models.song_unet import SongUNet
 
-NETWORK_FILE_FORMAT = "knn_cm.network.v1"
-PRECOND_CLASSES = {"EDMPrecond": EDMPrecond, "CMPrecond": CMPrecond}
 EDM_PERSISTENCE_VERSION = 6
 
 
@@ -242,19 +235,6 @@ def extract_state_dict(root) -> OrderedDict:
     return entries
 
 
-def _to_plain(value, where: str):
-    """Plain Python (dict / list / str / int / float / bool / None) copy of a recovered value."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, Mapping):
-        return {str(key): _to_plain(item, f"{where}.{key}") for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(item, f"{where}[{index}]") for index, item in enumerate(value)]
-    if type(value).__module__.split(".")[0] == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        return value.item()
-    raise ValueError(f"{where} holds a {type(value).__name__}, which is not a plain value")
-
-
 def _songunet_parameters() -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(SongUNet.__init__).parameters)
 
@@ -269,12 +249,12 @@ def _recover_songunet_kwargs(precond_state: Mapping, model) -> dict:
         outer = precond_state.get("_init_kwargs")
         if outer is None:
             raise ValueError("the pickle records no constructor arguments (_init_kwargs) for the network")
-        outer = dict(_to_plain(outer, "ema._init_kwargs"))
+        outer = dict(to_plain(outer, "ema._init_kwargs"))
         recorded = {key: value for key, value in outer.items() if key in parameters}
         if "img_channels" in outer:
             recorded.setdefault("in_channels", outer["img_channels"])
             recorded.setdefault("out_channels", outer["img_channels"])
-    kwargs = dict(_to_plain(recorded, "model._init_kwargs"))
+    kwargs = dict(to_plain(recorded, "model._init_kwargs"))
     unknown = sorted(set(kwargs) - set(parameters) - {"self"})
     if unknown:
         raise ValueError(f"SongUNet arguments {unknown} in the pickle are not supported by knn_cm.models.SongUNet")
@@ -297,7 +277,7 @@ def _recover_precond_kwargs(precond_class: str, precond_state: Mapping) -> dict:
     kwargs = {}
     for name, default in defaults.items():
         value = precond_state.get(name, recorded.get(name, default))
-        kwargs[name] = float(_to_plain(value, f"ema.{name}"))
+        kwargs[name] = float(to_plain(value, f"ema.{name}"))
     return kwargs
 
 
@@ -309,29 +289,6 @@ def _precond_attributes(precond_state: Mapping) -> dict:
             attributes[name] = value
     return attributes
 
-
-def check_layout(state_dict: Mapping[str, torch.Tensor], songunet_kwargs: Mapping, prefix: str = "model.") -> None:
-    """Raise ValueError unless ``SongUNet(**songunet_kwargs)`` has exactly these names and shapes.
-
-    The network is built on the meta device, so no memory is allocated for its weights.
-    """
-    with torch.device("meta"):
-        reference = SongUNet(**songunet_kwargs).state_dict()
-    expected = {prefix + name: tuple(tensor.shape) for name, tensor in reference.items()}
-    found = {name: tuple(tensor.shape) for name, tensor in state_dict.items()}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mismatched = sorted(name for name in set(expected) & set(found) if expected[name] != found[name])
-    if missing or unexpected or mismatched:
-        details = []
-        if missing:
-            details.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            details.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if mismatched:
-            name = mismatched[0]
-            details.append(f"{len(mismatched)} shape mismatches, e.g. {name}: {found[name]} vs {expected[name]}")
-        raise ValueError("state dict does not match SongUNet(**songunet_kwargs): " + "; ".join(details))
 
 
 @dataclass
@@ -387,7 +344,7 @@ def load_edm_pickle(path: str | os.PathLike, trust: bool = False, key: str = "em
     metadata = {"source": str(path), "edm_precond_attributes": _precond_attributes(precond_state)}
     recorded = precond_state.get("_init_kwargs")
     if recorded is not None:
-        metadata["edm_precond_init_kwargs"] = _to_plain(recorded, "ema._init_kwargs")
+        metadata["edm_precond_init_kwargs"] = to_plain(recorded, "ema._init_kwargs")
     return EDMNetwork(
         state_dict=state_dict,
         songunet_kwargs=songunet_kwargs,
@@ -395,110 +352,3 @@ def load_edm_pickle(path: str | os.PathLike, trust: bool = False, key: str = "em
         precond_kwargs=_recover_precond_kwargs(precond_class, precond_state),
         metadata=metadata,
     )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Our network files.
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the target directory, then os.replace (no torn files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
-def save_state_dict(
-    path: str | os.PathLike,
-    state_dict: Mapping[str, torch.Tensor],
-    songunet_kwargs: Mapping,
-    precond_class: str = "EDMPrecond",
-    precond_kwargs: Mapping | None = None,
-    metadata: Mapping | None = None,
-) -> Path:
-    """Write a network file (format in the module docstring) atomically; returns the path.
-
-    state_dict: keys ``model.*`` (a precond wrapper's state dict), tensors are moved to the CPU.
-    """
-    path = Path(path)
-    if precond_class not in PRECOND_CLASSES:
-        raise ValueError(f"precond_class={precond_class!r} is not supported; allowed: {', '.join(PRECOND_CLASSES)}")
-    songunet_kwargs = _to_plain(dict(songunet_kwargs), "songunet_kwargs")
-    check_layout(state_dict, songunet_kwargs)
-    payload = {
-        "format": NETWORK_FILE_FORMAT,
-        "state_dict": OrderedDict((name, tensor.detach().cpu()) for name, tensor in state_dict.items()),
-        "network_class": "SongUNet",
-        "songunet_kwargs": songunet_kwargs,
-        "precond_class": precond_class,
-        "precond_kwargs": _to_plain(dict(precond_kwargs or {}), "precond_kwargs"),
-        "metadata": _to_plain(dict(metadata or {}), "metadata"),
-    }
-    _atomic_torch_save(payload, path)
-    return path
-
-
-def save_network(path: str | os.PathLike, denoiser: EDMPrecond | CMPrecond, metadata: Mapping | None = None) -> Path:
-    """Save a precond-wrapped SongUNet (weights, architecture and precond arguments) atomically."""
-    if not isinstance(denoiser, tuple(PRECOND_CLASSES.values())) or not isinstance(denoiser.model, SongUNet):
-        raise ValueError(
-            f"save_network expects EDMPrecond or CMPrecond around a SongUNet, got {type(denoiser).__name__}"
-        )
-    return save_state_dict(
-        path,
-        denoiser.state_dict(),
-        songunet_kwargs=denoiser.model.init_kwargs,
-        precond_class=type(denoiser).__name__,
-        precond_kwargs=denoiser.precond_kwargs,
-        metadata=metadata,
-    )
-
-
-def load_network_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a network file with ``torch.load(weights_only=True)`` and check its format."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"network file {path} does not exist")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != NETWORK_FILE_FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{path} is not a {NETWORK_FILE_FORMAT} network file (format: {found!r})")
-    return payload
-
-
-def load_network(
-    path: str | os.PathLike,
-    map_location: str | torch.device = "cpu",
-    amp_dtype: torch.dtype | str | None = None,
-) -> EDMPrecond | CMPrecond:
-    """Rebuild the denoiser saved in a network file (e.g. a converted EDM checkpoint), in eval mode.
-
-    Builds ``PRECOND_CLASSES[precond_class](SongUNet(**songunet_kwargs), **precond_kwargs)`` and loads
-    the weights strictly; reads the file with ``weights_only=True``.
-    """
-    return network_from_payload(load_network_file(path, map_location=map_location), map_location, amp_dtype,
-                                source=str(path))
-
-
-def network_from_payload(payload: dict, map_location: str | torch.device = "cpu",
-                         amp_dtype: torch.dtype | str | None = None, source: str = "network file") -> EDMPrecond | CMPrecond:
-    """The denoiser of an already read network file (:func:`load_network_file`), in eval mode."""
-    precond_class = payload["precond_class"]
-    if precond_class not in PRECOND_CLASSES:
-        raise ValueError(
-            f"{source}: precond class {precond_class!r} is not supported; allowed: {', '.join(PRECOND_CLASSES)}"
-        )
-    with torch.device("meta"):
-        model = SongUNet(**payload["songunet_kwargs"])
-        denoiser = PRECOND_CLASSES[precond_class](model, amp_dtype=amp_dtype, **payload["precond_kwargs"])
-    denoiser.load_state_dict(payload["state_dict"], strict=True, assign=True)
-    return denoiser.to(map_location).eval()

@@ -1,0 +1,33 @@
+"""Checks of plain setting values from configs and the command line, with errors that name the setting.
+
+    num_samples = positive_int(config.num_samples, "num_samples")   # 0, -1, 1.5, "abc", true -> ValueError
+"""
+
+from __future__ import annotations
+
+import numbers
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def positive_int(value, setting: str) -> int:
+    """``value`` as an int >= 1; a ValueError naming ``setting``, the value and what is allowed otherwise."""
+    if not _is_integer(value) or value < 1:
+        raise ValueError(f"{setting} must be a positive integer (1, 2, ...), got {value!r}")
+    return int(value)
+
+
+def non_negative_int(value, setting: str) -> int:
+    """``value`` as an int >= 0; a ValueError naming ``setting`` otherwise."""
+    if not _is_integer(value) or value < 0:
+        raise ValueError(f"{setting} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def boolean(value, setting: str) -> bool:
+    """``value`` as a bool (true / false only); a ValueError naming ``setting`` otherwise."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{setting} must be true or false, got {value!r}")
+    return value
