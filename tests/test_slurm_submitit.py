@@ -47,11 +47,10 @@ def finish(process: subprocess.Popen, timeout: float) -> str:
 
 
 def submitit_job_ids(sweep: Path) -> list[str]:
-    """The array tasks' ids (``<array>_<task>``) that submitit made log folders for."""
+    """The job ids that submitit made log folders for: an array's tasks (``<array>_<task>``), or one job."""
     folder = sweep / ".submitit"
-    if not folder.is_dir():
-        return []
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"\d+_\d+", p.name))
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    return [n for n in names if re.fullmatch(r"\d+_\d+", n)] or [n for n in names if re.fullmatch(r"\d+", n)]
 
 
 def test_a_sweep_runs_as_a_job_array(slurm_cluster, slurm_jobs, tmp_path):

@@ -340,6 +340,7 @@ class Trainer:
             stop_at = min(stop_at, self.step + config.stop_after_steps)
         preempted = False
         self._catch_up_outputs()
+        start_step = self.step
         # The guard stays installed through the final checkpoint, so a late signal cannot cut it short.
         with PreemptionGuard(config.preemption_signals) as guard:
             try:
@@ -364,7 +365,7 @@ class Trainer:
             finally:
                 if bar is not None:
                     bar.close()
-            if self.step >= config.max_steps:  # finished, not merely stopped: final snapshot and samples
+            if self.step >= config.max_steps > start_step:  # finished now, not merely stopped or already done
                 self.save_snapshot()
                 self.save_samples()
             self.save_checkpoint()  # last: a checkpoint counts only once everything due at its step is written
