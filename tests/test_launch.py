@@ -1,4 +1,4 @@
-"""Experiments, launching and the report: every experiment composes and validates, a submitit-local sweep,
+"""Experiments, launching and the report: every experiment composes and validates, launcher configs,
 a killed run resumes when relaunched, and report.py on fixture run folders."""
 
 from __future__ import annotations

@@ -129,15 +129,18 @@ def test_preemption_checkpoints_requeues_and_resumes_bit_identically(preemption,
 
 
 def test_a_time_limit_is_met_by_requeues_across_allocations(slurm_cluster, slurm_jobs, tmp_path):
-    steps = 400
+    """SLURM sends the signal when at most signal_delay_s + 30 s remain (slurmctld checks every 30 s): with a
+    1-minute limit and 5 s, 25-55 s into each allocation, after start-up; 600 tiny steps need over 45 s even on
+    a quiet core, so the run needs several allocations."""
+    steps = 600
     overrides = ["experiment=quickstart", *TINY, f"trainer.max_steps={steps}", "trainer.checkpoint_every=1000",
                  "trainer.log_every=10"]
     process = start(["python", "train.py", "-m", *overrides, "hydra/launcher=slurm_local",
-                     "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30"], tmp_path)
+                     "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=5"], tmp_path)
     sweep = tmp_path / "multirun" / "train" / "quickstart"
     try:
         job = slurm_jobs.adopt(wait_until(lambda: submitit_job_ids(sweep), 600, "the job to start")[0])
-        finish(process, timeout=900)
+        finish(process, timeout=1200)
     finally:
         if process.poll() is None:
             process.kill()

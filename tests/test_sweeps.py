@@ -20,12 +20,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from hydra.types import HydraContext, RunMode
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from knn_cm.training import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
-README_SWEEP = "python train.py -m experiment=quickstart estimator.k=16,32 trainer.max_steps=2"
+README_SWEEP = "python train.py -m experiment=quickstart estimator.k=16,32 trainer.max_steps=2"  # README, Training
 
 
 def run_documented(command: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -50,6 +50,7 @@ def assert_sweep_folders(cwd: Path, experiment: str, key: str, values: list[int]
 @pytest.mark.slow
 def test_readme_sweep_runs_as_written(tmp_path):
     """The acceptance command: two run folders with checkpoints, named by the swept value only."""
+    assert README_SWEEP in (ROOT / "README.md").read_text()
     result = run_documented(README_SWEEP, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_sweep_folders(tmp_path, "quickstart", "estimator.k", [16, 32])
@@ -66,12 +67,13 @@ def test_sweep_through_the_local_submitit_launcher(tmp_path):
     assert len(logs) == 2, "submitit's logs sit in <sweep>/.submitit/<job id>/"
 
 
-def sweep_job_folders(overrides: list[str]) -> tuple[str, list[str]]:
+def sweep_job_folders(overrides: list[str], config_name: str = "train") -> tuple[str, list[str]]:
     """(sweep folder, job folders) as Hydra's multirun resolves them for ``python train.py -m <overrides>``."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         hydra = GlobalHydra.instance().hydra
-        master = hydra.compose_config("train", overrides, run_mode=RunMode.MULTIRUN, with_log_configuration=False)
+        master = hydra.compose_config(config_name, overrides, run_mode=RunMode.MULTIRUN,
+                                      with_log_configuration=False)
         sweeper = Plugins.instance().instantiate_sweeper(
             config=master, hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=None),
             task_function=lambda config: None)
@@ -79,8 +81,10 @@ def sweep_job_folders(overrides: list[str]) -> tuple[str, list[str]]:
         arguments = sweeper._parse_config() + list(master.hydra.overrides.task)
         batches = sweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)
         folders = []
-        for job in batches[0]:
+        for number, job in enumerate(batches[0]):
             job_config = hydra.config_loader.load_sweep_config(master, list(job))
+            with open_dict(job_config):
+                job_config.hydra.job.num = number  # as Hydra's launchers do
             HydraConfig.instance().set_config(job_config)  # as Hydra's run_job does
             folders.append(str(Path(job_config.hydra.sweep.dir) / str(job_config.hydra.sweep.subdir)))
         return sweep_dir, folders
@@ -103,3 +107,10 @@ def test_documented_sweeps_resolve_stable_folders(command, sweep_dir, folders):
     found_sweep, found = sweep_job_folders(command.split()[3:])
     assert found_sweep == sweep_dir
     assert found == [str(Path(sweep_dir) / name) for name in folders]
+
+
+def test_the_estimator_study_sweep_of_docs_resolves():
+    """docs/estimator_study.md: ``python evaluate_estimators.py -m estimators.knn.k=64,256``, one folder per value."""
+    sweep_dir, folders = sweep_job_folders(["estimators.knn.k=64,256"], config_name="estimator_study")
+    assert sweep_dir.startswith("multirun/estimator_study/digits/")
+    assert folders == [f"{sweep_dir}/0", f"{sweep_dir}/1"]
