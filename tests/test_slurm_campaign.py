@@ -121,6 +121,10 @@ def test_the_toy_campaign_runs_every_job_and_the_report_builds_every_table_and_f
     ids = {record["name"]: slurm_jobs.adopt(record["job_id"]) for record in records}
     assert len(ids) == 28
     report_job = ids["knn-cm-report-toy"]
+    # Watching, as docs/slurm.md shows it: the report waits for its inputs.
+    queue = subprocess.run(["squeue", "-o", "%.6i %.32j %.2t %.8M %R"], capture_output=True, text=True, check=True,
+                           timeout=30).stdout
+    assert re.search(rf"{report_job} +knn-cm-report-toy +PD .*\(Dependency\)", queue), queue
 
     def finished():
         return job_state(report_job) in FINAL_STATES
