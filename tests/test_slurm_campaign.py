@@ -150,3 +150,9 @@ def test_the_toy_campaign_runs_every_job_and_the_report_builds_every_table_and_f
     assert set(result["figure4_n"]) == {"iCT baseline", "estimator.n=16", "estimator.n=64", "estimator.n=256"}
     assert all(len(points) == 2 for name in ("figure4_k", "figure4_n") for points in result[name].values())
     assert {(row["method"], row["t_switch"]) for row in result["figure5"]} >= {("knn", 1.0), ("stf", 1.0)}
+
+
+def test_campaign_outside_the_repository_root_is_refused_with_the_reason(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "campaign.py"), "--dry-run"], cwd=tmp_path,
+                            env=job_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "run from the repository root: train.py" in result.stderr
