@@ -46,6 +46,10 @@ def main(argv=None) -> dict[str, str] | None:
                  (("partition", args.partition), ("account", args.account), ("qos", args.qos)) if value)
     if args.scale == "toy":
         site += ("--export=ALL,OMP_NUM_THREADS=1",)
+    missing = [name for name in ("train.py", "evaluate.py", "slurm/train.sbatch", "slurm/run.sbatch")
+               if not (Path.cwd() / name).exists()]
+    if missing:  # the jobs start in the submit directory and run these by relative path
+        parser.error(f"run from the repository root: {', '.join(missing)} not found in {Path.cwd()}")
     jobs = plan(root, args.scale, args.tswitch_network)
     if args.dry_run:
         print(describe(jobs, root, site))

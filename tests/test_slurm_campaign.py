@@ -121,6 +121,10 @@ def test_the_toy_campaign_runs_every_job_and_the_report_builds_every_table_and_f
     ids = {record["name"]: slurm_jobs.adopt(record["job_id"]) for record in records}
     assert len(ids) == 28
     report_job = ids["knn-cm-report-toy"]
+    # Watching, as docs/slurm.md shows it: the report waits for its inputs.
+    queue = subprocess.run(["squeue", "-o", "%.6i %.32j %.2t %.8M %R"], capture_output=True, text=True, check=True,
+                           timeout=30).stdout
+    assert re.search(rf"{report_job} +knn-cm-report-toy +PD .*\(Dependency\)", queue), queue
 
     def finished():
         return job_state(report_job) in FINAL_STATES
@@ -146,3 +150,9 @@ def test_the_toy_campaign_runs_every_job_and_the_report_builds_every_table_and_f
     assert set(result["figure4_n"]) == {"iCT baseline", "estimator.n=16", "estimator.n=64", "estimator.n=256"}
     assert all(len(points) == 2 for name in ("figure4_k", "figure4_n") for points in result[name].values())
     assert {(row["method"], row["t_switch"]) for row in result["figure5"]} >= {("knn", 1.0), ("stf", 1.0)}
+
+
+def test_campaign_outside_the_repository_root_is_refused_with_the_reason(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "campaign.py"), "--dry-run"], cwd=tmp_path,
+                            env=job_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "run from the repository root: train.py" in result.stderr
