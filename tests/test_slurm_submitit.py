@@ -153,3 +153,38 @@ def test_a_time_limit_is_met_by_requeues_across_allocations(slurm_cluster, slurm
     logged = [json.loads(line)["step"] for line in (sweep / "metrics.jsonl").read_text().splitlines()]
     assert len(logged) == len(set(logged)) and logged[-1] == steps, "each step once, to the end"
     assert list_checkpoints(sweep)[-1].name == f"training-{steps:09d}.pt"
+
+
+def test_usr2_reaches_every_rank_of_a_two_task_job_and_the_requeued_job_finishes(slurm_cluster, slurm_jobs,
+                                                                                 tmp_path):
+    """hydra/launcher=slurm_local with tasks_per_node=2 (gloo DDP): submitit's USR2 reaches both ranks, they stop
+    at the same step, rank 0 checkpoints and requeues, and the requeued job resumes on both ranks to the end
+    (the weights of one process with the same global batch, with a noise-free loss; tests/test_slurm_ddp.py)."""
+    steps = 40
+    deterministic = "trainer.objective._target_=tests.deterministic_objective.DeterministicICT"
+    overrides = ["experiment=quickstart", *TINY, deterministic, f"trainer.max_steps={steps}",
+                 "trainer.checkpoint_every=1000"]
+    process = start(["python", "train.py", "-m", *overrides, "hydra/launcher=slurm_local",
+                     "hydra.launcher.tasks_per_node=2"], tmp_path)
+    sweep = tmp_path / "multirun" / "train" / "quickstart"
+    try:
+        job = slurm_jobs.adopt(wait_until(lambda: submitit_job_ids(sweep), 600, "the job to start")[0])
+        metrics = sweep / "metrics.jsonl"
+        wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 300, "training steps")
+        signal_running_job(job, "USR2", batch=False)
+        finish(process, timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = (sweep / "train.log").read_text()
+    main = re.search(r"stopped by SIGUSR2 at step (\d+)", log)
+    assert main, log[-3000:]
+    step = int(main.group(1))
+    assert f"rank 1 stopped by SIGUSR2 at step {step}" in log, "the signal reached rank 1, which stopped with rank 0"
+    assert int(job_info(job)["Restarts"]) >= 1
+    assert log.count("rank 1 of 2 (local rank 1)") >= 2, "both allocations ran two ranks"
+    state = load_checkpoint(list_checkpoints(sweep)[-1])
+    assert state["step"] == steps and state["world_size"] == 2
+    reference = load_checkpoint(uninterrupted(tmp_path, overrides))
+    for key, tensor in reference["model"].items():
+        assert torch.allclose(state["model"][key], tensor, rtol=1e-5, atol=1e-6), key

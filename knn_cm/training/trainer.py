@@ -376,6 +376,8 @@ class Trainer:
                 log.warning("stopped by %s at step %d (%d images seen); checkpoint %s; the same command with "
                             "trainer.resume=auto continues", guard.received_name, self.step, self.images_seen,
                             checkpoint_path(self.run_dir, self.step))
+            elif self.context.distributed:  # each rank says what it received (SLURM signals every task)
+                log.info("rank %d stopped by %s at step %d", self.context.rank, guard.received_name, self.step)
             if guard.received is not None:
                 guard.hand_over()
         return record
