@@ -23,7 +23,7 @@ demo: venv
 	$(PY) scripts/estimator_demo.py
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: venv
 	$(PY) benchmarks/bench_estimators.py
