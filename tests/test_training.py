@@ -39,6 +39,15 @@ def test_curriculum_matches_ict():
     assert curriculum_steps(399_999, 400_000) == 1281 and curriculum_steps(100_000, 400_000) == 41
 
 
+def test_curriculum_does_not_floor_the_logarithm():
+    # s1 / s0 = 100 is not a power of two: K' = floor(400,000 / (log2 100 + 1)) = floor(52,329.6) = 52,329
+    # (iCT), not the 57,142 that floor(log2 100) = 6 would give.
+    assert math.floor(400_000 / (math.log2(100) + 1)) == 52_329
+    steps = (0, 52_328, 52_329, 104_658, 313_974, 366_303)
+    assert [curriculum_steps(k, 400_000, s0=10, s1=1000) for k in steps] == [11, 11, 21, 41, 641, 1001]
+    assert curriculum_steps(57_141, 400_000, s0=10, s1=1000) == 21
+
+
 def test_noise_level_distribution_is_the_erf_formula():
     sigmas = karras_levels(41)
     probabilities = level_probabilities(sigmas, p_mean=-1.1, p_std=2.0)

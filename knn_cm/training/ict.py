@@ -26,12 +26,14 @@ DISTANCES = ("pseudo_huber", "pseudo_huber_per_element", "l2")
 def curriculum_steps(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
     """Discretisation N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1 / s0) + 1)).
 
-    With s0 10, s1 1280, K 400,000: K' = 50,000 and N = 11, 21, 41, ..., 1281 (from k = 350,000).
+    The logarithm is not floored (iCT's formula): with s0 10, s1 1280, K 400,000 it is 7 exactly, so
+    K' = 50,000 and N = 11, 21, 41, ..., 1281 (from k = 350,000); with s1 1000, log2 100 = 6.64 and
+    K' = floor(52,329.6) = 52,329 (flooring the logarithm would give 57,142).
     """
     if s0 < 1 or s1 < s0:
         raise ValueError(f"the curriculum needs 1 <= s0 <= s1, got s0={s0}, s1={s1}")
-    doublings = math.floor(math.log2(math.floor(s1 / s0))) + 1
-    steps_per_stage = max(1, math.floor(total_steps / doublings))
+    stages = math.log2(math.floor(s1 / s0)) + 1
+    steps_per_stage = max(1, math.floor(total_steps / stages))
     return min(s0 * 2 ** (step // steps_per_stage), s1) + 1
 
 
