@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from knn_cm.data import load_digits
 from knn_cm.diffusion import pf_ode_step
@@ -116,6 +117,23 @@ def test_ema_schedules():
         model.weight.fill_(1.0)
     constant.update(model, step=0, images_seen=0, batch_size=8)  # decay 0.1: 90% of the way to 1
     assert torch.allclose(constant.model.weight, 0.1 * before + 0.9)
+
+
+@pytest.mark.parametrize("experiment", ["ict", "ict_knn", "ict_stf", "figure4_baseline", "figure4_k", "figure4_n"])
+def test_paper_ict_runs_use_the_constant_ema(experiment):
+    # Table 3 / iCT: 0.99993 from step 0. The warm-up min(decay, (1 + k) / (10 + k)) would reach it only at
+    # step 128,562 and change every early snapshot Figure 4 plots.
+    ema = compose_train([f"experiment={experiment}", "run_name=x"]).trainer.ema
+    assert ema.kind == "constant" and ema.decay == 0.99993 and ema.warmup is False
+    schedule = EMA(torch.nn.Linear(1, 1), **OmegaConf.to_container(ema))
+    assert [schedule.decay_at(step, 0, 1024) for step in (0, 1, 1000, 128_561)] == [0.99993] * 4
+    assert EMA(torch.nn.Linear(1, 1), warmup=True).decay_at(128_561, 0, 1) < 0.99993
+    assert EMA(torch.nn.Linear(1, 1), warmup=True).decay_at(128_562, 0, 1) == 0.99993
+
+
+def test_quickstart_keeps_the_ema_warmup():
+    ema = compose_train(["experiment=quickstart", "run_name=x"]).trainer.ema
+    assert ema.warmup is True and ema.decay == 0.999
 
 
 def test_batch_stream_is_a_sequence_of_permutations():

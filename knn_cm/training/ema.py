@@ -14,8 +14,9 @@ class EMA:
     """theta_ema <- d theta_ema + (1 - d) theta after every optimizer step.
 
     Two schedules for the decay d:
-    - "constant" (iCT: 0.99993), with ``warmup``: d_k = min(decay, (1 + k) / (10 + k)) so short runs are not
-      dominated by the initial weights (FACTS.md: a fixed 0.999 is useless over a few thousand steps).
+    - "constant" (iCT: 0.99993 from step 0, Table 3). With ``warmup`` (off by default):
+      d_k = min(decay, (1 + k) / (10 + k)) so short runs are not dominated by the initial weights (FACTS.md:
+      a fixed 0.999 is useless over a few thousand steps); it reaches 0.99993 only at k = 128,562.
     - "halflife" (EDM): d = 0.5^(batch / h) with half-life h = halflife_images, ramped up as
       h = min(h, rampup_ratio * images_seen) (EDM: 0.5 Mimg, ratio 0.05).
 
@@ -23,7 +24,7 @@ class EMA:
         model: the trained network (unwrapped); the EMA copy is made from it once.
     """
 
-    def __init__(self, model: nn.Module, kind: str = "constant", decay: float = 0.99993, warmup: bool = True,
+    def __init__(self, model: nn.Module, kind: str = "constant", decay: float = 0.99993, warmup: bool = False,
                  halflife_images: float = 500_000.0, rampup_ratio: float | None = 0.05):
         if kind not in EMA_KINDS:
             raise ValueError(f"unknown EMA kind {kind!r}; allowed: {', '.join(EMA_KINDS)}")
