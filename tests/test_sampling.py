@@ -21,6 +21,7 @@ from knn_cm.sampling import (
     forward_process_sample,
     heun_sample,
     hybrid_sample,
+    make_sampler,
     noise_for_seeds,
     switch_schedule,
     tail_schedule,
@@ -283,6 +284,27 @@ def test_consistency_sampling_reinjects_noise_and_counts_evaluations():
     calls.clear()
     consistency_sample(consistency_fn, noise)
     assert len(calls) == 1
+
+
+def test_multistep_consistency_clamps_each_denoised_estimate():
+    # f jumps outside the data range at the first step and is the identity afterwards, so the second step
+    # returns the re-noised first estimate: clamped first (the reference sampler's clip_denoised), or not.
+    def consistency_fn(z, sigma):
+        return torch.full_like(z, 3.0) if float(sigma[0]) > 1 else z
+
+    noise = noise_for_seeds(range(2), SHAPE)
+    eps = torch.randn(noise.shape, generator=torch.Generator().manual_seed(4)).double()
+    scale = math.sqrt(0.5**2 - 0.002**2)
+    clipped = consistency_sample(consistency_fn, noise, sigmas=(80.0, 0.5), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(clipped, (1.0 + scale * eps).clamp(-1, 1).float())
+    raw = consistency_sample(consistency_fn, noise, sigmas=(80.0, 0.5), generator=torch.Generator().manual_seed(4),
+                             clip_denoised=False)
+    torch.testing.assert_close(raw, (3.0 + scale * eps).float())
+    assert float(consistency_sample(consistency_fn, noise).max()) == 1.0
+    sampler = make_sampler("consistency", network=consistency_fn, sigmas=(80.0, 0.5), clip_denoised=False)
+    torch.testing.assert_close(sampler(noise, torch.Generator().manual_seed(4)), raw)
+    with pytest.raises(ValueError, match="clip_denoised"):
+        consistency_sample(consistency_fn, noise, clip_denoised="no")
 
 
 def test_consistency_two_step_is_reproducible_with_cm_precond(song_unet):

@@ -65,10 +65,11 @@ def sampler_settings(kind: str, settings: Mapping) -> dict:
 
 def make_sampler(kind: str, network=None, estimator=None, store=None, sigmas: Sequence[float] = (80.0,),
                  num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                 t_switch: float = 1.0, s_churn: float = 0.0) -> Callable:
+                 t_switch: float = 1.0, s_churn: float = 0.0, clip_denoised: bool = True) -> Callable:
     """A function (noise [B, C, H, W], generator) -> float32 samples [B, C, H, W].
 
-    Kinds: ``consistency`` (``sigmas``: one step (80,) or multistep, e.g. (80, 0.821)); ``heun`` / ``euler``
+    Kinds: ``consistency`` (``sigmas``: one step (80,) or multistep, e.g. (80, 0.821); ``clip_denoised``
+    clamps each denoised estimate to [-1, 1] before noise is re-injected); ``heun`` / ``euler``
     (EDM's sampler on the network); ``pf_ode`` (Heun with the estimator alone, Section 6); ``hybrid``
     (estimator above ``t_switch``, network below); ``forward`` (training images noised to ``t_switch``,
     then the network; the noise argument only sets the batch size).
@@ -83,7 +84,7 @@ def make_sampler(kind: str, network=None, estimator=None, store=None, sigmas: Se
     schedule = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     if kind == "consistency":
         return lambda noise, generator: consistency_sample(network, noise, sigmas=tuple(sigmas), sigma_min=sigma_min,
-                                                           generator=generator)
+                                                           generator=generator, clip_denoised=clip_denoised)
     if kind in ("heun", "euler"):
         solver = heun_sample if kind == "heun" else euler_sample
         return lambda noise, generator: solver(network, noise, s_churn=s_churn, generator=generator, **schedule)
