@@ -35,7 +35,8 @@ def main(argv=None) -> None:
     index = build_index(store, "flat")
     exact = make_estimator("exact", store)
     estimators = {
-        "single": make_estimator("single", store),
+        # One draw from the posterior given z (Eq. 9, n = 1): the single-sample estimator as Section 4.2 studies it.
+        "single-sample": make_estimator("mc", store, n=1),
         f"stf(n={args.n})": make_estimator("stf", store, n=args.n),
         f"mc(n={args.n})": make_estimator("mc", store, n=args.n),
         f"knn(k={args.k},n={args.n})": make_estimator("knn", store, index=index, k=args.k, n=args.n),
