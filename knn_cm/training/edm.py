@@ -3,6 +3,10 @@
 The standard loss regresses D(x + n, sigma) onto the clean source x, the single-sample estimate of
 E[x | z, sigma] (Eq. 6); here the target is any estimator's estimate: single (EDM), stf (STF), knn (ours).
 ln sigma ~ N(P_mean, P_std^2), weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (FACTS.md).
+
+With ``augment`` (EDM's CIFAR-10 recipe: p 0.12, 9 labels), the sources are augmented first, the network
+gets the augmentation labels (``augment_dim``), and the target is the estimator's estimate of the posterior
+mean over the augmented distribution (``knn_cm.training.augment_targets``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from knn_cm.training.augment import AugmentPipe
+from knn_cm.training.augment_targets import augmented_target
 
 
 @dataclass
@@ -21,27 +28,63 @@ class EDMObjective:
         estimator: the regression target's estimator (single -> target = x, EDM's own loss).
         p_mean, p_std: lognormal noise-level distribution (EDM: -1.2, 1.2).
         sigma_data: sd in the weighting (0.5).
+        augment: an :class:`~knn_cm.training.augment.AugmentPipe` (or its keyword arguments), or None for
+            no augmentation; the network's ``augment_dim`` must equal the pipe's ``label_dim``.
     """
 
     estimator: object
     p_mean: float = -1.2
     p_std: float = 1.2
     sigma_data: float = 0.5
+    augment: AugmentPipe | dict | None = None
+
+    def __post_init__(self):
+        if isinstance(self.augment, dict):
+            self.augment = AugmentPipe(**self.augment)
+        if self.augment is not None and not isinstance(self.augment, AugmentPipe):
+            raise ValueError(f"trainer.objective.augment must be an AugmentPipe, its settings or null, got "
+                             f"{type(self.augment).__name__}")
+        self._checked_network = False
+
+    def _check_network(self, network) -> None:
+        """The network must take exactly the pipe's labels (checked once, on the unwrapped network)."""
+        if self._checked_network:
+            return
+        inner = getattr(network, "model", network)
+        augment_dim = getattr(inner, "augment_dim", 0) or 0
+        if augment_dim != self.augment.label_dim:
+            raise ValueError(f"trainer.objective.augment ({self.augment!r}) makes {self.augment.label_dim} labels but "
+                             f"the network has augment_dim={augment_dim}: set "
+                             f"model.network.augment_dim={self.augment.label_dim}")
+        self._checked_network = True
 
     def __call__(self, student, teacher, x: torch.Tensor, step: int, noise_generator: torch.Generator,
                  estimator_generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        """Loss (scalar) and statistics for clean images x [B, C, H, W]; ``teacher`` is unused."""
+        """Loss (scalar) and statistics for clean images x [B, C, H, W].
+
+        ``teacher`` (the unwrapped network) is only read for its ``augment_dim``.
+        """
         batch = x.shape[0]
+        augmentation = None
+        if self.augment is not None:
+            self._check_network(teacher)
+            x, augmentation = self.augment.augment(x, noise_generator)
         sigma = (torch.randn(batch, generator=noise_generator) * self.p_std + self.p_mean).exp().to(x.device)
         noise = torch.randn(x.shape, generator=noise_generator).to(x.device)
         z = x + sigma.reshape(-1, 1, 1, 1) * noise
         started = time.perf_counter()
-        target = self.estimator(z, sigma, x=x, generator=estimator_generator)
+        stats = {}
+        if augmentation is None:
+            target = self.estimator(z, sigma, x=x, generator=estimator_generator)
+        else:
+            target, stats = augmented_target(self.estimator, self.augment, augmentation, z, sigma, x,
+                                             generator=estimator_generator)
         estimator_seconds = time.perf_counter() - started
         weight = (sigma.square() + self.sigma_data**2) / (sigma * self.sigma_data).square()
-        per_sample = (student(z, sigma) - target).square().flatten(1).sum(dim=1)
+        labels = {} if augmentation is None else {"augment_labels": augmentation.labels}
+        per_sample = (student(z, sigma, **labels) - target).square().flatten(1).sum(dim=1)
         loss = (weight * per_sample).mean()
-        return loss, {"estimator_seconds": estimator_seconds}
+        return loss, {"estimator_seconds": estimator_seconds, **stats}
 
     def samplers(self) -> dict:
         """Sample-grid sampler for a trained denoiser: EDM's Heun sampler, 18 steps (35 evaluations)."""
