@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -49,11 +50,16 @@ def one(augmentation: Augmentation, i: int, count: int) -> Augmentation:
     return Augmentation(**{name: value.expand(count, *value.shape[1:]) for name, value in fields.items()})
 
 
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz")
     parser.add_argument("--sources", type=int, default=128, help="augmented sources per noise level")
     parser.add_argument("--resampled", type=int, default=24, help="resampled sources scored per level (cost)")
+    parser.add_argument("--times", type=float, nargs="+", default=list(TIMES), help="noise levels t")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="docs/results/augment_target_error.md")
     args = parser.parse_args(argv)
@@ -63,9 +69,10 @@ def main(argv=None) -> None:
     data = store.float(torch.arange(len(store)))                       # [N, 3, 32, 32]
     rows = data.reshape(len(store), -1)
     knn = make_estimator("knn", store, index=build_index(store, "flat"), k=2048, n=256)
+    log(f"data and index ready ({time.perf_counter() - started:.0f} s)")
     pipe = AugmentPipe(**EDM_CIFAR10)
     results = []
-    for level, t in enumerate(TIMES):
+    for level, t in enumerate(args.times):
         generator = torch.Generator().manual_seed(args.seed * 1000 + level)
         ids = torch.randint(0, len(store), (args.sources,), generator=generator)
         augmented, augmentation = pipe.augment(data[ids], generator)
@@ -76,6 +83,7 @@ def main(argv=None) -> None:
         unaugmented = knn(z, sigma, generator=draws)
         ignoring = augmentation.apply_orthogonal(knn(augmentation.invert_orthogonal(z), sigma, generator=draws))
         orthogonal = augmentation.orthogonal_only
+        log(f"t = {t:g}: targets computed ({time.perf_counter() - started:.0f} s)")
         errors = {"orthogonal": {"rule": [], "unaugmented": []},
                   "resampled": {"rule": [], "unaugmented": [], "knn_ignoring_resampling": []}}
         # Flipped (or untouched) images: the data transformed by each of the flip combinations present.
@@ -108,7 +116,7 @@ def main(argv=None) -> None:
     seconds = time.perf_counter() - started
     lines = [f"# EDM targets under augmentation against the exact augmented posterior mean (CIFAR-10, N {len(store)})",
              "", f"`python scripts/augment_target_error.py --sources {args.sources} --resampled {args.resampled} "
-             f"--seed {args.seed}` ({seconds:.0f} s). Per-pixel MSE of each target against the exact posterior mean "
+             f"--times {' '.join(f'{t:g}' for t in args.times)} --seed {args.seed}` ({seconds:.0f} s on 2 shared CPU cores). Per-pixel MSE of each target against the exact posterior mean "
              "over the augmented data given the transform; KNN k 2048, n 256.", "",
              "| t | flips only: rule (KNN on T^-1 z) | flips only: unaugmented KNN | resampled: rule (T x) | "
              "resampled: unaugmented KNN | resampled: KNN ignoring the resampling | resampled share | scored (flips / resampled) |",
