@@ -32,13 +32,14 @@ SWEEPS = {("digits_ict", ()): "ict", ("digits_ict_stf", ()): "ict_stf", ("quicks
           ("digits_figure4_n", ()): "knn_k256_n16"}  # n 16 is fixed there, so folders are named seed=S only
 
 
-def read_runs(root: Path, snapshots: int) -> tuple[dict, list[str]]:
+def read_runs(root: Path, snapshots: int, steps: int) -> tuple[dict, list[str]]:
     """method -> seed -> [(images_seen, fid, isc)] for finished runs; and the unfinished run names.
 
-    Run folders are the sweeps' ``<root>/<sweep>/<key=value,...>`` (scripts/digits_seeds.sh).
+    Run folders are the sweeps' ``<root>/<sweep>_steps<steps>/<key=value,...>`` (scripts/digits_seeds.sh).
     """
     runs, unfinished = defaultdict(dict), []
     for (sweep, fixed), method in SWEEPS.items():
+        sweep = f"{sweep}_steps{steps}"
         for folder in sorted((root / sweep).glob("*seed=*")):
             values = dict(item.split("=", 1) for item in folder.name.split(","))
             seed = int(values.pop("seed"))
@@ -123,31 +124,33 @@ def plot(axis, runs, methods: dict, title: str) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="multirun/train")
-    parser.add_argument("--out", default="docs/results/seeds")
-    parser.add_argument("--snapshots", type=int, default=4, help="snapshots a finished run has (1,600 steps / 400)")
+    parser.add_argument("--out", default=None, help="default: docs/results/seeds_steps<steps>")
+    parser.add_argument("--steps", type=int, default=1600, help="run length (STEPS of digits_seeds.sh)")
+    parser.add_argument("--snapshot-every", type=int, default=400, help="SNAPSHOT_EVERY of digits_seeds.sh")
     args = parser.parse_args(argv)
+    args.snapshots = args.steps // args.snapshot_every
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs, unfinished = read_runs(Path(args.root), args.snapshots)
-    out = Path(args.out)
+    runs, unfinished = read_runs(Path(args.root), args.snapshots, args.steps)
+    out = Path(args.out or f"docs/results/seeds_steps{args.steps}")
     out.mkdir(parents=True, exist_ok=True)
     note = ("\n\nUnfinished or missing runs (not counted): " + "; ".join(unfinished)) if unfinished else ""
-    (out / "table1.md").write_text("# Table 1 at small scale, seeded\n\n" + table(runs, TABLE1) + "\n\nFID against "
+    (out / "table1.md").write_text(f"# Table 1 at small scale, seeded ({args.steps} steps of 128)\n\n" + table(runs, TABLE1) + "\n\nFID against "
                                    "images seen, mean [min, max] over seeds:\n\n" + curves_table(runs, TABLE1) + note + "\n")
     figure, axis = plt.subplots(figsize=(6, 4))
-    plot(axis, runs, TABLE1, "Table 1 on digits: mean and min-max over seeds")
+    plot(axis, runs, TABLE1, f"Table 1 on digits, {args.steps} steps: mean and min-max over seeds")
     figure.tight_layout()
     figure.savefig(out / "table1_fid.png", dpi=120)
     plt.close(figure)
-    (out / "figure4.md").write_text("# Figure 4 at small scale, seeded\n\nk sweep (n 64):\n\n" + table(runs, FIGURE4_K)
+    (out / "figure4.md").write_text(f"# Figure 4 at small scale, seeded ({args.steps} steps of 128)\n\nk sweep (n 64):\n\n" + table(runs, FIGURE4_K)
                                     + "\n\n" + curves_table(runs, FIGURE4_K) + "\n\nn sweep (k 256):\n\n"
                                     + table(runs, FIGURE4_N) + "\n\n" + curves_table(runs, FIGURE4_N) + note + "\n")
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    plot(axes[0], runs, FIGURE4_K, "KNN search size k (n 64)")
-    plot(axes[1], runs, FIGURE4_N, "KNN samples n (k 256)")
+    plot(axes[0], runs, FIGURE4_K, f"KNN search size k (n 64), {args.steps} steps")
+    plot(axes[1], runs, FIGURE4_N, f"KNN samples n (k 256), {args.steps} steps")
     figure.tight_layout()
     figure.savefig(out / "figure4.png", dpi=120)
     plt.close(figure)

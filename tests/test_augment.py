@@ -103,16 +103,43 @@ def test_general_transforms_match_their_labels():
     expected = torch.cat([pipe._resample(x[i : i + 1], _inverse_rotation(float(theta[i])), torch.tensor([True]))
                           for i in range(x.shape[0])])
     assert torch.allclose(out, expected, atol=1e-5)
-    # Isotropic scale s = 2^(0.2 w): the centre pixel of an odd-sized image stays where it is.
-    out, labels = only("scale")(x, torch.Generator().manual_seed(5))
+    # Isotropic scale s = 2^(0.2 w), label w: the centre pixel of an odd-sized image stays where it is.
+    pipe = only("scale")
+    out, labels = pipe(x, torch.Generator().manual_seed(5))
     assert bool((labels[:, 0] != 0).all()) and torch.allclose(out[:, :, 4, 4], x[:, :, 4, 4], atol=1e-5)
-    # Fractional translation by (w0 W 0.125, w1 H 0.125) pixels: labels are the standard-normal draws.
-    out, labels = only("translate_frac")(x, torch.Generator().manual_seed(6))
-    assert labels.shape == (64, 2) and 0.5 < float(labels.std()) < 1.5
+    inverse_scale = torch.exp2(-0.2 * labels[:, 0].double())
+    assert_resampled(pipe, x, out, [torch.diag(torch.stack([v, v, torch.ones(())])) for v in inverse_scale])
+    # Fractional translation by (w0 W 0.125, w1 H 0.125) pixels (right, up), labels [w0, w1].
+    pipe = only("translate_frac")
+    out, labels = pipe(x, torch.Generator().manual_seed(6))
+    shifts = labels.double() * 9 * 0.125
+    assert_resampled(pipe, x, out, [torch.tensor([[1, 0, -a], [0, 1, -b], [0, 0, 1]], dtype=torch.float64)
+                                    for a, b in shifts.tolist()])
+    # Anisotropic scaling 2^(0.2 w) along angle r, labels [w cos r, w sin r]: the label gives |w| and r up to
+    # a half turn, so the image is one of the two maps it allows (EDM's layout has this ambiguity).
+    pipe = only("aniso")
+    out, labels = pipe(x, torch.Generator().manual_seed(9))
+    for i in range(x.shape[0]):
+        size, angle = float(labels[i].norm()), math.atan2(float(labels[i, 1]), float(labels[i, 0]))
+        candidates = [pipe._resample(x[i : i + 1], _inverse_aniso(w, angle), torch.tensor([True])) for w in (size, -size)]
+        assert any(torch.allclose(out[i : i + 1], c, atol=1e-5) for c in candidates)
     # With probability p * multiplier: at p 0.12 about 12% of the images get each transform, labels 0 elsewhere.
     _, labels = AugmentPipe(**EDM_CIFAR10)(images(4000, 1, 4), torch.Generator().manual_seed(7))
     applied = (labels[:, 2] != 0).float().mean()
     assert 0.10 < float(applied) < 0.14 and 0.45 < float(labels[:, 0].mean()) < 0.55
+
+
+def assert_resampled(pipe, x, out, inverse_maps):
+    for i, inverse_map in enumerate(inverse_maps):
+        expected = pipe._resample(x[i : i + 1], inverse_map.reshape(1, 3, 3), torch.tensor([True]))
+        assert torch.allclose(out[i : i + 1], expected, atol=1e-5)
+
+
+def _inverse_aniso(w, r):
+    s = 2 ** (0.2 * w)
+    rotate = lambda a: torch.tensor([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]],  # noqa: E731
+                                    dtype=torch.float64)
+    return (rotate(r) @ torch.diag(torch.tensor([1 / s, s, 1.0], dtype=torch.float64)) @ rotate(-r)).reshape(1, 3, 3)
 
 
 def _inverse_rotation(theta):
