@@ -1,8 +1,12 @@
-"""faiss indexes over a DataStore: specs, building, searching, and an on-disk cache.
+"""Nearest-neighbour indexes over a DataStore: specs, building, searching, and an on-disk cache.
 
 Kinds (Appendix D.5 of the paper): ``flat`` exact L2; ``ivf`` inverted file with ``nlist`` cells
-searched over ``nprobe`` of them; ``sq8`` 8-bit scalar quantiser (4x less memory); ``ivf_sq8`` both.
-Searches return squared L2 distances and element indices, sorted nearest first.
+searched over ``nprobe`` of them; ``sq8`` 8-bit scalar quantiser (4x less memory); ``ivf_sq8`` both
+(all faiss); ``torch`` exact L2 by chunked matrix products in torch on any device, no faiss
+(:mod:`knn_cm.torch_index`; search ``precision`` float32, float16 or bfloat16). Any kind can search a
+PCA-reduced space instead (``project_dim``, with an exact ``rerank`` of the best candidates): an
+approximate proposal for large N. On CUDA, ``flat`` uses faiss-gpu when it is installed and the torch
+index otherwise. Searches return squared L2 distances and element indices, sorted nearest first.
 
 Trained indexes (ivf, sq8, ivf_sq8) are cached on disk keyed by the data fingerprint and the build
 spec, written atomically and verified on load (fingerprint, spec, size, file digest); a cache entry
@@ -26,7 +30,7 @@ from knn_cm.io import atomic_path, cache_dir, file_digest
 
 log = logging.getLogger(__name__)
 
-INDEX_KINDS = ("flat", "ivf", "sq8", "ivf_sq8")
+INDEX_KINDS = ("flat", "ivf", "sq8", "ivf_sq8", "torch")
 _ADD_CHUNK = 16384
 
 
@@ -47,6 +51,11 @@ class IndexSpec:
         train_size: elements used to train k-means / the quantiser (default min(N, 64 nlist) for
             IVF, min(N, 65,536) for sq8). Training draws them with ``seed``.
         seed: seed of the training subsample and of faiss's k-means.
+        precision: matrix-product dtype of the ``torch`` kind: "float32" (exact), "float16", "bfloat16".
+        project_dim: search m principal components (plus a residual-norm coordinate) instead of the
+            d pixels (None: the full space). Fitted on ``train_size`` elements (default min(N, 16,384)).
+        rerank: with ``project_dim``, candidates whose exact distance is recomputed before the k
+            nearest are kept (None or 0: reduced-space distances only).
     """
 
     kind: str = "flat"
@@ -54,6 +63,9 @@ class IndexSpec:
     nprobe: int | None = None
     train_size: int | None = None
     seed: int = 0
+    precision: str = "float32"
+    project_dim: int | None = None
+    rerank: int | None = None
 
     def __post_init__(self):
         if self.kind not in INDEX_KINDS:
@@ -65,6 +77,18 @@ class IndexSpec:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not is_ivf and (self.nlist is not None or self.nprobe is not None):
             raise ValueError(f"nlist and nprobe apply to IVF kinds (ivf, ivf_sq8), not to {self.kind!r}")
+        from knn_cm.torch_index import check_precision
+
+        check_precision(self.precision)
+        if self.precision != "float32" and self.kind != "torch":
+            raise ValueError(f"precision {self.precision!r} applies to the 'torch' kind, not to {self.kind!r}")
+        for name in ("project_dim", "rerank"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < 0
+                                      or (name == "project_dim" and value < 1)):
+                raise ValueError(f"{name} must be a positive integer (or null), got {value!r}")
+        if self.rerank and self.project_dim is None:
+            raise ValueError("rerank applies to projected searches: set project_dim too")
 
     def resolved(self, size: int) -> "IndexSpec":
         """The spec with defaults filled in for a dataset of ``size`` elements."""
@@ -77,10 +101,12 @@ class IndexSpec:
             train_size = min(size, train_size or 64 * nlist)
         elif self.kind == "sq8":
             train_size = min(size, train_size or 65536)
+        elif self.project_dim is not None:
+            train_size = min(size, train_size or 16384)
         return dataclasses.replace(self, nlist=nlist, nprobe=nprobe, train_size=train_size)
 
     def cache_key(self) -> str:
-        parts = [self.kind] + [f"{n}{getattr(self, n)}" for n in ("nlist", "train_size", "seed")
+        parts = [self.kind] + [f"{n}{getattr(self, n)}" for n in ("nlist", "train_size", "seed", "project_dim")
                                if getattr(self, n) is not None]
         return "-".join(parts)
 
@@ -95,13 +121,16 @@ class Index:
         device: where searches run ("cpu" or a CUDA device).
     """
 
-    def __init__(self, faiss_index, spec: IndexSpec, data_fingerprint: str, device: torch.device):
+    def __init__(self, faiss_index, spec: IndexSpec, data_fingerprint: str, device: torch.device,
+                 projection=None, rows=None):
         self.faiss_index = faiss_index
         self.spec = spec
         self.data_fingerprint = data_fingerprint
         self.device = torch.device(device)
         self.size = int(faiss_index.ntotal)
-        self.dim = int(faiss_index.d)
+        self.projection = projection  # knn_cm.torch_index.Projection when the index holds reduced vectors
+        self.rows = rows  # resident rows for the exact rerank of projected searches
+        self.dim = int(faiss_index.d) if projection is None else int(projection.mean.shape[0])
         if spec.nprobe is not None:
             self.nprobe = spec.nprobe
 
@@ -141,12 +170,27 @@ class Index:
             with k' = min(k, N). Approximate kinds may find fewer than k' elements for a query:
             the missing entries hold distance +inf and index -1.
         """
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        queries = queries.reshape(queries.shape[0], -1)
-        if queries.shape[1] != self.dim:
-            raise ValueError(f"queries have dimension {queries.shape[1]} but the index holds d={self.dim}")
-        k = min(int(k), self.size)
+        queries, k = check_search_input(queries, k, self.dim, self.size)
+        if self.projection is None:
+            return self._faiss_search(queries, k)
+        from knn_cm.torch_index import exact_sq_dists
+
+        out_device = queries.device
+        queries = queries.detach().to("cpu", torch.float32)
+        reduced, residual = self.projection.project_queries(queries)
+        candidates = min(self.size, max(k, self.spec.rerank or 0))
+        sq_dists, indices = self._faiss_search(reduced, candidates)
+        sq_dists = sq_dists + residual.unsqueeze(1)
+        reranked = min(self.spec.rerank or 0, candidates)
+        if reranked:
+            head = indices[:, :reranked]
+            exact = exact_sq_dists(queries, self.rows, head.clamp(min=0)).masked_fill(head < 0, math.inf)
+            sq_dists = torch.cat([exact, sq_dists[:, reranked:]], dim=1)
+            sq_dists, order = sq_dists.topk(k, dim=1, largest=False, sorted=True)
+            indices = indices.gather(1, order)
+        return sq_dists[:, :k].to(out_device), indices[:, :k].to(out_device)
+
+    def _faiss_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         out_device = queries.device
         if self.device.type == "cuda":
             import faiss.contrib.torch_utils  # noqa: F401  (lets faiss take CUDA tensors directly)
@@ -165,30 +209,74 @@ class Index:
 
     def check_data(self, store) -> None:
         """Raise ValueError unless this index was built from exactly ``store``'s elements."""
-        if self.data_fingerprint != store.fingerprint:
-            raise ValueError(
-                f"index was built for other data (fingerprint {self.data_fingerprint}) than the store "
-                f"{store.name!r} (fingerprint {store.fingerprint}); build it from this store with build_index")
-        if self.size != len(store) or self.dim != store.dim:
-            raise ValueError(f"index holds N={self.size}, d={self.dim} but the store has N={len(store)}, d={store.dim}")
+        check_index_data(self, store)
+
+
+def check_search_input(queries: torch.Tensor, k, dim: int, size: int) -> tuple[torch.Tensor, int]:
+    """(queries as [B, d], k clamped to N); a ValueError naming the problem otherwise."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    queries = queries.reshape(queries.shape[0], -1)
+    if queries.shape[1] != dim:
+        raise ValueError(f"queries have dimension {queries.shape[1]} but the index holds d={dim}")
+    return queries, min(int(k), size)
+
+
+def check_index_data(index, store) -> None:
+    """Raise ValueError unless ``index`` was built from exactly ``store``'s elements."""
+    if index.data_fingerprint != store.fingerprint:
+        raise ValueError(
+            f"index was built for other data (fingerprint {index.data_fingerprint}) than the store "
+            f"{store.name!r} (fingerprint {store.fingerprint}); build it from this store with build_index")
+    if index.size != len(store) or index.dim != store.dim:
+        raise ValueError(f"index holds N={index.size}, d={index.dim} but the store has N={len(store)}, d={store.dim}")
 
 
 def build_index(store, kind: str = "flat", nlist: int | None = None, nprobe: int | None = None,
                 device: str | torch.device = "cpu", cache: bool | str = "auto",
-                cache_folder: str | Path | None = None, train_size: int | None = None, seed: int = 0) -> Index:
-    """Build (or load from cache) a faiss index over every element of ``store``.
+                cache_folder: str | Path | None = None, train_size: int | None = None, seed: int = 0,
+                precision: str = "float32", project_dim: int | None = None, rerank: int | None = None,
+                storage: str = "auto", chunk_rows: int | None = None):
+    """Build (or load from cache) an index over every element of ``store``.
 
     Args:
         store: the :class:`~knn_cm.data.DataStore` (x-flipped copies included when it has them).
-        kind: "flat" | "ivf" | "sq8" | "ivf_sq8".
-        nlist, nprobe, train_size, seed: see :class:`IndexSpec`.
-        device: "cpu" or "cuda[:i]" (needs faiss-gpu and a CUDA device; a clear error otherwise).
-        cache: True, False, or "auto" (cache trained kinds only; a flat index is a copy of the data,
-            cheaper to rebuild than to read).
+        kind: "flat" | "ivf" | "sq8" | "ivf_sq8" (faiss) | "torch" (no faiss, any device).
+        nlist, nprobe, train_size, seed, precision, project_dim, rerank: see :class:`IndexSpec`.
+        device: "cpu" or "cuda[:i]". faiss kinds on CUDA need faiss-gpu (a clear error otherwise),
+            except "flat", which falls back to the torch index when faiss has no GPU support.
+        cache: True, False, or "auto" (cache trained faiss kinds only; a flat index is a copy of the
+            data, cheaper to rebuild than to read). Projected faiss indexes are not cached.
         cache_folder: where cached indexes live (default ``<cache_dir>/indexes``).
+        storage: resident-row storage the torch index searches (and projected indexes rerank) in
+            (see :meth:`DataStore.resident`; shared with estimators on the same device).
+        chunk_rows: rows per top-k step of the torch index.
+
+    Returns:
+        an :class:`Index` (faiss) or a :class:`~knn_cm.torch_index.TorchIndex`.
     """
-    spec = IndexSpec(kind=kind, nlist=nlist, nprobe=nprobe, train_size=train_size, seed=seed).resolved(len(store))
+    device = as_device(device, "index device")
+    if kind == "flat" and device.type == "cuda" and not hasattr(_faiss(), "StandardGpuResources"):
+        log.info("faiss has no GPU support: the flat index on %s is the torch index", device)
+        kind = "torch"
+    spec = IndexSpec(kind=kind, nlist=nlist, nprobe=nprobe, train_size=train_size, seed=seed, precision=precision,
+                     project_dim=project_dim, rerank=rerank).resolved(len(store))
+    if kind == "torch":
+        from knn_cm.torch_index import Projection, TorchIndex
+
+        rows = store.resident(device, torch.float32, storage)
+        projection = None
+        if spec.project_dim is not None:
+            projection = Projection.fit(rows, spec.project_dim, spec.train_size, spec.seed)
+        return TorchIndex(rows, spec, store.fingerprint, projection=projection, chunk_rows=chunk_rows)
     device = _check_device(device)
+    if spec.project_dim is not None:
+        from knn_cm.torch_index import Projection
+
+        rows = store.resident("cpu", torch.float32, storage)
+        projection = Projection.fit(rows, spec.project_dim, spec.train_size, spec.seed)
+        cpu_index = _build_cpu(store, spec, device, vectors=projection.project_rows(rows))
+        return Index(_to_device(cpu_index, device), spec, store.fingerprint, device, projection=projection, rows=rows)
     use_cache = (kind != "flat") if cache == "auto" else bool(cache)
     folder = Path(cache_folder) if cache_folder is not None else cache_dir() / "indexes"
     path = folder / f"{store.name}-{store.fingerprint}-{spec.cache_key()}.faiss"
@@ -211,9 +299,15 @@ def _check_device(device) -> torch.device:
     return device
 
 
-def _build_cpu(store, spec: IndexSpec, device: torch.device):
+def _build_cpu(store, spec: IndexSpec, device: torch.device, vectors: torch.Tensor | None = None):
+    """The faiss index over the store's rows, or over ``vectors`` [N, m] (projected rows) when given."""
     faiss = _faiss()
-    rows = store.resident("cpu", torch.float32)
+    if vectors is not None:
+        from knn_cm.data.resident import ResidentRows
+
+        rows = ResidentRows(vectors, torch.float32, store.fingerprint)
+    else:
+        rows = store.resident("cpu", torch.float32)
     dim = rows.dim
     if spec.kind == "flat":
         index = faiss.IndexFlatL2(dim)

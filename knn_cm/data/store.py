@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from knn_cm.data.pixels import uint8_to_float
-from knn_cm.data.resident import ResidentRows
+from knn_cm.data.resident import ResidentRows, resolve_storage
 
 _FINGERPRINT_CHUNK_BYTES = 64 << 20
 
@@ -171,16 +171,12 @@ class DataStore:
         Args:
             device: where estimators compute.
             dtype: compute dtype of gathered rows (float32, or float64 for reference computations).
-            storage: "float" keeps dtype rows resident (fast gathers), "uint8" keeps bytes resident and
-                converts on gather (4x less memory, for ImageNet-scale data); "auto" picks "float"
-                when it needs at most 4 GiB.
+            storage: how rows are held (see :mod:`knn_cm.data.resident`): "float" (compute dtype),
+                "float16", "uint8" (converted on access), "mapped" (CPU: the store's own array, no copy)
+                or "auto" (uint8 on CUDA; on CPU float up to 4 GiB, else mapped).
         """
         device = torch.device(device)
-        if storage == "auto":
-            bytes_needed = len(self) * self.dim * torch.tensor([], dtype=dtype).element_size()
-            storage = "float" if bytes_needed <= 4 << 30 else "uint8"
-        if storage not in ("float", "uint8"):
-            raise ValueError(f"storage must be 'auto', 'float' or 'uint8', got {storage!r}")
+        storage = resolve_storage(storage, device, len(self), self.dim, dtype)
         key = (str(device), dtype, storage)
         if key not in self._resident:
             self._resident[key] = ResidentRows.from_store(self, device=device, dtype=dtype, storage=storage)

@@ -10,8 +10,13 @@ interchangeable in losses and samplers.
 
 from __future__ import annotations
 
+import contextlib
+import math
+
+import numpy as np
 import torch
 
+from knn_cm.data.resident import resolve_storage
 from knn_cm.data.store import DataStore
 from knn_cm.device import as_device
 
@@ -23,6 +28,22 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+# Value checks on tensors that live on a GPU: "async" uses a device-side assertion (no host
+# synchronisation; a failure aborts the CUDA context at a later kernel launch, with the message),
+# "off" skips them. Tensors on the CPU (and Python numbers) are always checked on the host with a
+# clear ValueError: there the check costs nothing.
+VALUE_CHECKS = ("async", "off")
+
+
+def sigma_floor(dtype: torch.dtype) -> float:
+    """Smallest sigma whose square is a normal number of ``dtype`` (1.1e-19 in float32, 1.5e-154 in float64).
+
+    Below it sigma^2 underflows and no likelihood weight exp(-d / (2 sigma^2)) can be formed; above it
+    weights are formed relative to each query's nearest candidate, so they stay finite.
+    """
+    return math.sqrt(torch.finfo(dtype).tiny)
+
+
 class Estimator:
     """Base class: validates input, moves it to the estimator's device and dtype, and defines score.
 
@@ -32,23 +53,40 @@ class Estimator:
         store: the dataset the estimator averages over (None for network estimators).
         device: where to compute (default: CPU); data rows are made resident there once.
         dtype: compute dtype (float32, or float64 for reference computations).
+        storage: how the store's rows are held on ``device`` (see :meth:`DataStore.resident`; "auto": uint8
+            on CUDA, float32 on CPU up to 4 GiB, else the store's own array mapped in place).
+        sync_free: use the code path that never synchronises with the host: fixed shapes, no
+            ``.item()`` / ``bool(tensor)`` / ``.cpu()``, no branch on tensor values (draws and duplicate
+            handling included). Default: on CUDA. On CPU the default path groups queries by their
+            number of distinct draws instead, which is faster there; both give the same estimates up to
+            float rounding (tested).
+        value_checks: how values (sigma range, NaN / inf in z and x) of CUDA tensors are checked:
+            "async" (default: device-side assertion) or "off". See :data:`VALUE_CHECKS`.
     """
 
     name = "base"
     needs_source = False  # True when the estimator requires the clean source x
 
     def __init__(self, store: DataStore | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, storage: str = "auto", sync_free: bool | None = None,
+                 value_checks: str = "async"):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if value_checks not in VALUE_CHECKS:
+            raise ValueError(f"value_checks must be one of {', '.join(VALUE_CHECKS)}, got {value_checks!r}")
         self.store = store
         self.device = as_device(device, "estimator device")
         self.dtype = dtype
+        self.storage = storage
+        self.sync_free = self.device.type == "cuda" if sync_free is None else bool(sync_free)
+        self.value_checks = value_checks
+        if store is not None:
+            resolve_storage(storage, self.device, len(store), store.dim, dtype)  # fail early on a bad storage
 
     @property
     def rows(self):
         """The store's rows [N, d] resident on this estimator's device (built on first use)."""
-        return self.store.resident(self.device, self.dtype)
+        return self.store.resident(self.device, self.dtype, self.storage)
 
     # ------------------------------------------------------------------------------------ contract
     def __call__(self, z: torch.Tensor, sigma, x: torch.Tensor | None = None,
@@ -56,13 +94,14 @@ class Estimator:
         """Posterior-mean estimate [B, C, H, W] for noisy z [B, C, H, W] at noise levels sigma [B].
 
         Args:
-            z: noisy images in data scale (z = x + sigma * eps).
-            sigma: noise levels, a float or a tensor [B] (or [B, 1, 1, 1]); each finite and > 0.
+            z: noisy images in data scale (z = x + sigma * eps), floating point.
+            sigma: noise levels, a float or a tensor [B] (or [B, 1, 1, 1]); each finite and
+                >= :func:`sigma_floor` of the compute dtype.
             x: clean sources [B, C, H, W] where the caller has them (single-sample and STF use them).
             generator: torch.Generator on the estimator's device for the estimator's random draws.
         """
         z_flat, sigma, x_flat = self._validate(z, sigma, x)
-        with torch.no_grad():
+        with self._computing():
             x_hat = self.posterior_mean(z_flat, sigma, x_flat, generator)
         return x_hat.reshape(z.shape).to(device=z.device, dtype=z.dtype)
 
@@ -75,9 +114,18 @@ class Estimator:
         """
         repeats = check_positive_int("repeats", repeats)
         z_flat, sigma, x_flat = self._validate(z, sigma, x)
-        with torch.no_grad():
+        with self._computing():
             x_hat = self.repeated_posterior_mean(z_flat, sigma, x_flat, repeats, generator)
         return x_hat.reshape(repeats, *z.shape).to(device=z.device, dtype=z.dtype)
+
+    def _computing(self):
+        """No gradients, and no autocast from the caller (a training step's bf16 / fp16 region): the
+        estimator's distances and weights are computed in its own dtype."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        for device_type in {"cpu", self.device.type}:
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        return stack
 
     def repeated_posterior_mean(self, z: torch.Tensor, sigma: torch.Tensor, x: torch.Tensor | None, repeats: int,
                                 generator: torch.Generator | None) -> torch.Tensor:
@@ -88,7 +136,7 @@ class Estimator:
               generator: torch.Generator | None = None) -> torch.Tensor:
         """Score estimate (x_hat - z) / sigma^2 (Eq. 5), same shape as ``z``."""
         x_hat = self(z, sigma, x=x, generator=generator)
-        sigma = self._sigma_vector(sigma, z.shape[0]).to(device=z.device, dtype=z.dtype)
+        sigma = self._sigma_vector(sigma, z.shape[0], z.device, z.dtype)
         return (x_hat - z) / sigma.reshape(-1, *([1] * (z.ndim - 1))) ** 2
 
     def posterior_mean(self, z: torch.Tensor, sigma: torch.Tensor, x: torch.Tensor | None,
@@ -98,7 +146,10 @@ class Estimator:
 
     # ---------------------------------------------------------------------------------- validation
     @staticmethod
-    def _sigma_vector(sigma, batch: int) -> torch.Tensor:
+    def _sigma_vector(sigma, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """sigma as [B] on ``device``: a Python number is filled in on the device (no host-to-device copy)."""
+        if isinstance(sigma, (int, float, np.floating, np.integer)) and not isinstance(sigma, bool):
+            return torch.full((batch,), float(sigma), device=device, dtype=dtype)
         sigma = torch.as_tensor(sigma)
         if sigma.numel() == 1:
             sigma = sigma.reshape(1).expand(batch)
@@ -107,37 +158,70 @@ class Estimator:
         else:
             raise ValueError(f"sigma must be a scalar or have one entry per sample ({batch}), got shape "
                              f"{tuple(sigma.shape)}")
-        return sigma
+        return sigma.to(device=device, dtype=dtype)
+
+    def _check_sigma_values(self, sigma) -> None:
+        floor = sigma_floor(self.dtype)
+        if isinstance(sigma, torch.Tensor) and sigma.device.type != "cpu":
+            if self.value_checks == "async":
+                torch._assert_async(((sigma >= floor) & torch.isfinite(sigma)).all(),
+                                    f"sigma must be finite and >= {floor:.3g}")
+            return
+        values = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
+        bad = ~torch.isfinite(values) | (values <= 0)
+        if bool(bad.any()):
+            raise ValueError(f"sigma must be finite and > 0, got {values[bad][0].item()!r} "
+                             f"(at position {int(bad.nonzero()[0, 0])})")
+        if bool((values < floor).any()):
+            raise ValueError(f"sigma must be >= {floor:.3g} for {self.dtype} weights (below it sigma^2 is not a "
+                             f"normal {self.dtype} number and exp(-d / (2 sigma^2)) cannot be formed), got "
+                             f"{values.min().item()!r}; use dtype=torch.float64 for smaller sigma")
+
+    def _check_finite(self, name: str, tensor: torch.Tensor) -> None:
+        # One reduction: NaN and inf propagate into the sum; float64 so large finite values cannot overflow.
+        total = tensor.sum(dtype=torch.float64)
+        if tensor.device.type != "cpu":
+            if self.value_checks == "async":
+                torch._assert_async(torch.isfinite(total), f"{name} holds NaN or inf values")
+            return
+        if not bool(torch.isfinite(total)):
+            raise ValueError(f"{name} holds NaN or inf values; estimators need finite inputs")
 
     def _validate(self, z, sigma, x):
         if not isinstance(z, torch.Tensor):
             raise ValueError(f"z must be a torch.Tensor [B, C, H, W], got {type(z).__name__}")
+        for name, tensor in (("z", z), ("x", x)):
+            if tensor is not None and not tensor.is_floating_point():
+                raise ValueError(f"{name} must be a floating-point tensor in data scale [-1, 1], got dtype "
+                                 f"{tensor.dtype}; convert uint8 pixels with knn_cm.data.uint8_to_float")
         if self.store is not None and tuple(z.shape[1:]) != self.store.shape:
             raise ValueError(f"z has shape {tuple(z.shape)} but the store {self.store.name!r} holds images of "
                              f"shape {self.store.shape}: z must be [B, {', '.join(map(str, self.store.shape))}]")
         if z.ndim < 2 or z.shape[0] < 1:
             raise ValueError(f"z must be a batch [B, ...] with B >= 1, got shape {tuple(z.shape)}")
         batch = z.shape[0]
-        sigma = self._sigma_vector(sigma, batch)
-        bad = ~torch.isfinite(sigma) | (sigma <= 0)
-        if bool(bad.any()):
-            raise ValueError(f"sigma must be finite and > 0, got {sigma[bad][0].item()!r} "
-                             f"(at position {int(bad.nonzero()[0, 0])})")
-        # One reduction: NaN and inf propagate into the sum; float64 so large finite values cannot overflow.
-        if not bool(torch.isfinite(z.sum(dtype=torch.float64))):
-            raise ValueError("z holds NaN or inf values; estimators need finite inputs")
+        if isinstance(sigma, torch.Tensor) and sigma.numel() not in (1, batch):
+            raise ValueError(f"sigma must be a scalar or have one entry per sample ({batch}), got shape "
+                             f"{tuple(sigma.shape)}")
+        self._check_sigma_values(sigma)
+        sigma = self._sigma_vector(sigma, batch, self.device, self.dtype)
+        self._check_finite("z", z)
         if x is not None and tuple(x.shape) != tuple(z.shape):
             raise ValueError(f"x must have the shape of z {tuple(z.shape)}, got {tuple(x.shape)}")
+        if x is not None:
+            self._check_finite("x", x)
         if x is None and self.needs_source:
             raise ValueError(f"the {self.name!r} estimator needs the clean source x (est(z, sigma, x=x))")
         flat = lambda tensor: tensor.reshape(batch, -1).to(device=self.device, dtype=self.dtype)  # noqa: E731
-        return flat(z), sigma.to(device=self.device, dtype=self.dtype), None if x is None else flat(x)
+        return flat(z), sigma, None if x is None else flat(x)
 
 
 def log_likelihood(sq_dist: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """log N(z; x, sigma^2 I) up to a constant per query: -||z - x||^2 / (2 sigma^2).
+    """log N(z; x, sigma^2 I) up to a constant per query: -(||z - x||^2 - min_j ||z - x_j||^2) / (2 sigma^2).
 
-    sq_dist [B, m], sigma [B] -> [B, m]. Constants cancel in every self-normalised weight.
+    sq_dist [B, m] (+inf for absent entries), sigma [B] -> [B, m]. Constants cancel in every
+    self-normalised weight; measuring from each query's nearest entry keeps that entry at 0, so the
+    weights stay finite down to :func:`sigma_floor` (where the plain form gives 0 / 0 or all -inf).
     """
-    return sq_dist / (-2.0 * sigma.reshape(-1, 1) ** 2)
-
+    nearest = sq_dist.amin(dim=-1, keepdim=True)
+    return (sq_dist - nearest) / (-2.0 * sigma.reshape(-1, 1) ** 2)

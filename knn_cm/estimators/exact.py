@@ -31,7 +31,8 @@ class ExactPosterior(Estimator):
     def posterior_mean(self, z, sigma, x, generator):
         out = torch.empty_like(z)
         for start, stop in _query_chunks(z.shape[0], self.rows.size, self.dtype):
-            log_weights = exact_log_likelihoods(z[start:stop], sigma[start:stop], self.rows)
+            log_weights = exact_log_likelihoods(z[start:stop], sigma[start:stop], self.rows,
+                                                  fixed_shapes=self.sync_free)
             out[start:stop] = weights_times_rows(normalised_weights(log_weights), self.rows)
         return out
 
@@ -39,7 +40,7 @@ class ExactPosterior(Estimator):
         """log p(x_i | z) [B, N] for z [B, C, H, W] and sigma [B] (normalised over the dataset)."""
         z_flat, sigma, _ = self._validate(z, sigma, None)
         with torch.no_grad():
-            return torch.log_softmax(exact_log_likelihoods(z_flat, sigma, self.rows), dim=1)
+            return torch.log_softmax(exact_log_likelihoods(z_flat, sigma, self.rows, fixed_shapes=self.sync_free), dim=1)
 
 
 class PosteriorMC(Estimator):
@@ -61,10 +62,12 @@ class PosteriorMC(Estimator):
         out = torch.empty(repeats, *z.shape, dtype=z.dtype, device=z.device)
         for start, stop in _query_chunks(z.shape[0], self.rows.size, self.dtype):
             # One pass over the data per query chunk serves every repeat.
-            log_posterior = exact_log_likelihoods(z[start:stop], sigma[start:stop], self.rows)
+            log_posterior = exact_log_likelihoods(z[start:stop], sigma[start:stop], self.rows,
+                                                  fixed_shapes=self.sync_free)
             for repeat in range(repeats):
                 draws = sample_categorical(log_posterior, self.n, generator)
                 indices, log_counts = combine_duplicates(draws, torch.zeros_like(draws, dtype=self.dtype))
                 out[repeat, start:stop] = weighted_row_mean(z[start:stop], sigma[start:stop], self.rows, indices,
-                                                            log_counts, use_likelihood=False)
+                                                            log_counts, use_likelihood=False,
+                                                            fixed_shapes=self.sync_free)
         return out

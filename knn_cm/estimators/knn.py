@@ -28,7 +28,7 @@ class KNNProposal:
         log_q_neighbours: log q(x_i) of each neighbour [B, k] (-inf for missing ones).
         log_q_tail: log q(x) of each single non-neighbour element [B] (-inf when k = N).
         tail_size: number of non-neighbour elements N - k [B].
-        log_likelihood_neighbours: -d_i / (2 sigma^2) [B, k], unnormalised (constants dropped).
+        log_likelihood_neighbours: -d_i / (2 sigma^2) [B, k] up to a constant per query (unnormalised).
     """
 
     indices: torch.Tensor
@@ -67,7 +67,7 @@ class KNN(Estimator):
     def proposal(self, z: torch.Tensor, sigma) -> KNNProposal:
         """The proposal (Eq. 13) for z [B, C, H, W] and sigma [B], on the estimator's device."""
         z_flat, sigma, _ = self._validate(z, sigma, None)
-        with torch.no_grad():
+        with self._computing():
             return self._proposal(z_flat, sigma)
 
     def _proposal(self, z: torch.Tensor, sigma: torch.Tensor) -> KNNProposal:
@@ -109,13 +109,15 @@ class KNN(Estimator):
         neighbour_pick = categories.clamp(max=k_found - 1)
         drawn = proposal.indices.gather(1, neighbour_pick)
         log_q = proposal.log_q_neighbours.gather(1, neighbour_pick)
-        if bool(from_tail.any()):
-            tail_draws = _uniform_outside(proposal.indices, proposal.tail_size, self.n, generator)
-            drawn = torch.where(from_tail, tail_draws, drawn)
-            log_q = torch.where(from_tail, proposal.log_q_tail.unsqueeze(1), log_q)
+        # Tail draws are made for every slot and used where the category was the tail: fixed shapes, no
+        # branch on whether any slot drew the tail (that test would synchronise on a GPU).
+        tail_draws = _uniform_outside(proposal.indices, proposal.tail_size, self.n, generator)
+        drawn = torch.where(from_tail, tail_draws, drawn)
+        log_q = torch.where(from_tail, proposal.log_q_tail.unsqueeze(1), log_q)
         # log w = log p(z | x) - log q(x); weighted_row_mean adds the exact log-likelihood.
         indices, log_weights = combine_duplicates(drawn, -log_q)
-        return weighted_row_mean(z, sigma, self.rows, indices, log_weights, use_likelihood=True)
+        return weighted_row_mean(z, sigma, self.rows, indices, log_weights, use_likelihood=True,
+                                 fixed_shapes=self.sync_free)
 
 
 def _uniform_outside(neighbours: torch.Tensor, tail_size: torch.Tensor, count: int,

@@ -15,7 +15,8 @@ import torch
 
 from knn_cm.estimators.base import Estimator, check_positive_int
 from knn_cm.estimators.uniform import draw_uniform_rows
-from knn_cm.estimators.weighting import reference_log_likelihoods, sq_norms
+from knn_cm.estimators.base import log_likelihood
+from knn_cm.estimators.weighting import reference_log_likelihoods, reference_sq_dists, sq_norms
 
 STF_VARIANTS = ("per_sample", "shared")
 
@@ -35,16 +36,16 @@ class STF(Estimator):
     def posterior_mean(self, z, sigma, x, generator):
         if x is None:
             reference = draw_uniform_rows(self.rows, self.n, generator)
-            return torch.softmax(reference_log_likelihoods(z, sigma, reference), dim=1) @ reference
+            return torch.softmax(reference_log_likelihoods(z, sigma, reference, self.sync_free), dim=1) @ reference
         if self.variant == "shared":
             if self.n < z.shape[0]:
                 raise ValueError(f"shared STF needs n >= batch size ({z.shape[0]}) to hold every source, got n={self.n}")
             reference = torch.cat([x, draw_uniform_rows(self.rows, self.n - z.shape[0], generator)])
-            return torch.softmax(reference_log_likelihoods(z, sigma, reference), dim=1) @ reference
+            return torch.softmax(reference_log_likelihoods(z, sigma, reference, self.sync_free), dim=1) @ reference
         # per_sample: n - 1 uniform draws shared by the call, plus each query's own source as column n.
         reference = draw_uniform_rows(self.rows, self.n - 1, generator)
         source_sq_dist = sq_norms(z - x)
-        log_weights = torch.cat([reference_log_likelihoods(z, sigma, reference, best_known=source_sq_dist),
-                                 (source_sq_dist / (-2.0 * sigma.square())).unsqueeze(1)], dim=1)
-        weights = torch.softmax(log_weights, dim=1)
+        sq_dists = torch.cat([reference_sq_dists(z, sigma, reference, best_known=source_sq_dist,
+                                                 fixed_shapes=self.sync_free), source_sq_dist.unsqueeze(1)], dim=1)
+        weights = torch.softmax(log_likelihood(sq_dists, sigma), dim=1)
         return weights[:, :-1] @ reference + weights[:, -1:] * x

@@ -30,5 +30,5 @@ class UniformSNIS(Estimator):
 
     def posterior_mean(self, z, sigma, x, generator):
         reference = draw_uniform_rows(self.rows, self.n, generator)
-        weights = torch.softmax(reference_log_likelihoods(z, sigma, reference), dim=1)
+        weights = torch.softmax(reference_log_likelihoods(z, sigma, reference, fixed_shapes=self.sync_free), dim=1)
         return weights @ reference

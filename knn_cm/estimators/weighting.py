@@ -57,8 +57,9 @@ def gemm_slack(z_sq: torch.Tensor, max_row_sq: float, dtype: torch.dtype) -> tor
 
 
 def refine_sq_dists(z: torch.Tensor, z_sq: torch.Tensor, sigma: torch.Tensor, sq_dists: torch.Tensor,
-                    row_ids: torch.Tensor, rows: ResidentRows | torch.Tensor, max_row_sq: float,
-                    best_known: torch.Tensor | None = None, chunk_rows: int = 8192) -> torch.Tensor:
+                    row_ids: torch.Tensor, rows: ResidentRows | torch.Tensor, max_row_sq: float | torch.Tensor,
+                    best_known: torch.Tensor | None = None, chunk_rows: int = 8192,
+                    fixed_shapes: bool = False) -> torch.Tensor:
     """Replace GEMM distances by exact ones wherever the GEMM error could change a weight.
 
     A query needs refinement when its error allowance exceeds :data:`TOLERANCE_EPS` eps nats of
@@ -76,7 +77,10 @@ def refine_sq_dists(z: torch.Tensor, z_sq: torch.Tensor, sigma: torch.Tensor, sq
         max_row_sq: the largest ||x||^2 among ``rows`` (enters the error allowance).
         best_known: exact squared distances [B] of another candidate outside ``sq_dists`` (STF's own
             source); the window is measured from the better of it and the GEMM minimum.
+        fixed_shapes: the host-synchronisation-free variant (:func:`refine_sq_dists_fixed`).
     """
+    if fixed_shapes:
+        return refine_sq_dists_fixed(z, z_sq, sigma, sq_dists, row_ids, rows, max_row_sq, best_known)
     slack = gemm_slack(z_sq, max_row_sq, z.dtype)
     two_var = 2.0 * sigma.square()
     needs = (~_gemm_is_accurate(z_sq, sigma, max_row_sq)).nonzero().squeeze(1)
@@ -105,8 +109,37 @@ def refine_sq_dists(z: torch.Tensor, z_sq: torch.Tensor, sigma: torch.Tensor, sq
     return sq_dists
 
 
+def refine_sq_dists_fixed(z: torch.Tensor, z_sq: torch.Tensor, sigma: torch.Tensor, sq_dists: torch.Tensor,
+                          row_ids: torch.Tensor, rows: ResidentRows | torch.Tensor, max_row_sq: float | torch.Tensor,
+                          best_known: torch.Tensor | None = None, query_step: int = 32) -> torch.Tensor:
+    """:func:`refine_sq_dists` with fixed shapes and no branch on values (no host synchronisation).
+
+    Every query's :data:`MAX_REFINED` nearest columns by GEMM distance get exact distances computed;
+    they replace the GEMM ones where the query needs refinement and the column lies in the window.
+    That is the same set of elements the default path refines (ties aside), computed for all queries.
+    """
+    slack = gemm_slack(z_sq, max_row_sq, z.dtype)
+    needs = ~_gemm_is_accurate(z_sq, sigma, max_row_sq)
+    count = min(MAX_REFINED, sq_dists.shape[1])
+    nearest, columns = sq_dists.topk(count, dim=1, largest=False, sorted=True)
+    best = nearest[:, 0] if best_known is None else torch.minimum(nearest[:, 0], best_known)
+    window = 2.0 * sigma.square() * WINDOW_NATS + 2.0 * slack
+    refine = needs.unsqueeze(1) & (nearest <= (best + window).unsqueeze(1))
+    ids = row_ids[columns] if row_ids.ndim == 1 else row_ids.gather(1, columns)
+    exact = torch.empty_like(nearest)
+    for start in range(0, z.shape[0], query_step):
+        block = ids[start : start + query_step]
+        if isinstance(rows, ResidentRows):
+            gathered = rows.gather(block.reshape(-1))
+        else:
+            gathered = rows.index_select(0, block.reshape(-1))
+        delta = gathered.view(*block.shape, -1).sub_(z[start : start + query_step].unsqueeze(1))
+        exact[start : start + query_step] = sq_norms(delta)
+    return sq_dists.scatter_(1, columns, torch.where(refine, exact, nearest))
+
+
 def exact_log_likelihoods(z: torch.Tensor, sigma: torch.Tensor, rows: ResidentRows,
-                          chunk_rows: int = 1 << 16) -> torch.Tensor:
+                          chunk_rows: int = 1 << 16, fixed_shapes: bool = False) -> torch.Tensor:
     """-||z - x_i||^2 / (2 sigma^2) for every element i, [B, N], accurate at every sigma.
 
     One GEMM pass over the data (chunked over rows), then :func:`refine_sq_dists`.
@@ -118,22 +151,29 @@ def exact_log_likelihoods(z: torch.Tensor, sigma: torch.Tensor, rows: ResidentRo
         stop = start + chunk.shape[0]
         sq_dists[:, start:stop] = gemm_sq_dists(z, chunk, z_sq, rows.sq_norms[start:stop])
     all_ids = torch.arange(size, device=z.device)
-    refine_sq_dists(z, z_sq, sigma, sq_dists, all_ids, rows, rows.max_sq_norm)
+    refine_sq_dists(z, z_sq, sigma, sq_dists, all_ids, rows, rows.max_sq_norm, fixed_shapes=fixed_shapes)
     return log_likelihood(sq_dists, sigma)
 
 
-def reference_log_likelihoods(z: torch.Tensor, sigma: torch.Tensor, reference: torch.Tensor,
-                              best_known: torch.Tensor | None = None) -> torch.Tensor:
-    """-||z_b - r_j||^2 / (2 sigma_b^2) [B, m] against a reference batch [m, d] shared by all queries.
+def reference_sq_dists(z: torch.Tensor, sigma: torch.Tensor, reference: torch.Tensor,
+                       best_known: torch.Tensor | None = None, fixed_shapes: bool = False) -> torch.Tensor:
+    """||z_b - r_j||^2 [B, m] against a reference batch [m, d] shared by all queries.
 
     GEMM distances refined where rounding could matter (the STF and uniform estimators' products);
-    ``best_known`` as in :func:`refine_sq_dists`.
+    ``best_known`` and ``fixed_shapes`` as in :func:`refine_sq_dists`.
     """
     z_sq, reference_sq = z.square().sum(1), reference.square().sum(1)
     sq_dists = gemm_sq_dists(z, reference, z_sq, reference_sq)
     ids = torch.arange(reference.shape[0], device=z.device)
-    refine_sq_dists(z, z_sq, sigma, sq_dists, ids, reference, float(reference_sq.max()), best_known)
-    return log_likelihood(sq_dists, sigma)
+    # The largest norm stays a device scalar: reading it back would synchronise.
+    return refine_sq_dists(z, z_sq, sigma, sq_dists, ids, reference, reference_sq.max(), best_known,
+                           fixed_shapes=fixed_shapes)
+
+
+def reference_log_likelihoods(z: torch.Tensor, sigma: torch.Tensor, reference: torch.Tensor,
+                              fixed_shapes: bool = False) -> torch.Tensor:
+    """-||z_b - r_j||^2 / (2 sigma_b^2) [B, m] (up to a constant per query) from :func:`reference_sq_dists`."""
+    return log_likelihood(reference_sq_dists(z, sigma, reference, fixed_shapes=fixed_shapes), sigma)
 
 
 def normalised_weights(log_weights: torch.Tensor) -> torch.Tensor:
@@ -188,7 +228,7 @@ def combine_duplicates(indices: torch.Tensor, log_weights: torch.Tensor) -> tupl
 
 def weighted_row_mean(z: torch.Tensor, sigma: torch.Tensor, rows: ResidentRows, indices: torch.Tensor,
                       log_weights: torch.Tensor, use_likelihood: bool = True,
-                      chunk_rows: int | None = None) -> torch.Tensor:
+                      chunk_rows: int | None = None, fixed_shapes: bool = False) -> torch.Tensor:
     """Self-normalised weighted mean of gathered rows per query (Eq. 11), with accurate distances.
 
     For each query b: x_hat_b = sum_j w_bj x_j / sum_j w_bj over its entries j with
@@ -205,11 +245,14 @@ def weighted_row_mean(z: torch.Tensor, sigma: torch.Tensor, rows: ResidentRows, 
         indices: dataset indices [B, m], -1 for padding (each query needs at least one entry).
         log_weights: [B, m]; -inf (or index -1) marks padding.
         chunk_rows: rows gathered per step (default :func:`default_chunk_rows`).
+        fixed_shapes: the host-synchronisation-free variant (:func:`weighted_row_mean_fixed`).
 
     Returns:
         x_hat [B, d].
     """
     chunk_rows = chunk_rows or default_chunk_rows(z.device)
+    if fixed_shapes:
+        return weighted_row_mean_fixed(z, sigma, rows, indices, log_weights, use_likelihood, chunk_rows)
     valid = (indices >= 0) & (log_weights > -math.inf)
     # Move each query's valid entries to the front, then visit queries by decreasing entry count.
     front = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
@@ -244,14 +287,48 @@ def weighted_row_mean(z: torch.Tensor, sigma: torch.Tensor, rows: ResidentRows, 
                     # [G, 1, d] x [G, d, W]: 4x faster on CPU than the [G, W, d] x [G, d, 1] GEMV.
                     dots = torch.bmm(z_group.unsqueeze(1), gathered.transpose(1, 2)).squeeze(1)
                     sq_dists = (rows.sq_norms[safe_ids] - 2.0 * dots + z_sq[queries].unsqueeze(1)).clamp_(min=0.0)
+                    sq_dists = sq_dists.masked_fill_(ids < 0, math.inf)
                     group_log_weights = group_log_weights + log_likelihood(sq_dists, sigma[queries])
                 weights = torch.softmax(group_log_weights, dim=1)
                 out[queries] = torch.bmm(weights.unsqueeze(1), gathered).squeeze(1)
             else:  # small sigma (use_likelihood is set): exact distances
                 delta = gathered.sub_(z_group.unsqueeze(1))  # x_j - z_b
-                group_log_weights = group_log_weights + log_likelihood(sq_norms(delta), sigma[queries])
+                sq_dists = sq_norms(delta).masked_fill_(ids < 0, math.inf)
+                group_log_weights = group_log_weights + log_likelihood(sq_dists, sigma[queries])
                 weights = torch.softmax(group_log_weights, dim=1)
                 out[queries] = z_group + torch.bmm(weights.unsqueeze(1), delta).squeeze(1)
+    return out
+
+
+def weighted_row_mean_fixed(z: torch.Tensor, sigma: torch.Tensor, rows: ResidentRows, indices: torch.Tensor,
+                            log_weights: torch.Tensor, use_likelihood: bool = True,
+                            chunk_rows: int | None = None) -> torch.Tensor:
+    """:func:`weighted_row_mean` with fixed shapes: no host synchronisation, for CUDA.
+
+    Every query visits all m entries (padding keeps weight 0 through -inf), in query groups whose size
+    depends only on m, and distances always come from direct differences (exact to the rounding of the
+    distance itself; on a GPU the gather, not the arithmetic, is the cost). A query without any valid
+    entry gives NaN here, where the default path raises: callers guarantee one (KNN draws n >= 1).
+    """
+    chunk_rows = chunk_rows or default_chunk_rows(z.device)
+    width = indices.shape[1]
+    valid = (indices >= 0) & (log_weights > -math.inf)
+    safe_ids = indices.clamp(min=0)
+    log_weights = log_weights.masked_fill(~valid, -math.inf)
+    out = torch.empty_like(z)
+    step = max(1, chunk_rows // max(1, width))
+    for start in range(0, z.shape[0], step):
+        stop = min(start + step, z.shape[0])
+        gathered = rows.gather(safe_ids[start:stop].reshape(-1)).view(stop - start, width, -1)
+        group_log_weights = log_weights[start:stop]
+        if use_likelihood:
+            delta = gathered.sub_(z[start:stop].unsqueeze(1))  # x_j - z_b
+            sq_dists = sq_norms(delta).masked_fill_(~valid[start:stop], math.inf)
+            weights = torch.softmax(group_log_weights + log_likelihood(sq_dists, sigma[start:stop]), dim=1)
+            out[start:stop] = z[start:stop] + torch.bmm(weights.unsqueeze(1), delta).squeeze(1)
+        else:
+            weights = torch.softmax(group_log_weights, dim=1)
+            out[start:stop] = torch.bmm(weights.unsqueeze(1), gathered).squeeze(1)
     return out
 
 
