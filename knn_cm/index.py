@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "ivf", "sq8", "ivf_sq8", "torch")
 _ADD_CHUNK = 16384
+PROJECTION_SAMPLE = 16384  # elements the PCA of projected searches is fitted on
 
 
 def _faiss():
@@ -53,7 +54,7 @@ class IndexSpec:
         seed: seed of the training subsample and of faiss's k-means.
         precision: matrix-product dtype of the ``torch`` kind: "float32" (exact), "float16", "bfloat16".
         project_dim: search m principal components (plus a residual-norm coordinate) instead of the
-            d pixels (None: the full space). Fitted on ``train_size`` elements (default min(N, 16,384)).
+            d pixels (None: the full space). Fitted on min(N, 16,384) elements drawn with ``seed``.
         rerank: with ``project_dim``, candidates whose exact distance is recomputed before the k
             nearest are kept (None or 0: reduced-space distances only).
     """
@@ -101,8 +102,6 @@ class IndexSpec:
             train_size = min(size, train_size or 64 * nlist)
         elif self.kind == "sq8":
             train_size = min(size, train_size or 65536)
-        elif self.project_dim is not None:
-            train_size = min(size, train_size or 16384)
         return dataclasses.replace(self, nlist=nlist, nprobe=nprobe, train_size=train_size)
 
     def cache_key(self) -> str:
@@ -267,14 +266,14 @@ def build_index(store, kind: str = "flat", nlist: int | None = None, nprobe: int
         rows = store.resident(device, torch.float32, storage)
         projection = None
         if spec.project_dim is not None:
-            projection = Projection.fit(rows, spec.project_dim, spec.train_size, spec.seed)
+            projection = Projection.fit(rows, spec.project_dim, PROJECTION_SAMPLE, spec.seed)
         return TorchIndex(rows, spec, store.fingerprint, projection=projection, chunk_rows=chunk_rows)
     device = _check_device(device)
     if spec.project_dim is not None:
         from knn_cm.torch_index import Projection
 
         rows = store.resident("cpu", torch.float32, storage)
-        projection = Projection.fit(rows, spec.project_dim, spec.train_size, spec.seed)
+        projection = Projection.fit(rows, spec.project_dim, PROJECTION_SAMPLE, spec.seed)
         cpu_index = _build_cpu(store, spec, device, vectors=projection.project_rows(rows))
         return Index(_to_device(cpu_index, device), spec, store.fingerprint, device, projection=projection, rows=rows)
     use_cache = (kind != "flat") if cache == "auto" else bool(cache)

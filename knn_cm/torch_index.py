@@ -140,8 +140,13 @@ class Projection:
         return int(self.basis.shape[1])
 
     @classmethod
-    def fit(cls, rows: ResidentRows, dim: int, train_size: int, seed: int) -> "Projection":
-        """Top ``dim`` principal components of ``train_size`` elements drawn with ``seed`` (float64)."""
+    def fit(cls, rows: ResidentRows, dim: int, train_size: int, seed: int, iterations: int = 6) -> "Projection":
+        """Top ``dim`` principal components of ``train_size`` elements drawn with ``seed`` (float64).
+
+        Randomised subspace iteration (``iterations`` power steps on dim + 16 vectors, seeded), then an
+        exact eigendecomposition within that subspace: a few products with the sample instead of a
+        d x d eigendecomposition (seconds at d = 12,288 instead of minutes).
+        """
         if not 1 <= dim < rows.dim:
             raise ValueError(f"project_dim must be in [1, d={rows.dim}), got {dim}")
         generator = np.random.default_rng(seed)
@@ -149,9 +154,14 @@ class Projection:
         sample = rows.gather(torch.from_numpy(sample_ids).to(rows.device)).to(torch.float64)
         mean = sample.mean(0)
         centred = sample - mean
-        covariance = centred.T @ centred / max(1, sample.shape[0] - 1)
-        _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
-        basis = vectors[:, -dim:].flip(1)
+        width = min(dim + 16, rows.dim, centred.shape[0])
+        start = torch.from_numpy(generator.standard_normal((rows.dim, width))).to(centred)
+        subspace = torch.linalg.qr(centred.T @ (centred @ start)).Q
+        for _ in range(iterations):
+            subspace = torch.linalg.qr(centred.T @ (centred @ subspace)).Q
+        reduced = centred @ subspace
+        _, vectors = torch.linalg.eigh(reduced.T @ reduced)  # ascending eigenvalues
+        basis = (subspace @ vectors)[:, -dim:].flip(1)
         # Fix each component's sign (largest entry positive), so a refit gives the same basis.
         signs = torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True)))
         basis = basis * signs
