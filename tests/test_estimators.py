@@ -414,3 +414,46 @@ def test_repeated_matches_the_estimators_distribution(random_store, flat_index):
         assert repeated_mse == pytest.approx(calls_mse, rel=0.35, abs=1e-9), name
         if name != "single":
             assert not torch.equal(draws[0], draws[1]), f"{name}: repeats must be independent draws"
+
+
+# ------------------------------------------------------------------------- input checks (issue 13.6)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_integer_inputs_are_refused(random_store, flat_index, dtype):
+    """Integer pixels would be answered in their dtype (-1 becoming 255): refused with the fix named."""
+    z = torch.zeros(2, 3, 4, 4, dtype=dtype)
+    for name, estimator in _all_estimators(random_store, flat_index).items():
+        with pytest.raises(ValueError, match=f"z must be a floating-point tensor.*{dtype}.*uint8_to_float"):
+            estimator(z, 1.0, x=torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        make_estimator("stf", random_store)(torch.zeros(2, 3, 4, 4), 1.0, x=torch.zeros(2, 3, 4, 4, dtype=dtype))
+
+
+@pytest.mark.parametrize("sigma", [1e-20, 1e-30, torch.tensor([1.0, 1e-25])])
+def test_sigma_below_the_float32_floor_is_a_clear_error(random_store, flat_index, sigma):
+    z = torch.zeros(2, 3, 4, 4)
+    for name, estimator in _all_estimators(random_store, flat_index).items():
+        with pytest.raises(ValueError, match=r"sigma must be >= 1.08e-19 for torch.float32 weights"):
+            estimator(z, sigma, x=z)
+
+
+@pytest.mark.parametrize("dtype, sigma", [(torch.float32, 2e-19), (torch.float32, 1e-12), (F64, 1e-30)])
+def test_sigma_just_above_the_floor_gives_finite_answers(random_store, flat_index, dtype, sigma):
+    """Weights measured from each query's nearest candidate: no 0 / 0 or all -inf down to the floor."""
+    x = random_store.float(np.arange(4), dtype=dtype)
+    z = x.clone()
+    z[1:] += 0.01  # off the data points: every likelihood but the nearest's underflows
+    for name, estimator in _all_estimators(random_store, flat_index, dtype=dtype).items():
+        out = estimator(z, sigma, x=x, generator=torch.Generator().manual_seed(0))
+        assert bool(torch.isfinite(out).all()), name
+        if name not in ("uniform",):
+            assert torch.allclose(out[0], x[0]), name
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_x_is_refused(random_store, flat_index, bad):
+    x = torch.zeros(2, 3, 4, 4)
+    x[1, 0, 0, 0] = bad
+    for name in ("single", "stf", "knn"):
+        estimator = _all_estimators(random_store, flat_index)[name]
+        with pytest.raises(ValueError, match="x holds NaN or inf values"):
+            estimator(torch.zeros(2, 3, 4, 4), 1.0, x=x)
