@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Override for other platforms, e.g. `make test TORCH_SPEC="torch==2.9.1 torchvision==0.24.1"`.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run demo test venv bench clean
+.PHONY: run demo test venv bench device-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: venv
 bench: venv
 	$(PY) benchmarks/bench_estimators.py
 	$(PY) benchmarks/bench_training.py
+
+# On a GPU machine: CUDA tests, GPU estimator benchmark, iCT vs iCT + KNN step times; one JSON document.
+# Exits 2 without CUDA. Installs nothing beyond `make venv` (faiss-gpu optional: pip install '.[gpu]').
+device-check: venv
+	$(PY) scripts/device_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -11,6 +11,7 @@ Everything the run writes lands in its stable run folder: the resolved config, c
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -35,6 +36,8 @@ def build_estimator(config: DictConfig, store, context: DistributedContext):
     kwargs = {}
     if config.estimator.name == "knn":
         build = instantiate(config.index)
+        if config.index.get("device", "cpu") is None:  # null: search where this rank's estimator computes
+            build = functools.partial(build, device=context.device)
         if context.is_main:
             index = build(store)
         context.barrier()

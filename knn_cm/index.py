@@ -242,7 +242,7 @@ def build_index(store, kind: str = "flat", nlist: int | None = None, nprobe: int
         store: the :class:`~knn_cm.data.DataStore` (x-flipped copies included when it has them).
         kind: "flat" | "ivf" | "sq8" | "ivf_sq8" (faiss) | "torch" (no faiss, any device).
         nlist, nprobe, train_size, seed, precision, project_dim, rerank: see :class:`IndexSpec`.
-        device: "cpu" or "cuda[:i]". faiss kinds on CUDA need faiss-gpu (a clear error otherwise),
+        device: "cpu" (also for None) or "cuda[:i]". faiss kinds on CUDA need faiss-gpu (a clear error otherwise),
             except "flat", which falls back to the torch index when faiss has no GPU support.
         cache: True, False, or "auto" (cache trained faiss kinds only; a flat index is a copy of the
             data, cheaper to rebuild than to read). Projected faiss indexes are not cached.
@@ -254,7 +254,7 @@ def build_index(store, kind: str = "flat", nlist: int | None = None, nprobe: int
     Returns:
         an :class:`Index` (faiss) or a :class:`~knn_cm.torch_index.TorchIndex`.
     """
-    device = as_device(device, "index device")
+    device = as_device("cpu" if device is None else device, "index device")
     if kind == "flat" and device.type == "cuda" and not hasattr(_faiss(), "StandardGpuResources"):
         log.info("faiss has no GPU support: the flat index on %s is the torch index", device)
         kind = "torch"

@@ -13,13 +13,34 @@ import bench_estimators  # noqa: E402
 
 def test_estimator_benchmark_smoke(capsys):
     result = bench_estimators.main(["--synthetic", "2000", "--k", "64", "--n", "16", "--batch", "8", "--times", "0.5",
-                                    "20", "--ivf-nlist", "16", "--ivf-nprobe", "2", "16", "--repeats", "1",
-                                    "--peak-size", "256"])
+                                    "20", "--methods", "ivf:16:2", "pca:8:32", "ivfpca:8:16:4:32", "--repeats", "1",
+                                    "--mse-repeats", "1", "--peak-shapes", "small"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["data"] == {"name": "synthetic2000", "N": 2000, "d": 3072}
     entry = result["per_t"]["20"]
-    assert set(entry) == {"flat_search", "knn_flat", "knn_ivf_p2", "knn_ivf_p16", "stf", "exact"}
-    assert entry["knn_ivf_p16"]["mse_vs_exact"] >= 0 and entry["exact"]["gflops"] > 0
+    assert {"search", "search_faiss_cpu", "search_torch", "knn_flat", "knn_ivf_n16_p2", "knn_pca8_r32",
+            "knn_ivfpca8_n16_p4_r32", "stf", "exact"} <= set(entry)
+    assert entry["knn_pca8_r32"]["mse_vs_exact"] >= 0 and entry["exact"]["gflops"] > 0
+    # The peak is the best of its shapes, so no measured product can exceed it by construction of the shapes.
+    assert printed["matmul_peak"]["gflops"] == max(printed["matmul_peak"]["per_shape"].values())
+    assert len(printed["machine"]["loadavg_start"]) == 3 and "knn_vs_flat_search_max" in printed["targets"]
+
+
+def test_scaling_benchmark_smoke(tmp_path, capsys):
+    import numpy as np
+
+    import bench_scaling
+
+    images = tmp_path / "images.npy"
+    np.save(images, np.random.default_rng(0).integers(0, 256, (1200, 3, 32, 32), dtype=np.uint8))
+    result = bench_scaling.main(["--sizes", "600", "1200", "--images", str(images), "--k", "32", "--n", "8",
+                                 "--batch", "4", "--times", "5", "--repeats", "1", "--mse-repeats", "1",
+                                 "--methods", "ivfpca:8:0:4:16", "--plot", str(tmp_path / "scaling.png")])
+    assert [run["N"] for run in result["runs"]] == [600, 1200]
+    assert set(result["exponents"]) == {"flat", "ivfpca8_nauto_p4_r16"}
+    assert result["runs"][1]["peak_rss_gb"] > 0 and (tmp_path / "scaling.png").exists()
+    assert json.loads(capsys.readouterr().out)["settings"]["k"] == 32
+
 
 import bench_training  # noqa: E402
 

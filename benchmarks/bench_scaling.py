@@ -1,0 +1,193 @@
+"""Cost growth with N: per-query time of flat and approximate ``knn``, peak memory, error, printed as JSON.
+
+    python benchmarks/bench_scaling.py [--sizes 50000 100000 200000 500000 1000000] [--plot docs/figures/scaling.png]
+
+Data: CIFAR-10-like images with the cluster structure of real ones (``common.cifar_like_images``: a
+Gaussian mixture fitted to the CIFAR-10 train set's top 256 principal components and 1,000 k-means
+cells, plus residual noise), generated once for the largest N into a ``.npy`` file and memory-mapped;
+each N uses its first N images in a fresh subprocess (so each peak resident memory is its own). Per N:
+build times, ``knn`` per-query time on the flat (torch) index and on each approximate index (interleaved,
+best of ``--repeats``, at ``--timing-t``), their MSE against ``exact`` at each of ``--times``, and the
+process's peak resident memory. Then fitted exponents (per-query time ~ N^a, least squares in log-log)
+and the smallest N at which each approximate method is at least 10x faster than flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+DEFAULT_METHODS = ["ivfpca:64:0:16:512", "ivfpca:64:0:64:512"]
+
+
+def run_one(args) -> dict:
+    """One N, in this process: the measurements of the module docstring."""
+    import torch
+
+    from common import interleaved_seconds, machine, peak_rss_gb
+
+    from knn_cm.data import DataStore
+    from knn_cm.estimators import make_estimator
+    from knn_cm.index import build_index
+
+    torch.set_num_threads(args.threads)
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    images = np.load(args.images, mmap_mode="r")[: args.size]
+    store = DataStore.from_array(images, name=f"cifar_like{args.size}")
+    started = time.perf_counter()
+    flat = build_index(store, "torch")
+    out = {"N": args.size, "machine": machine(args.threads), "storage_bytes": flat.rows.storage_bytes,
+           "storage": "mapped" if flat.rows.rows.data_ptr() == torch.from_numpy(np.asarray(images)).data_ptr()
+           else str(flat.rows.rows.dtype), "flat_build_s": time.perf_counter() - started}
+    indexes = {"flat": flat}
+    for method in args.methods:
+        kind, dim, nlist, nprobe, rerank = method.split(":")
+        started = time.perf_counter()
+        index = build_index(store, "ivf", nlist=int(nlist) or None, nprobe=int(nprobe), project_dim=int(dim),
+                            rerank=int(rerank) or None)
+        name = f"ivfpca{dim}_n{nlist if int(nlist) else 'auto'}_p{nprobe}_r{rerank}"
+        indexes[name] = index
+        out[f"{name}_build_s"] = time.perf_counter() - started
+        out[f"{name}_nlist"] = index.spec.nlist
+    estimators = {name: make_estimator("knn", store, index=index, k=args.k, n=args.n) for name, index in indexes.items()}
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(store), (args.batch,), generator=generator)
+    x = store.float(ids)
+    eps = torch.randn(x.shape, generator=generator)
+    z = x + args.timing_t * eps
+    seconds = interleaved_seconds({name: (lambda e=e: e(z, args.timing_t, generator=generator))
+                                   for name, e in estimators.items()}, args.repeats)
+    out["ms_per_query"] = {name: 1e3 * s / args.batch for name, s in seconds.items()}
+    out["speedup_vs_flat"] = {name: seconds["flat"] / s for name, s in seconds.items() if name != "flat"}
+    exact = make_estimator("exact", store)
+    out["mse_vs_exact"] = {}
+    for t in args.times:
+        zt = x + t * eps
+        reference = exact(zt, t)
+        out["mse_vs_exact"][f"{t:g}"] = {
+            name: (e.repeated(zt, t, args.mse_repeats, generator=generator) - reference).square().mean().item()
+            for name, e in estimators.items()}
+    out["peak_rss_gb"] = peak_rss_gb()
+    out["index_extra_bytes"] = {name: getattr(index, "memory_bytes", 0) for name, index in indexes.items()}
+    out["loadavg_end"] = os.getloadavg()
+    return out
+
+
+def make_images(path: Path, count: int, data: str, seed: int) -> dict:
+    from common import cifar_like_images
+
+    from knn_cm.data import load_image_folder
+
+    reference = load_image_folder(data, subfolder="train", progress=False).images
+    started = time.perf_counter()
+    images = cifar_like_images(count, np.asarray(reference), seed=seed)
+    np.save(path, images)
+    return {"generated": count, "seconds": time.perf_counter() - started, "path": str(path),
+            "recipe": "Gaussian mixture on CIFAR-10 train: top 256 principal components, 1,000 k-means cells "
+                      "(per-cell mean and per-component std), isotropic residual noise, rounded to uint8"}
+
+
+def fit_exponent(sizes, values) -> float:
+    return float(np.polyfit(np.log(sizes), np.log(values), 1)[0])
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    sizes = [run["N"] for run in runs]
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    for name in runs[0]["ms_per_query"]:
+        values = [run["ms_per_query"][name] for run in runs]
+        axis.loglog(sizes, values, "o-", label=f"knn {name} (N^{result['exponents'][name]:.2f})")
+    axis.set_xlabel("N (elements)")
+    axis.set_ylabel("ms per query")
+    axis.set_title(f"knn per-query cost, k {result['settings']['k']}, n {result['settings']['n']}, t {result['settings']['timing_t']:g}")
+    axis.legend(fontsize=7)
+    axis.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 100_000, 200_000, 500_000, 1_000_000])
+    parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, help="ivfpca:M:NLIST(0=default):NPROBE:RERANK")
+    parser.add_argument("--images", default="/tmp/knn_cm_scaling_images.npy", help="generated data (reused if present)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--k", type=int, default=2048)
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--timing-t", type=float, default=5.0)
+    parser.add_argument("--times", type=float, nargs="+", default=[2.0, 5.0, 10.0, 20.0, 80.0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--mse-repeats", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", default=None, help="write the log-log plot here")
+    parser.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # child mode: N
+    args = parser.parse_args(argv)
+    if args.one:
+        args.size = args.one
+        print(json.dumps(run_one(args)))
+        return {}
+    images = Path(args.images)
+    generation = None
+    if not images.exists() or np.load(images, mmap_mode="r").shape[0] < max(args.sizes):
+        generation = make_images(images, max(args.sizes), args.data, args.seed)
+    result = {"command": "python benchmarks/bench_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "data": generation or {"path": str(images), "reused": True},
+              "settings": {key: getattr(args, key) for key in ("batch", "k", "n", "timing_t", "times", "repeats",
+                                                               "mse_repeats", "threads", "methods")},
+              "runs": []}
+    for size in args.sizes:
+        child = [sys.executable, __file__, "--one", str(size), "--images", str(images)]
+        for key in ("threads", "batch", "k", "n", "timing_t", "repeats", "mse_repeats"):
+            child += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        child += ["--times", *map(str, args.times), "--methods", *args.methods]
+        output = subprocess.run(child, check=True, capture_output=True, text=True, env=os.environ | {
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])})
+        run = json.loads(output.stdout.strip().splitlines()[-1])
+        result["runs"].append(run)
+        print(f"N={size}: {run['ms_per_query']} peak {run['peak_rss_gb']:.2f} GB", file=sys.stderr, flush=True)
+    sizes = [run["N"] for run in result["runs"]]
+    names = list(result["runs"][0]["ms_per_query"])
+    if len(sizes) > 1:
+        result["exponents"] = {name: fit_exponent(sizes, [run["ms_per_query"][name] for run in result["runs"]])
+                               for name in names}
+    result["smallest_N_with_10x"] = {
+        name: next((run["N"] for run in result["runs"] if run["speedup_vs_flat"][name] >= 10), None)
+        for name in names if name != "flat"}
+    largest = result["runs"][-1]
+    result["targets_at_largest_N"] = {
+        "N": largest["N"],
+        "speedup_vs_flat (target >= 10)": largest["speedup_vs_flat"],
+        "mse_ratio_vs_flat_per_t (target <= 2 at t >= 2)": {
+            name: {t: round(v[name] / max(v["flat"], 1e-12), 2) for t, v in largest["mse_vs_exact"].items()}
+            for name in names if name != "flat"},
+        "approximate_exponent (target <= 0.5)": {n: e for n, e in result.get("exponents", {}).items() if n != "flat"},
+        "peak_rss_gb (target: a 1M x 3072 store within 6 GB)": largest["peak_rss_gb"],
+    }
+    if args.plot and len(sizes) > 1:
+        plot(result, Path(args.plot))
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
