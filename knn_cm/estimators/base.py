@@ -66,6 +66,7 @@ class Estimator:
 
     name = "base"
     needs_source = False  # True when the estimator requires the clean source x
+    uses_rows = True  # False for estimators that never read the store's rows (single, network)
 
     def __init__(self, store: DataStore | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, storage: str = "auto", sync_free: bool | None = None,
@@ -82,6 +83,8 @@ class Estimator:
         self.value_checks = value_checks
         if store is not None:
             resolve_storage(storage, self.device, len(store), store.dim, dtype)  # fail early on a bad storage
+            if self.sync_free and self.uses_rows:
+                self.rows  # noqa: B018  (made resident now: building them synchronises, calls must not)
 
     @property
     def rows(self):
@@ -187,7 +190,9 @@ class Estimator:
         if not bool(torch.isfinite(total)):
             raise ValueError(f"{name} holds NaN or inf values; estimators need finite inputs")
 
-    def _validate(self, z, sigma, x):
+    def _validate(self, z, sigma, x, device: torch.device | None = None):
+        """Checks, then (z [B, d], sigma [B], x [B, d] or None) on ``device`` (default: the estimator's)."""
+        device = self.device if device is None else device
         if not isinstance(z, torch.Tensor):
             raise ValueError(f"z must be a torch.Tensor [B, C, H, W], got {type(z).__name__}")
         for name, tensor in (("z", z), ("x", x)):
@@ -204,7 +209,7 @@ class Estimator:
             raise ValueError(f"sigma must be a scalar or have one entry per sample ({batch}), got shape "
                              f"{tuple(sigma.shape)}")
         self._check_sigma_values(sigma)
-        sigma = self._sigma_vector(sigma, batch, self.device, self.dtype)
+        sigma = self._sigma_vector(sigma, batch, device, self.dtype)
         self._check_finite("z", z)
         if x is not None and tuple(x.shape) != tuple(z.shape):
             raise ValueError(f"x must have the shape of z {tuple(z.shape)}, got {tuple(x.shape)}")
@@ -212,7 +217,7 @@ class Estimator:
             self._check_finite("x", x)
         if x is None and self.needs_source:
             raise ValueError(f"the {self.name!r} estimator needs the clean source x (est(z, sigma, x=x))")
-        flat = lambda tensor: tensor.reshape(batch, -1).to(device=self.device, dtype=self.dtype)  # noqa: E731
+        flat = lambda tensor: tensor.reshape(batch, -1).to(device=device, dtype=self.dtype)  # noqa: E731
         return flat(z), sigma, None if x is None else flat(x)
 
 

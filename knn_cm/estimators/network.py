@@ -15,6 +15,7 @@ class NetworkEstimator(Estimator):
     """
 
     name = "network"
+    uses_rows = False
 
     def __init__(self, denoiser, store=None, **kwargs):
         super().__init__(store, **kwargs)
@@ -23,9 +24,10 @@ class NetworkEstimator(Estimator):
         self.denoiser = denoiser
 
     def __call__(self, z, sigma, x=None, generator=None):
-        z_flat, sigma, _ = self._validate(z, sigma, None)
+        # Validated on z's device: the denoiser runs there, so sigma never crosses host and device.
+        _, sigma, _ = self._validate(z, sigma, None, device=z.device)
         with torch.no_grad():
-            return self.denoiser(z, sigma.to(device=z.device, dtype=torch.float32))
+            return self.denoiser(z, sigma.to(dtype=torch.float32))
 
     def repeated(self, z, sigma, repeats, x=None, generator=None):
         """A network is deterministic: one evaluation, repeated R times [R, B, C, H, W]."""

@@ -12,6 +12,7 @@ class SingleSample(Estimator):
     """
 
     name = "single"
+    uses_rows = False
     needs_source = True
 
     def posterior_mean(self, z, sigma, x, generator):
