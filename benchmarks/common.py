@@ -6,6 +6,7 @@ import os
 import platform
 import resource
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,7 +63,14 @@ def matmul_peak(device="cpu", shapes=None, repeats: int = 3, dtype=torch.float32
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident memory (ru_maxrss, kB on Linux) in GB."""
+    """This process's peak resident memory in GB: VmHWM of /proc/self/status where it exists (ru_maxrss
+    would carry the parent's peak into a subprocess across fork and exec), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
@@ -82,7 +90,7 @@ def machine(threads: int) -> dict:
 
 
 def cifar_like_images(count: int, reference: np.ndarray, seed: int = 0, components: int = 256,
-                      clusters: int = 1000, chunk: int = 65536):
+                      clusters: int = 1000, chunk: int = 16384):
     """``count`` uint8 images [count, 3, 32, 32] with the cluster structure of ``reference`` (real CIFAR-10).
 
     A Gaussian mixture fitted to the reference: k-means (``clusters`` cells, faiss) on its top
