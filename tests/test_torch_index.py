@@ -154,3 +154,17 @@ def test_mapped_storage_needs_the_cpu():
 def test_spec_of_projected_kinds():
     spec = IndexSpec("torch", project_dim=64, rerank=512).resolved(50_000)
     assert spec.train_size is None and "project_dim64" in spec.cache_key()
+
+
+@pytest.mark.parametrize("name, kind", [("torch", "torch"), ("approximate", "torch")])
+def test_index_configs_build(clustered_store, name, kind):
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "index" / f"{name}.yaml")
+    index = instantiate(config)(clustered_store)
+    assert index.kind == kind and index.size == len(clustered_store)
+    if name == "approximate":
+        assert index.projection is not None and index.spec.rerank == 512
