@@ -157,14 +157,14 @@ def test_spec_of_projected_kinds():
 
 
 @pytest.mark.parametrize("name, kind", [("torch", "torch"), ("approximate", "torch")])
-def test_index_configs_build(clustered_store, name, kind):
+def test_index_configs_build(cifar_sized_store, name, kind):
     from pathlib import Path
 
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     config = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "index" / f"{name}.yaml")
-    index = instantiate(config)(clustered_store)
-    assert index.kind == kind and index.size == len(clustered_store)
+    index = instantiate(config)(cifar_sized_store)
+    assert index.kind == kind and index.size == len(cifar_sized_store)
     if name == "approximate":
         assert index.projection is not None and index.spec.rerank == 512
