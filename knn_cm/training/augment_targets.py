@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from knn_cm.estimators.uniform import draw_uniform_rows
-from knn_cm.estimators.weighting import reference_log_likelihoods, sq_norms
+from knn_cm.estimators.weighting import log_likelihood, reference_log_likelihoods, reference_sq_dists, sq_norms
 from knn_cm.training.augment import Augmentation, AugmentPipe
 
 # Estimators whose posterior is over the dataset rows and that take no source (the orthogonal rule applies).
@@ -86,9 +86,9 @@ def _stf_target(estimator, pipe: AugmentPipe, z, sigma, x_augmented, generator):
             out = torch.softmax(reference_log_likelihoods(z_flat, sigma, reference), dim=1) @ reference
         else:
             source_sq_dist = sq_norms(z_flat - x_flat)
-            log_weights = torch.cat([reference_log_likelihoods(z_flat, sigma, reference, best_known=source_sq_dist),
-                                     (source_sq_dist / (-2.0 * sigma.square())).unsqueeze(1)], dim=1)
-            weights = torch.softmax(log_weights, dim=1)
+            sq_dists = torch.cat([reference_sq_dists(z_flat, sigma, reference, best_known=source_sq_dist),
+                                  source_sq_dist.unsqueeze(1)], dim=1)
+            weights = torch.softmax(log_likelihood(sq_dists, sigma), dim=1)
             out = weights[:, :-1] @ reference + weights[:, -1:] * x_flat
     return out.reshape(z.shape).to(device=z.device, dtype=z.dtype)
 
