@@ -136,11 +136,11 @@ def test_preemption_by_requeue_then_by_usr2_checkpoints_requeues_and_resumes_bit
 
 def test_a_time_limit_is_met_by_requeues_across_allocations(slurm_cluster, slurm_jobs, tmp_path):
     """SLURM sends the signal when at most signal_delay_s + 30 s remain (slurmctld checks every 30 s): with a
-    1-minute limit and 5 s, 25-55 s into each allocation, after start-up; 600 tiny steps need over 45 s even on
-    a quiet core, so the run needs several allocations."""
-    steps = 600
+    1-minute limit and 5 s, 25-55 s into each allocation, after start-up. 240 steps of at least 0.25 s
+    (tests/slow_objective.py) need 60 s, so the run needs several allocations on any machine."""
+    steps = 240
     overrides = ["experiment=quickstart", *TINY, f"trainer.max_steps={steps}", "trainer.checkpoint_every=1000",
-                 "trainer.log_every=10"]
+                 "trainer.log_every=10", "trainer.objective._target_=tests.slow_objective.SlowICT"]
     process = start(["python", "train.py", "-m", *overrides, "hydra/launcher=slurm_local",
                      "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=5"], tmp_path)
     sweep = tmp_path / "multirun" / "train" / "quickstart"
