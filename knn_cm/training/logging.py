@@ -30,7 +30,7 @@ class MetricsLog:
         if not self.path.exists():
             return 0
         lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
+        kept = [line for line in lines if (recorded := _record_step(line)) is not None and recorded <= step]
         if len(kept) != len(lines):
             with atomic_path(self.path) as temp:
                 temp.write_text("".join(line + "\n" for line in kept))

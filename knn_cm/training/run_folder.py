@@ -125,23 +125,21 @@ class RunFolder:
         Returns the record to write with :meth:`write_binding` (None when nothing changes).
         """
         new = identity(config)
+        current = {"identity": new, "config_digest": digest(new), "dataset_fingerprint": dataset_fingerprint,
+                   "volatile_keys": list(VOLATILE_KEYS)}
         record_path = self.path / RUN_FILE
         if record_path.exists():
             record = json.loads(record_path.read_text())
         elif legacy_config is not None:
             record = {"identity": identity(legacy_config), "dataset_fingerprint": None, "history": []}
         else:
-            return {"identity": new, "config_digest": digest(new), "dataset_fingerprint": dataset_fingerprint,
-                    "volatile_keys": list(VOLATILE_KEYS), "created": time.time(), "history": []}
+            return current | {"created": time.time(), "history": []}
         changed = differences(record["identity"], new)
         if record.get("dataset_fingerprint") not in (None, dataset_fingerprint):
             changed.append(f"dataset fingerprint: {record['dataset_fingerprint']} (run) -> {dataset_fingerprint} "
                            f"(this launch: the training data differ)")
         if not changed:
-            if record_path.exists():
-                return None
-            return record | {"identity": new, "config_digest": digest(new), "dataset_fingerprint": dataset_fingerprint,
-                             "volatile_keys": list(VOLATILE_KEYS), "created": time.time()}
+            return None if record_path.exists() else record | current | {"created": time.time()}
         if not accept_change:
             listing = "\n  ".join(changed)
             raise RunFolderError(
@@ -152,8 +150,7 @@ class RunFolder:
         log.warning("continuing %s under a changed config (accept_config_change=true):\n  %s", self.path,
                     "\n  ".join(changed))
         history = record.get("history", []) + [{"time": time.time(), "changes": changed}]
-        return {**record, "identity": new, "config_digest": digest(new), "dataset_fingerprint": dataset_fingerprint,
-                "volatile_keys": list(VOLATILE_KEYS), "history": history}
+        return record | current | {"history": history}
 
     def write_binding(self, record: dict | None) -> None:
         if record is not None:
