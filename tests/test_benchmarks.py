@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_estimators  # noqa: E402
@@ -35,11 +37,25 @@ def test_scaling_benchmark_smoke(tmp_path, capsys):
     np.save(images, np.random.default_rng(0).integers(0, 256, (1200, 3, 32, 32), dtype=np.uint8))
     result = bench_scaling.main(["--sizes", "600", "1200", "--images", str(images), "--k", "32", "--n", "8",
                                  "--batch", "4", "--times", "5", "--repeats", "1", "--mse-repeats", "1",
-                                 "--methods", "ivfpca:8:0:4:16", "--plot", str(tmp_path / "scaling.png")])
+                                 "--methods", "ivfpca:8:0:4:16", "--plot", str(tmp_path / "scaling.png"),
+                                 "--mse-sizes", "1200"])
     assert [run["N"] for run in result["runs"]] == [600, 1200]
     assert set(result["exponents"]) == {"flat", "ivfpca8_nauto_p4_r16"}
     assert result["runs"][1]["peak_rss_gb"] > 0 and (tmp_path / "scaling.png").exists()
+    # MSEs only at the N asked for; the search-only process measured at every N
+    assert result["runs"][0]["mse_vs_exact"] == {} and set(result["runs"][1]["mse_vs_exact"]) == {"5"}
+    assert result["targets_at_largest_N"]["mse_N"] == 1200
+    assert [run["search_only"]["N"] for run in result["runs"]] == [600, 1200]
+    assert 0 < result["runs"][1]["search_only"]["peak_rss_gb"]
     assert json.loads(capsys.readouterr().out)["settings"]["k"] == 32
+
+
+def test_scaling_crossing_interpolates_log_log():
+    import bench_scaling
+
+    assert bench_scaling.crossing_10x([100, 400], [5.0, 20.0]) == pytest.approx(200.0)
+    assert bench_scaling.crossing_10x([100, 400], [12.0, 20.0]) is None  # already 10x at the smallest N
+    assert bench_scaling.crossing_10x([100, 400], [2.0, 4.0]) is None
 
 
 import bench_training  # noqa: E402
