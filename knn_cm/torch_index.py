@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from knn_cm.data.resident import ResidentRows
+from knn_cm.sorting import sort_rows
 
 SEARCH_PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Rows converted (uint8 -> search dtype) and multiplied per matrix product: bounds temporary memory.
@@ -93,7 +94,7 @@ def chunked_topk(queries: torch.Tensor, rows: ResidentRows, k: int, precision: t
                 merged_indices = torch.cat([best_indices, local], dim=1)
                 best_dists, pick = merged_dists.topk(k, dim=1, largest=False, sorted=False)
                 best_indices = merged_indices.gather(1, pick)
-        best_dists, order = best_dists.sort(dim=1)
+        best_dists, order = sort_rows(best_dists)
         out_dists.append(best_dists)
         out_indices.append(best_indices.gather(1, order))
     return torch.cat(out_dists), torch.cat(out_indices)

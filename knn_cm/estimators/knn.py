@@ -17,6 +17,7 @@ import torch
 
 from knn_cm.estimators.base import Estimator, check_positive_int, log_likelihood
 from knn_cm.estimators.weighting import combine_duplicates, sample_categorical, sq_norms, weighted_row_mean
+from knn_cm.sorting import sorted_rows
 
 
 @dataclass
@@ -129,7 +130,7 @@ def _uniform_outside(neighbours: torch.Tensor, tail_size: torch.Tensor, count: i
     """
     positions = torch.arange(neighbours.shape[1], device=neighbours.device)
     missing = neighbours < 0
-    sorted_neighbours = neighbours.masked_fill(missing, torch.iinfo(torch.int64).max).sort(dim=1).values
+    sorted_neighbours = sorted_rows(neighbours.masked_fill(missing, torch.iinfo(torch.int64).max))
     below = torch.where(sorted_neighbours == torch.iinfo(torch.int64).max,
                         torch.iinfo(torch.int64).max, sorted_neighbours - positions)
     uniform = torch.rand(neighbours.shape[0], count, generator=generator, dtype=torch.float64,
