@@ -67,3 +67,12 @@ def test_training_benchmark_smoke(capsys):
     assert set(result["runs"]) == {"ict", "ict_knn", "ict_stf"}
     assert result["runs"]["ict"]["time_vs_ict"] == 1.0 and result["runs"]["ict_knn"]["estimator_share"] > 0
     assert json.loads(capsys.readouterr().out)["data"]["N"] == 600  # x-flip doubling
+
+
+def test_gather_benchmark_smoke():
+    import bench_gather
+
+    result = bench_gather.main(["--N", "500", "--batch", "4", "--draws", "8", "--repeats", "1", "--threads", "1"])
+    assert result["rows_megabytes"] == 4 * 8 * 3072 * 4 / 1e6
+    assert set(result["ms_per_batch"]) == {"weighted_row_mean", "gather_into_buffer", "dots_bmm", "mean_bmm",
+                                           "rows_read_once_sparse_mean"}
