@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
-DEFAULT_METHODS = ["pca:64:512", "ivfpca:64:0:64:512"]
+DEFAULT_METHODS = ["pca:64:512", "ivfpca:64:0:0:512"]  # the second is configs/index/approximate.yaml
 
 
 def run_one(args) -> dict:
@@ -65,9 +65,9 @@ def run_one(args) -> dict:
             name = f"pca{dim}_r{rerank}"
         else:
             dim, nlist, nprobe, rerank = values
-            index = build_index(store, "ivf", nlist=int(nlist) or None, nprobe=int(nprobe), project_dim=int(dim),
-                                rerank=int(rerank) or None)
-            name = f"ivfpca{dim}_n{nlist if int(nlist) else 'auto'}_p{nprobe}_r{rerank}"
+            index = build_index(store, "ivf", nlist=int(nlist) or None, nprobe=int(nprobe) or None,
+                                project_dim=int(dim), rerank=int(rerank) or None)
+            name = f"ivfpca{dim}_n{nlist if int(nlist) else 'auto'}_p{nprobe if int(nprobe) else 'auto'}_r{rerank}"
         indexes[name] = index
         out[f"{name}_build_s"] = time.perf_counter() - started
         out[f"{name}_nlist"] = index.spec.nlist
@@ -173,7 +173,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 100_000, 200_000, 500_000, 1_000_000])
     parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS,
-                        help="ivfpca:M:NLIST(0=default):NPROBE:RERANK (faiss IVF over M components) or pca:M:RERANK (torch)")
+                        help="ivfpca:M:NLIST:NPROBE:RERANK (faiss IVF over M components; NLIST or NPROBE 0: the defaults "
+                             "4 sqrt(N) and NLIST / 16) or pca:M:RERANK (torch)")
     parser.add_argument("--images", default="/tmp/knn_cm_scaling_images.npy", help="generated data (reused if present)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128)
