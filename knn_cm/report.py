@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from knn_cm.evaluation.records import settings_key
 from knn_cm.io import atomic_path, save_figure, write_csv_rows
 from knn_cm.training.logging import read_metrics
 from knn_cm.training.run_folder import invocation_seconds
@@ -52,8 +53,33 @@ def training_hours(metrics: Sequence[Mapping]) -> float:
     return seconds / 3600
 
 
+def comparable_evaluations(run_dir: Path) -> list[dict]:
+    """The FID records of one evaluation setting: the run's snapshots scored alike.
+
+    Records group by everything but the snapshot (:func:`~knn_cm.evaluation.records.settings_key`:
+    sampler and its settings, estimator, seeds, sample count, extractor, metrics), so a best FID is never
+    taken across samplers or sample counts. The group chosen has the largest sample count, then covers
+    the most snapshots, then holds the latest record.
+    """
+    groups: dict[str, list[dict]] = {}
+    latest: dict[str, int] = {}
+    for position, record in enumerate(_read_jsonl(run_dir / "evaluation.jsonl")):
+        if record.get("fid") is not None:
+            key = settings_key(record)
+            groups.setdefault(key, []).append(record)
+            latest[key] = position
+    if not groups:
+        return []
+
+    def preference(key):
+        snapshots = {(record.get("network"), record.get("step")) for record in groups[key]}
+        return groups[key][0]["num_samples"], len(snapshots), latest[key]
+
+    return groups[max(groups, key=preference)]
+
+
 def summarise_run(run_dir: str | Path, label: str | None = None) -> dict:
-    """A table row for one run folder: its minimum-FID evaluation (per the largest sample count)."""
+    """A table row for one run folder: the minimum-FID record of its :func:`comparable_evaluations`."""
     run_dir = Path(run_dir)
     row = {"method": label or run_dir.name, "run": str(run_dir)}
     if not run_dir.is_dir():
@@ -64,10 +90,10 @@ def summarise_run(run_dir: str | Path, label: str | None = None) -> dict:
     wall_seconds = invocation_seconds(run_dir)  # every invocation, replayed steps included
     hours = wall_seconds / 3600 if wall_seconds is not None else training_hours(metrics)  # older run folders
     row |= {"steps_done": steps_done, "steps_planned": planned, "training_hours": round(hours, 3)}
-    evaluations = [r for r in _read_jsonl(run_dir / "evaluation.jsonl") if r.get("fid") is not None]
+    evaluations = comparable_evaluations(run_dir)
     if evaluations:
-        count = max(r["num_samples"] for r in evaluations)
-        best = min((r for r in evaluations if r["num_samples"] == count), key=lambda r: r["fid"])
+        best = min(evaluations, key=lambda r: r["fid"])
+        count = best["num_samples"]
         images = best.get("images_seen")
         row |= {"best_step": best["step"], "fid": best["fid"], "isc": best.get("isc_mean"), "num_samples": count,
                 "feature_extractor": best.get("feature_extractor"),
@@ -101,16 +127,11 @@ def write_table(rows: Sequence[Mapping], folder: Path, name: str, title: str) ->
 
 
 def fid_curves(run_dirs: Mapping[str, Path]) -> dict[str, list[tuple[float, float]]]:
-    """label -> [(million images seen, FID)] from each run's evaluations (largest sample count)."""
+    """label -> [(million images seen, FID)] from each run's :func:`comparable_evaluations`."""
     curves = {}
     for label, run_dir in run_dirs.items():
-        evaluations = [r for r in _read_jsonl(Path(run_dir) / "evaluation.jsonl") if r.get("fid") is not None]
-        if not evaluations:
-            curves[label] = []
-            continue
-        count = max(r["num_samples"] for r in evaluations)
-        curves[label] = sorted((r["images_seen"] / 1e6, r["fid"]) for r in evaluations
-                               if r["num_samples"] == count and r.get("images_seen") is not None)
+        curves[label] = sorted((r["images_seen"] / 1e6, r["fid"]) for r in comparable_evaluations(Path(run_dir))
+                               if r.get("images_seen") is not None)
     return curves
 
 

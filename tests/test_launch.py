@@ -153,6 +153,22 @@ def test_report_builds_tables_and_figures_and_marks_missing_runs(tmp_path):
     assert result["figure4_n"] == {"iCT baseline": [(0.2048, 6.0), (0.4096, 5.0)]}
 
 
+def test_report_takes_the_best_fid_within_one_evaluation_setting(tmp_path):
+    """A best FID is never taken across samplers or sample counts: a 2-step evaluation of one snapshot
+    (FID 3.0) and a 10k-sample one (FID 2.0) do not replace the 1-step 50k curve's best (4.5)."""
+    folder = tmp_path / "train" / "ict"
+    _fake_run(folder, 400, 400, [(200, 5.0, 9.0), (400, 4.5, 9.1)])
+    extra = [{"step": 400, "images_seen": 409600, "fid": 3.0, "isc_mean": 9.5, "num_samples": 50000,
+              "feature_extractor": "inception", "sampler": "multistep", "sampler_settings": {"sigmas": [80.0, 0.8]}},
+             {"step": 400, "images_seen": 409600, "fid": 2.0, "isc_mean": 9.6, "num_samples": 10000,
+              "feature_extractor": "inception"}]
+    with open(folder / "evaluation.jsonl", "a") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in extra)
+    result = build_report(tmp_path / "train", tmp_path / "report")
+    row = next(row for row in result["table1"] if row["method"] == "iCT (reimplemented)")
+    assert row["fid"] == 4.5 and row["num_samples"] == 50000 and row["best_step"] == 400
+
+
 def test_report_at_digits_scale(tmp_path):
     _fake_run(tmp_path / "train" / "quickstart", 400, 400, [(400, 15.9, 8.1)])
     result = build_report(tmp_path / "train", tmp_path / "report", scale="digits")
