@@ -3,8 +3,9 @@
 On a machine with CUDA it runs, on one GPU and in about 5-8 minutes:
 
 1. the CUDA tests (``pytest -m cuda``-style selection: every test that skips without CUDA, in
-   tests/test_sync_free.py and tests/test_torch_index.py): estimators and two training steps under
-   ``torch.cuda.set_sync_debug_mode("error")``, compared with CPU results;
+   tests/test_sync_free.py, tests/test_torch_index.py and tests/test_stage_timer.py): estimators and two
+   training steps under ``torch.cuda.set_sync_debug_mode("error")``, compared with CPU results, and the
+   event-timed estimator share of a step;
 2. the estimator benchmark on the GPU (``benchmarks/bench_estimators.py --device cuda``): the torch
    index's search against faiss-gpu's (if installed) and faiss on the CPU, and the whole ``knn``
    estimator against its bare search, per t;
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-CUDA_TESTS = ["tests/test_sync_free.py", "tests/test_torch_index.py"]
+CUDA_TESTS = ["tests/test_sync_free.py", "tests/test_torch_index.py", "tests/test_stage_timer.py"]
 NO_CUDA_MESSAGE = "device-check: CUDA is not available on this machine (torch.cuda.is_available() is False); " \
                   "run it on a GPU node. Nothing was checked."
 

@@ -11,13 +11,13 @@ mean over the augmented distribution (``knn_cm.training.augment_targets``).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from knn_cm.training.augment import AugmentPipe
 from knn_cm.training.augment_targets import augmented_target
+from knn_cm.training.stage_timer import StageTimer
 
 
 @dataclass
@@ -72,19 +72,18 @@ class EDMObjective:
         sigma = (torch.randn(batch, generator=noise_generator) * self.p_std + self.p_mean).exp().to(x.device)
         noise = torch.randn(x.shape, generator=noise_generator).to(x.device)
         z = x + sigma.reshape(-1, 1, 1, 1) * noise
-        started = time.perf_counter()
         stats = {}
-        if augmentation is None:
-            target = self.estimator(z, sigma, x=x, generator=estimator_generator)
-        else:
-            target, stats = augmented_target(self.estimator, self.augment, augmentation, z, sigma, x,
-                                             generator=estimator_generator)
-        estimator_seconds = time.perf_counter() - started
+        with StageTimer(x.device) as estimator_time:
+            if augmentation is None:
+                target = self.estimator(z, sigma, x=x, generator=estimator_generator)
+            else:
+                target, stats = augmented_target(self.estimator, self.augment, augmentation, z, sigma, x,
+                                                 generator=estimator_generator)
         weight = (sigma.square() + self.sigma_data**2) / (sigma * self.sigma_data).square()
         labels = {} if augmentation is None else {"augment_labels": augmentation.labels}
         per_sample = (student(z, sigma, **labels) - target).square().flatten(1).sum(dim=1)
         loss = (weight * per_sample).mean()
-        return loss, {"estimator_seconds": estimator_seconds, **stats}
+        return loss, {"estimator_seconds": estimator_time, **stats}
 
     def samplers(self) -> dict:
         """Sample-grid sampler for a trained denoiser: EDM's Heun sampler, 18 steps (35 evaluations)."""

@@ -12,13 +12,13 @@ teacher that is the student under stop-gradient with the same dropout masks.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 
 from knn_cm.diffusion import ODE_SOLVERS, pf_ode_step
 from knn_cm.models import draw_dropout_seed, shared_dropout
+from knn_cm.training.stage_timer import StageTimer
 
 DISTANCES = ("pseudo_huber", "pseudo_huber_per_element", "l2")
 
@@ -122,10 +122,9 @@ class ICTObjective:
         sigma_high = sigmas[index + 1].to(device=x.device, dtype=torch.float32)
         noise = torch.randn(x.shape, generator=noise_generator).to(x.device)
         z_high = x + sigma_high.reshape(-1, 1, 1, 1) * noise
-        started = time.perf_counter()
-        z_low = pf_ode_step(self.estimator, z_high, sigma_high, sigma_low, self.solver, x=x,
-                            generator=estimator_generator)
-        estimator_seconds = time.perf_counter() - started
+        with StageTimer(x.device) as estimator_time:
+            z_low = pf_ode_step(self.estimator, z_high, sigma_high, sigma_low, self.solver, x=x,
+                                generator=estimator_generator)
         dropout_seed = draw_dropout_seed(noise_generator)
         with shared_dropout(dropout_seed):
             student_out = student(z_high, sigma_high)
@@ -140,7 +139,7 @@ class ICTObjective:
             distance = pseudo_huber(student_out, teacher_out, c, per_element)
         weight = 1.0 / (sigma_high - sigma_low)
         loss = (weight * distance).mean()
-        stats = {"num_levels": len(sigmas), "estimator_seconds": estimator_seconds,
+        stats = {"num_levels": len(sigmas), "estimator_seconds": estimator_time,
                  "distance": float(distance.detach().mean())}
         return loss, stats
 

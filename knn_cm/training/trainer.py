@@ -28,6 +28,7 @@ from knn_cm.training.distributed import DistributedContext
 from knn_cm.training.ema import EMA
 from knn_cm.training.logging import MetricsLog, NullLogger
 from knn_cm.training.preemption import PreemptionGuard, parse_signal
+from knn_cm.training.stage_timer import resolve_timers
 from knn_cm.training.stream import BatchStream
 
 log = logging.getLogger(__name__)
@@ -316,7 +317,9 @@ class Trainer:
         ema_decay = self.ema.update(self.model, self.step, self.images_seen, self.config.batch_size)
         self.step += 1
         self.images_seen += self.config.batch_size
-        record = {"loss": loss_value, "lr": self.base_lrs[0] * factor, "ema_decay": ema_decay, **stats}
+        # The losses above were read back, so the objective's CUDA stage timers are complete.
+        record = {"loss": loss_value, "lr": self.base_lrs[0] * factor, "ema_decay": ema_decay,
+                  **resolve_timers(stats)}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         return record
