@@ -7,7 +7,7 @@
 # scored: digits-feature FID / IS on 2,000 one-step samples. Re-running resumes (trainer.resume=auto;
 # evaluation.jsonl).
 #
-#   bash scripts/digits_seeds.sh            # everything: 15 runs, about 9 min each on 2 quiet CPU cores
+#   bash scripts/digits_seeds.sh            # everything: 15 runs of 6-14 min on 2 CPU cores (Table 1 measured: 81 min)
 #   bash scripts/digits_seeds.sh table1     # Table 1: multirun/train/{digits_ict,digits_ict_stf,quickstart}_steps1600/seed=S
 #   bash scripts/digits_seeds.sh figure4    # Figure 4's 6 other runs: multirun/train/digits_figure4_{k,n}_steps1600/...
 #   bash scripts/digits_seeds.sh evaluate   # score the finished runs only
