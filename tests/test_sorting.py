@@ -21,3 +21,12 @@ def test_sorted_rows_integers():
     values[0, 5] = torch.iinfo(torch.int64).max  # the padding value of missing neighbours
     assert torch.equal(sorted_rows(values), values.sort(dim=1).values)
     assert sorted_rows(values).dtype == torch.int64
+
+
+def test_bfloat16_and_nan_sort_like_torch():
+    values = torch.randn(4, 50).to(torch.bfloat16)
+    assert torch.equal(sort_rows(values)[0], values.sort(dim=1).values)
+    with_nan = torch.randn(4, 50)
+    with_nan[:, 3] = float("nan")
+    got = sorted_rows(with_nan)
+    assert torch.isnan(got[:, -1]).all() and torch.equal(got[:, :-1], with_nan.sort(dim=1).values[:, :-1])
