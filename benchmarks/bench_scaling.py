@@ -34,22 +34,30 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar1
 DEFAULT_METHODS = ["pca:64:512", "ivfpca:64:0:0:512"]  # the second is configs/index/approximate.yaml
 
 
+def _mapped_store(args):
+    """(the first N generated images, memory-mapped; a DataStore over them), with torch on ``--threads``."""
+    import torch
+
+    from knn_cm.data import DataStore
+
+    torch.set_num_threads(args.threads)
+    images = np.load(args.images, mmap_mode="r")[: args.size]
+    return images, DataStore.from_array(images, name=f"cifar_like{args.size}")
+
+
 def run_one(args) -> dict:
     """One N, in this process: the measurements of the module docstring."""
     import torch
 
     from common import interleaved_seconds, machine, peak_rss_gb
 
-    from knn_cm.data import DataStore
     from knn_cm.estimators import make_estimator
     from knn_cm.index import build_index
 
-    torch.set_num_threads(args.threads)
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
-    images = np.load(args.images, mmap_mode="r")[: args.size]
-    store = DataStore.from_array(images, name=f"cifar_like{args.size}")
+    images, store = _mapped_store(args)
     started = time.perf_counter()
     flat = build_index(store, "torch")
     out = {"N": args.size, "machine": machine(args.threads), "storage_bytes": flat.rows.storage_bytes,
@@ -101,13 +109,10 @@ def run_search_only(args) -> dict:
 
     from common import peak_rss_gb
 
-    from knn_cm.data import DataStore
     from knn_cm.estimators import make_estimator
     from knn_cm.index import build_index
 
-    torch.set_num_threads(args.threads)
-    images = np.load(args.images, mmap_mode="r")[: args.size]
-    store = DataStore.from_array(images, name=f"cifar_like{args.size}")
+    _, store = _mapped_store(args)
     index = build_index(store, "torch")
     estimator = make_estimator("knn", store, index=index, k=args.k, n=args.n)
     generator = torch.Generator().manual_seed(0)

@@ -43,11 +43,19 @@ def random_store() -> DataStore:
 @pytest.fixture(scope="session")
 def clustered_store() -> DataStore:
     """N = 4,000 images (d = 48) in 40 tight clusters: a dataset where IVF partitions are meaningful."""
-    generator = np.random.default_rng(1)
-    centres = generator.uniform(40, 215, size=(40, 48))
-    members = centres[generator.integers(0, 40, size=4000)] + generator.normal(0, 12, size=(4000, 48))
-    images = np.clip(np.rint(members), 0, 255).astype(np.uint8).reshape(4000, 3, 4, 4)
-    return DataStore.from_array(images, name="clustered")
+    return clustered_images_store(4000, (3, 4, 4), clusters=40, centre_range=(40, 215), spread=12, seed=1,
+                                  name="clustered")
+
+
+def clustered_images_store(count: int, shape: tuple[int, int, int], clusters: int, centre_range: tuple[float, float],
+                           spread: float, seed: int, name: str) -> DataStore:
+    """``count`` uint8 images of ``shape``: Gaussian blobs (std ``spread``) around ``clusters`` uniform centres."""
+    generator = np.random.default_rng(seed)
+    dim = int(np.prod(shape))
+    centres = generator.uniform(*centre_range, size=(clusters, dim))
+    members = centres[generator.integers(0, clusters, size=count)] + generator.normal(0, spread, size=(count, dim))
+    images = np.clip(np.rint(members), 0, 255).astype(np.uint8).reshape(count, *shape)
+    return DataStore.from_array(images, name=name)
 
 
 def shared_cifar_archive() -> Path:

@@ -10,16 +10,14 @@ from knn_cm.data import DataStore
 from knn_cm.data.resident import resolve_storage
 from knn_cm.estimators import make_estimator
 from knn_cm.index import IndexSpec, build_index
+from tests.conftest import clustered_images_store
 
 
 @pytest.fixture(scope="module")
 def cifar_sized_store() -> DataStore:
     """N = 3,000 images of CIFAR-10's shape (3, 32, 32) in 30 clusters, so neighbours are meaningful."""
-    generator = np.random.default_rng(7)
-    centres = generator.uniform(30, 225, size=(30, 3072))
-    members = centres[generator.integers(0, 30, size=3000)] + generator.normal(0, 25, size=(3000, 3072))
-    images = np.clip(np.rint(members), 0, 255).astype(np.uint8).reshape(3000, 3, 32, 32)
-    return DataStore.from_array(images, name="cifar_sized")
+    return clustered_images_store(3000, (3, 32, 32), clusters=30, centre_range=(30, 225), spread=25, seed=7,
+                                  name="cifar_sized")
 
 
 def _queries(store, sigma: float, count: int = 24, seed: int = 0) -> torch.Tensor:
