@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from knn_cm.device import as_device
+from knn_cm.estimators.base import isolated_numerics
 from knn_cm.io import atomic_path, cache_dir, file_digest
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,11 @@ class Index:
         queries, k = check_search_input(queries, k, self.dim, self.size)
         if self.projection is None:
             return self._faiss_search(queries, k)
+        # The projection and the exact rerank are torch products: IEEE float32 whatever the caller set.
+        with isolated_numerics(torch.device("cpu")):
+            return self._projected_search(queries, k)
+
+    def _projected_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         from knn_cm.torch_index import exact_sq_dists
 
         out_device = queries.device

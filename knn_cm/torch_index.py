@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from knn_cm.data.resident import ResidentRows
+from knn_cm.estimators.base import isolated_numerics
 from knn_cm.sorting import sort_rows
 
 SEARCH_PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -180,12 +181,13 @@ class Projection:
         return Projection(self.mean.to(device), self.basis.to(device))
 
     def project_rows(self, rows: ResidentRows, chunk_rows: int = 8192) -> torch.Tensor:
-        """[N, m + 1] float32: P(x - mu) and ||(I - P)(x - mu)||."""
+        """[N, m + 1] float32: P(x - mu) and ||(I - P)(x - mu)||, in IEEE float32 products (no TF32)."""
         out = torch.empty(rows.size, self.dim + 1, dtype=torch.float32, device=rows.device)
-        for start, chunk in rows.chunks(chunk_rows):
-            reduced, residual = self._split(chunk.to(torch.float32))
-            out[start : start + chunk.shape[0], :-1] = reduced
-            out[start : start + chunk.shape[0], -1] = residual.sqrt()
+        with isolated_numerics(rows.device):
+            for start, chunk in rows.chunks(chunk_rows):
+                reduced, residual = self._split(chunk.to(torch.float32))
+                out[start : start + chunk.shape[0], :-1] = reduced
+                out[start : start + chunk.shape[0], -1] = residual.sqrt()
         return out
 
     def project_queries(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,6 +256,11 @@ class TorchIndex:
 
         queries, k = check_search_input(queries, k, self.dim, self.size)
         queries = queries.detach().to(device=self.device, dtype=torch.float32)
+        # The distances are GEMM expansions: IEEE float32 products whatever the caller set (no TF32).
+        with isolated_numerics(self.device):
+            return self._search(queries, k)
+
+    def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.projection is None:
             return chunked_topk(queries, self.rows, k, self.precision, self.chunk_rows)
         reduced_queries, residual = self.projection.project_queries(queries)
