@@ -102,10 +102,9 @@ def chunked_topk(queries: torch.Tensor, rows: ResidentRows, k: int, precision: t
 
 
 def rows_in(rows: ResidentRows, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rows [start, stop) as ``dtype`` values in [-1, 1] (converted from the stored bytes directly)."""
-    if rows.flip_shape is not None:
-        return rows.gather(torch.arange(start, stop, device=rows.device)).to(dtype)
-    raw = rows.rows[start:stop]
+    """Rows [start, stop) as ``dtype`` values in [-1, 1] (converted from the stored bytes directly; x-flipped
+    elements mirrored on the fly, as :meth:`~knn_cm.data.resident.ResidentRows.raw_range` makes them)."""
+    raw = rows.raw_range(start, stop)
     if raw.dtype == torch.uint8:
         return raw.to(dtype).div_(127.5).sub_(1.0)
     return raw.to(dtype)

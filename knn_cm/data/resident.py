@@ -9,9 +9,14 @@ over all rows in chunks (exact posterior, GEMM distances, the torch index). How 
   level), converted to the compute dtype on access;
 - ``uint8``: the pixel bytes, converted on access (1 byte per value, exact: the default on CUDA);
 - ``mapped``: CPU only, no copy at all: the store's own uint8 array (a ``np.memmap`` stays on disk and in
-  the page cache), converted a chunk at a time; x-flipped copies are mirrored on read.
+  the page cache), converted a chunk at a time.
 
 Every storage but ``float16`` gives bit-identical values: ``u / 127.5 - 1`` computed in the compute dtype.
+
+x-flip stays virtual in every storage and on every device: only the N stored images are held, and the
+mirrored copies (elements N..2N-1) are made on read, by gathers and chunks alike, with the same values and
+chunk boundaries as rows holding all 2N (tested bit for bit). Held twice, ImageNet-64 would need 31.5 GB
+of uint8 rows per GPU instead of 15.7 GB.
 """
 
 from __future__ import annotations
@@ -54,8 +59,8 @@ class ResidentRows:
         rows: stored rows [M, d] (uint8, float16 or ``dtype``).
         dtype: the compute dtype values are read in.
         fingerprint: the store's fingerprint.
-        flip_shape: (C, H, W) when the rows are the M base images of an x-flip store read in place: the
-            store then has N = 2M elements, element M + i being row i mirrored left-right.
+        flip_shape: (C, H, W) when the rows are the M stored images of an x-flip store: the store then
+            has N = 2M elements, element M + i being row i mirrored left-right (made on read, never held).
     """
 
     def __init__(self, rows: torch.Tensor, dtype: torch.dtype, fingerprint: str,
@@ -80,22 +85,24 @@ class ResidentRows:
 
     @classmethod
     def from_store(cls, store, device: torch.device, dtype: torch.dtype, storage: str) -> "ResidentRows":
-        """Every element of ``store`` (x-flipped copies included) on ``device`` in ``storage``."""
+        """Every element of ``store`` on ``device`` in ``storage``: its stored images held, x-flipped copies
+        (when the store has them) made on read."""
         storage = resolve_storage(storage, device, len(store), store.dim, dtype)
+        flip_shape = store.shape if store.xflip else None
         if storage == "mapped":
             with warnings.catch_warnings():  # a read-only memmap: rows are only ever read
                 warnings.simplefilter("ignore", UserWarning)
                 base = torch.from_numpy(np.asarray(store.images).reshape(store.base_size, -1))
-            return cls(base, dtype=dtype, fingerprint=store.fingerprint,
-                       flip_shape=store.shape if store.xflip else None)
+            return cls(base, dtype=dtype, fingerprint=store.fingerprint, flip_shape=flip_shape)
         rows_dtype = {"uint8": torch.uint8, "float16": torch.float16, "float": dtype}[storage]
-        rows = torch.empty(len(store), store.dim, dtype=rows_dtype, device=device)
-        for start, chunk in store.iter_uint8(_BUILD_CHUNK):
-            chunk = chunk.reshape(chunk.shape[0], -1).to(device)
+        rows = torch.empty(store.base_size, store.dim, dtype=rows_dtype, device=device)
+        for start in range(0, store.base_size, _BUILD_CHUNK):
+            stop = min(start + _BUILD_CHUNK, store.base_size)
+            chunk = store.uint8(np.arange(start, stop)).reshape(stop - start, -1).to(device)
             if rows_dtype != torch.uint8:
                 chunk = uint8_to_float(chunk, dtype).to(rows_dtype)
-            rows[start : start + chunk.shape[0]] = chunk
-        return cls(rows, dtype=dtype, fingerprint=store.fingerprint)
+            rows[start:stop] = chunk
+        return cls(rows, dtype=dtype, fingerprint=store.fingerprint, flip_shape=flip_shape)
 
     @property
     def size(self) -> int:
@@ -124,16 +131,35 @@ class ResidentRows:
     def _mirror(self, raw: torch.Tensor) -> torch.Tensor:
         return raw.view(-1, *self.flip_shape).flip(-1).reshape(raw.shape)
 
-    def gather(self, indices: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def gather(self, indices: torch.Tensor, out: torch.Tensor | None = None,
+               fixed_shapes: bool | None = None) -> torch.Tensor:
         """Rows [M, d] in ``dtype`` for int64 ``indices`` [M] (written into ``out`` when given).
 
-        Fixed shapes and no value-dependent branch: safe on CUDA without host synchronisation.
+        Without x-flip: fixed shapes and no value-dependent branch, on every device. With x-flip, how the
+        mirrored rows are made depends on ``fixed_shapes`` (default: on any device but the CPU):
+        - fixed shapes: every gathered stored row is mirrored and the mirrored ones selected by mask
+          (no host synchronisation: the CUDA path);
+        - otherwise only the rows of mirrored elements are found and mirrored (faster on a CPU, where
+          finding them costs nothing).
+        Both give the same values.
         """
         indices = indices.to(device=self.device, dtype=torch.long).reshape(-1)
-        if self.flip_shape is not None:
-            raw = self.rows.index_select(0, torch.remainder(indices, self.base_size))
-            raw = torch.where((indices >= self.base_size).unsqueeze(1), self._mirror(raw), raw)
-            return self._to_values(raw, out)
+        if self.flip_shape is None:
+            return self._gather_stored(indices, out)
+        fixed_shapes = self.device.type != "cpu" if fixed_shapes is None else fixed_shapes
+        flipped = indices >= self.base_size
+        stored = torch.remainder(indices, self.base_size)
+        if fixed_shapes:
+            raw = self.rows.index_select(0, stored)  # mirrored while still in the stored dtype (fewest bytes)
+            return self._to_values(torch.where(flipped.unsqueeze(1), self._mirror(raw), raw, out=raw), out)
+        values = self._gather_stored(stored, out)
+        mirrored = flipped.nonzero().squeeze(1)
+        if mirrored.numel():
+            values.index_copy_(0, mirrored, self._mirror(values.index_select(0, mirrored)))
+        return values
+
+    def _gather_stored(self, indices: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """Stored rows [M, d] (indices < base_size) in ``dtype``, into ``out`` when given."""
         if self.rows.dtype != self.dtype:
             return self._to_values(self.rows.index_select(0, indices), out)
         if out is None:
@@ -151,13 +177,27 @@ class ResidentRows:
             self._buffer = torch.empty(max(count, 256), self.dim, dtype=self.dtype, device=self.device)
         return self.gather(indices, out=self._buffer[:count])
 
+    def raw_range(self, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) as rows [stop - start, d] unconverted (uint8 / float16 / dtype).
+
+        Without x-flip (or before the mirrored half) a view of the stored rows; mirrored elements are made
+        here, so a range reads exactly what rows holding all 2N elements would hold there.
+        """
+        base = self.base_size
+        if self.flip_shape is None or stop <= base:
+            return self.rows[start:stop]
+        if start >= base:
+            return self._mirror(self.rows[start - base : stop - base])
+        return torch.cat([self.rows[start:base], self._mirror(self.rows[: stop - base])])
+
     def raw_chunks(self, chunk_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (start, stored rows [m, d]) over all elements in order, unconverted (uint8 / float16 / dtype)."""
-        for start in range(0, self.base_size, chunk_rows):
-            yield start, self.rows[start : start + chunk_rows]
-        if self.flip_shape is not None:
-            for start in range(0, self.base_size, chunk_rows):
-                yield self.base_size + start, self._mirror(self.rows[start : start + chunk_rows])
+        """Yield (start, rows [m, d]) over all elements in order, unconverted (uint8 / float16 / dtype).
+
+        Chunk boundaries are multiples of ``chunk_rows`` over all elements, x-flipped ones included, so
+        matrix products over the chunks are the same as over rows that hold every element.
+        """
+        for start in range(0, self.size, chunk_rows):
+            yield start, self.raw_range(start, min(start + chunk_rows, self.size))
 
     def chunks(self, chunk_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (start, rows [m, d] in ``dtype``) over all rows in order."""

@@ -77,7 +77,8 @@ class KNN(Estimator):
         indices = indices.to(z.device)
         found = indices >= 0
         if self.refine_proposal:
-            exact = self.rows.gather(indices.clamp(min=0).reshape(-1)).view(*indices.shape, -1)
+            exact = self.rows.gather(indices.clamp(min=0).reshape(-1), fixed_shapes=self.sync_free)
+            exact = exact.view(*indices.shape, -1)
             exact = exact.sub_(z.unsqueeze(1))
             sq_dists = torch.where(found, sq_norms(exact), sq_dists)
         log_lik = log_likelihood(sq_dists, sigma).masked_fill(~found, -math.inf)

@@ -35,15 +35,15 @@ class STF(Estimator):
 
     def posterior_mean(self, z, sigma, x, generator):
         if x is None:
-            reference = draw_uniform_rows(self.rows, self.n, generator)
+            reference = draw_uniform_rows(self.rows, self.n, generator, self.sync_free)
             return torch.softmax(reference_log_likelihoods(z, sigma, reference, self.sync_free), dim=1) @ reference
         if self.variant == "shared":
             if self.n < z.shape[0]:
                 raise ValueError(f"shared STF needs n >= batch size ({z.shape[0]}) to hold every source, got n={self.n}")
-            reference = torch.cat([x, draw_uniform_rows(self.rows, self.n - z.shape[0], generator)])
+            reference = torch.cat([x, draw_uniform_rows(self.rows, self.n - z.shape[0], generator, self.sync_free)])
             return torch.softmax(reference_log_likelihoods(z, sigma, reference, self.sync_free), dim=1) @ reference
         # per_sample: n - 1 uniform draws shared by the call, plus each query's own source as column n.
-        reference = draw_uniform_rows(self.rows, self.n - 1, generator)
+        reference = draw_uniform_rows(self.rows, self.n - 1, generator, self.sync_free)
         source_sq_dist = sq_norms(z - x)
         sq_dists = torch.cat([reference_sq_dists(z, sigma, reference, best_known=source_sq_dist,
                                                  fixed_shapes=self.sync_free), source_sq_dist.unsqueeze(1)], dim=1)

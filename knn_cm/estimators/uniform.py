@@ -8,10 +8,11 @@ from knn_cm.estimators.base import Estimator, check_positive_int
 from knn_cm.estimators.weighting import reference_log_likelihoods
 
 
-def draw_uniform_rows(rows, count: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``count`` elements drawn uniformly with replacement: rows [count, d]."""
+def draw_uniform_rows(rows, count: int, generator: torch.Generator | None, fixed_shapes: bool = False) -> torch.Tensor:
+    """``count`` elements drawn uniformly with replacement: rows [count, d] (``fixed_shapes``: see
+    :meth:`~knn_cm.data.resident.ResidentRows.gather`)."""
     ids = torch.randint(0, rows.size, (count,), generator=generator, device=rows.device)
-    return rows.gather(ids)
+    return rows.gather(ids, fixed_shapes=fixed_shapes)
 
 
 class UniformSNIS(Estimator):
@@ -29,6 +30,6 @@ class UniformSNIS(Estimator):
         self.n = check_positive_int("n", n)
 
     def posterior_mean(self, z, sigma, x, generator):
-        reference = draw_uniform_rows(self.rows, self.n, generator)
+        reference = draw_uniform_rows(self.rows, self.n, generator, self.sync_free)
         weights = torch.softmax(reference_log_likelihoods(z, sigma, reference, fixed_shapes=self.sync_free), dim=1)
         return weights @ reference

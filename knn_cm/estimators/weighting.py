@@ -130,7 +130,7 @@ def refine_sq_dists_fixed(z: torch.Tensor, z_sq: torch.Tensor, sigma: torch.Tens
     for start in range(0, z.shape[0], query_step):
         block = ids[start : start + query_step]
         if isinstance(rows, ResidentRows):
-            gathered = rows.gather(block.reshape(-1))
+            gathered = rows.gather(block.reshape(-1), fixed_shapes=True)
         else:
             gathered = rows.index_select(0, block.reshape(-1))
         delta = gathered.view(*block.shape, -1).sub_(z[start : start + query_step].unsqueeze(1))
@@ -319,7 +319,7 @@ def weighted_row_mean_fixed(z: torch.Tensor, sigma: torch.Tensor, rows: Resident
     step = max(1, chunk_rows // max(1, width))
     for start in range(0, z.shape[0], step):
         stop = min(start + step, z.shape[0])
-        gathered = rows.gather(safe_ids[start:stop].reshape(-1)).view(stop - start, width, -1)
+        gathered = rows.gather(safe_ids[start:stop].reshape(-1), fixed_shapes=True).view(stop - start, width, -1)
         group_log_weights = log_weights[start:stop]
         if use_likelihood:
             delta = gathered.sub_(z[start:stop].unsqueeze(1))  # x_j - z_b
