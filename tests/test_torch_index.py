@@ -78,6 +78,27 @@ def test_low_precision_search_finds_nearly_the_same_neighbours(cifar_sized_store
         assert relative < (2e-3 if precision == "float16" else 2e-2), (sigma, relative)
 
 
+def test_float16_search_stays_accurate_where_query_dot_products_exceed_float16(cifar_sized_store):
+    """Queries aligned with the data at a large scale (pixel-scale inputs, 300 z) make |q.x| pass float16's
+    largest value 65,504 for every neighbour; unit-scaled queries keep the products in range. Without the
+    scaling the overlap with the exact neighbours falls to 8-65% here."""
+    generator = torch.Generator().manual_seed(0)
+    x = cifar_sized_store.float(torch.randperm(len(cifar_sized_store), generator=generator)[:8]).reshape(8, -1)
+    rows = cifar_sized_store.float().reshape(len(cifar_sized_store), -1)
+    exact_index = build_index(cifar_sized_store, "torch")
+    float16_index = build_index(cifar_sized_store, "torch", precision="float16")
+    for name, queries in (("pixel scale", (x + 1.0) * 127.5),
+                          ("300 z, sigma 0.5", 300 * (x + 0.5 * torch.randn(x.shape, generator=generator))),
+                          ("300 z, sigma 20", 300 * (x + 20 * torch.randn(x.shape, generator=generator)))):
+        exact_d, exact_i = exact_index.search(queries, 64)
+        dots = (queries.unsqueeze(1) @ rows[exact_i].transpose(1, 2)).abs()
+        assert float(dots.min()) > torch.finfo(torch.float16).max, name  # the case the scaling exists for
+        dists, indices = float16_index.search(queries, 64)
+        assert bool(torch.isfinite(dists).all()), name
+        overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / 64 for a, b in zip(exact_i, indices)])
+        assert overlap >= 0.9, (name, overlap)
+
+
 def test_float16_proposal_estimates_within_the_estimators_noise(cifar_sized_store):
     """KNN on a float16 search: the proposal changes, the weights stay exact; the estimates' error
     against the exact posterior matches float32's within Monte-Carlo noise, at every sigma."""
