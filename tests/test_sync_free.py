@@ -137,8 +137,12 @@ def test_cuda_estimators_never_synchronise_and_match_the_cpu(cifar_like, storage
 def test_cuda_torch_index_equals_the_cpu_torch_index(cifar_like):
     store, cpu_index = cifar_like
     _, z = _batch(store, 2.0, count=16)
+    # Building the index copies the rows to the GPU and reads their largest norm: both synchronise by
+    # design, so they (and the queries' copy) happen before the checked region; the search may not.
+    cuda_index = build_index(store, "torch", device="cuda")
+    queries = z.cuda().reshape(16, -1)
     with sync_errors():
-        cuda_d, cuda_i = build_index(store, "torch", device="cuda").search(z.cuda().reshape(16, -1), 50)
+        cuda_d, cuda_i = cuda_index.search(queries, 50)
     cpu_d, cpu_i = cpu_index.search(z.reshape(16, -1), 50)
     assert (cuda_i.cpu() == cpu_i).float().mean() >= 0.99
     assert torch.allclose(cuda_d.cpu(), cpu_d, rtol=1e-4, atol=0.05)
@@ -156,9 +160,12 @@ def test_cuda_flat_without_faiss_gpu_is_the_torch_index(cifar_like):
 @needs_cuda
 def test_two_cuda_training_steps_with_a_sync_free_knn_estimator(tmp_path):
     """iCT + KNN (Heun) training steps on CUDA: every estimator call runs under sync-debug "error"
-    (the trainer's own logging may synchronise; the estimator may not), inside fp16 autocast."""
+    (the trainer's own logging may synchronise; the estimator may not), inside fp16 autocast.
+
+    The trainer runs on the estimator's device (its context says so): a trainer on the CPU would hand the
+    estimator CPU batches, whose copies to the GPU inside the checked call synchronise by construction."""
     from knn_cm.models import CMPrecond, SongUNet
-    from knn_cm.training import ICTObjective, Trainer, TrainerConfig
+    from knn_cm.training import DistributedContext, ICTObjective, Trainer, TrainerConfig
 
     images = np.random.default_rng(0).integers(0, 256, (512, 3, 8, 8), dtype=np.uint8)
     store = DataStore.from_array(images, name="train_cuda", xflip=True)
@@ -186,7 +193,9 @@ def test_two_cuda_training_steps_with_a_sync_free_knn_estimator(tmp_path):
         config = TrainerConfig(max_steps=100, batch_size=8, progress=False, resume="never", device=device,
                                precision="fp16" if device == "cuda" else "fp32")
         trainer = Trainer(config, tmp_path / device, store, network, objective,
-                          lambda params: torch.optim.RAdam(params, lr=1e-4), estimator_device=device)
+                          lambda params: torch.optim.RAdam(params, lr=1e-4),
+                          context=DistributedContext(device=torch.device(device)), estimator_device=device)
+        assert trainer.device.type == device
         records = [trainer.train_step() for _ in range(2)]
         assert len(calls) >= 2, "the Heun step calls the estimator"
         losses[device] = [float(record["loss"]) for record in records]
