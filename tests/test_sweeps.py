@@ -114,3 +114,17 @@ def test_the_estimator_study_sweep_of_docs_resolves():
     sweep_dir, folders = sweep_job_folders(["estimators.knn.k=64,256"], config_name="estimator_study")
     assert sweep_dir.startswith("multirun/estimator_study/digits/")
     assert folders == [f"{sweep_dir}/0", f"{sweep_dir}/1"]
+
+
+def test_folder_names_sort_swept_keys_whatever_their_order_on_the_command_line():
+    """``seed=0,1 estimator.k=64,256`` and ``estimator.k=64,256 seed=0,1`` are one sweep: the same folders
+    (keys sorted), so a requeued job finds its checkpoints however the command was typed."""
+    from hydra_plugins.knn_cm_sweeper.stable_sweeper import subdir_name
+
+    keys = {"seed", "estimator.k", "experiment"}
+    job = ["seed=0", "estimator.k=64", "experiment=ict_knn"]
+    assert subdir_name(job, keys, ["experiment"]) == "estimator.k=64,seed=0"
+    assert subdir_name(["estimator.k=64", "seed=0"], keys, []) == "estimator.k=64,seed=0"
+    _, forward = sweep_job_folders("experiment=ict_knn estimator.k=64,256 seed=0,1".split())
+    _, reverse = sweep_job_folders("experiment=ict_knn seed=0,1 estimator.k=64,256".split())
+    assert sorted(reverse) == sorted(forward) and "multirun/train/ict_knn/estimator.k=64,seed=1" in reverse
