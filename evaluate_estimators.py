@@ -4,6 +4,7 @@ posterior mean, over noise levels; results.csv, Figure-3-style PNGs and a markdo
     python evaluate_estimators.py                                   # digits, single / stf / knn
     python evaluate_estimators.py experiment=estimators/cifar10_reduced
     python evaluate_estimators.py experiment=estimators/figure6_k_sweep dataset=cifar10
+    python evaluate_estimators.py experiment=estimators/flow_matching_cifar10_reduced   # velocity targets (t in (0, 1))
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from knn_cm.evaluation import build_estimators, estimator_error_study, markdown_table, plot_study, write_csv
 from knn_cm.evaluation.estimator_error import METRICS, TARGETS
+from knn_cm.evaluation.velocity_error import VELOCITY_TARGETS, plot_velocity_study, velocity_error_study
 
 log = logging.getLogger("evaluate_estimators")
+PROCESSES = ("ve", "flow_matching")
 
 
 def run(config: DictConfig, run_dir: Path) -> list[dict]:
@@ -30,14 +33,20 @@ def run(config: DictConfig, run_dir: Path) -> list[dict]:
     store = instantiate(config.dataset.store)
     log.info("dataset %s: N=%d, d=%d", store.name, len(store), store.dim)
     estimators = build_estimators(OmegaConf.to_container(config.estimators, resolve=True), store, device=study.device)
-    rows = estimator_error_study(store, estimators, list(study.times), num_sources=study.num_sources,
-                                 repeats=study.repeats, batch_size=study.batch_size, seed=study.seed,
-                                 device=study.device, progress=study.progress)
+    process = study.get("process", "ve")
+    if process not in PROCESSES:
+        raise ValueError(f"study.process must be one of {', '.join(PROCESSES)}, got {process!r}")
+    # ve: t is the noise level (Figure 3); flow_matching: t is flow-matching time and targets are velocities.
+    study_function, plot, targets = ((estimator_error_study, plot_study, TARGETS) if process == "ve" else
+                                     (velocity_error_study, plot_velocity_study, VELOCITY_TARGETS))
+    rows = study_function(store, estimators, list(study.times), num_sources=study.num_sources,
+                          repeats=study.repeats, batch_size=study.batch_size, seed=study.seed,
+                          device=study.device, progress=study.progress)
     write_csv(rows, run_dir / "results.csv")
     title = f"{store.name} (N={len(store)}): M={study.num_sources}, R={study.repeats}"
-    plot_study(rows, run_dir / "estimator_error.png", title=title)
+    plot(rows, run_dir / "estimator_error.png", title=title)
     summary = "\n\n".join(f"## {target} {metric}\n\n" + markdown_table(rows, target, metric)
-                          for target in TARGETS for metric in METRICS)
+                          for target in targets for metric in METRICS)
     (run_dir / "summary.md").write_text(f"# {title}\n\n{summary}\n")
     log.info("wrote %s", run_dir)
     return rows

@@ -27,6 +27,7 @@ from knn_cm.evaluation.snapshots import resolve_network_path
 from knn_cm.io import atomic_path
 from knn_cm.models import load_network
 from knn_cm.sampling import generate, make_sampler
+from knn_cm.sampling.generate import USES_ESTIMATOR
 from knn_cm.settings import non_negative_int, positive_int
 from knn_cm.training import save_image_grid
 
@@ -51,7 +52,7 @@ def run(config: DictConfig, run_dir: Path) -> torch.Tensor:
         network = load_network(path, map_location=device)
         log.info("network %s (%s)", path, type(network).__name__)
     estimator = None
-    if config.sampler.kind in ("pf_ode", "hybrid"):
+    if config.sampler.kind in USES_ESTIMATOR:
         spec = OmegaConf.to_container(config.estimator, resolve=True)
         estimator = build_estimators({"estimator": spec}, store, device=device)["estimator"]
     sampler = make_sampler(network=network, estimator=estimator, store=store,

@@ -140,3 +140,38 @@ def karras_sigmas(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: floa
     first, last = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     sigmas = (first + step_indices / max(num_steps - 1, 1) * (last - first)) ** rho
     return torch.cat([sigmas, torch.zeros_like(sigmas[:1])])
+
+
+class FlowMatchingProcess(NoiseProcess):
+    """Flow matching / rectified flow (Lipman et al. 2023, Liu et al. 2023; SD3's convention, as in diffusers):
+
+        x_t = (1 - t) x + t eps,   t in (0, 1),   t = 1 is pure noise,
+
+    a Gaussian process z = s(t) (x + sigma(t) eps) with s(t) = 1 - t and sigma(t) = t / (1 - t), so Algorithm 2
+    serves it unchanged: E[x | x_t] is the VE posterior mean at the query x_t / (1 - t) and noise level
+    t / (1 - t) (:meth:`NoiseProcess.posterior_mean`). The marginal velocity of the probability-flow ODE
+    dx_t / dt = v(x_t, t) is
+
+        v(x_t, t) = E[eps - x | x_t] = (x_t - E[x | x_t]) / t,
+
+    and the conditional velocity eps - x (flow matching's regression target) is its single-sample estimate.
+    """
+
+    def sigma(self, t):
+        t = torch.as_tensor(t)
+        return t / (1 - t)
+
+    def scale(self, t):
+        return 1 - torch.as_tensor(t)
+
+    def add_noise(self, x: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = (1 - t) x + t eps [B, ...] for x, eps [B, ...] and t scalar or [B] (the path itself, not the
+        equal s(t) (x + sigma(t) eps), whose rounding differs)."""
+        t = _as_batch(t, x.shape[0], x).reshape((-1,) + (1,) * (x.ndim - 1))
+        return (1 - t) * x + t * noise
+
+    def velocity(self, estimator, z: torch.Tensor, t, **kwargs) -> torch.Tensor:
+        """The marginal velocity estimate (z - E[x | z, t]) / t [B, ...] for x_t = z, t in (0, 1) scalar or [B]."""
+        t = _as_batch(t, z.shape[0], z)
+        x_hat = self.posterior_mean(estimator, z, t, **kwargs)
+        return (z - x_hat) / t.reshape((-1,) + (1,) * (z.ndim - 1))

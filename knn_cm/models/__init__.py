@@ -26,7 +26,7 @@ from knn_cm.models.dropout import draw_dropout_seed, shared_dropout, shared_drop
 from knn_cm.models.factory import PRECONDITIONERS, build_denoiser
 from knn_cm.models.layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding
 from knn_cm.models.precision import autocast_context, resolve_amp_dtype
-from knn_cm.models.precond import CMPrecond, EDMPrecond
+from knn_cm.models.precond import CMPrecond, EDMPrecond, FMPrecond
 from knn_cm.models.song_unet import SongUNet
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "Conv2d",
     "EDMNetwork",
     "EDMPrecond",
+    "FMPrecond",
     "FourierEmbedding",
     "GroupNorm",
     "Linear",

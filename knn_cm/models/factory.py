@@ -16,21 +16,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from knn_cm.models.precond import CMPrecond, EDMPrecond
+from knn_cm.models.precond import CMPrecond, EDMPrecond, FMPrecond
 from knn_cm.models.song_unet import SongUNet
 
-PRECONDITIONERS = {"edm": EDMPrecond, "cm": CMPrecond}
+PRECONDITIONERS = {"edm": EDMPrecond, "cm": CMPrecond, "fm": FMPrecond}
 
 
 def build_denoiser(
     network: Mapping,
     precond: str = "edm",
     precond_kwargs: Mapping | None = None,
-) -> EDMPrecond | CMPrecond:
+) -> EDMPrecond | CMPrecond | FMPrecond:
     """``PRECONDITIONERS[precond](SongUNet(**network), **precond_kwargs)``.
 
     network: SongUNet keyword arguments (EDM names, plus ``fourier_scale``).
-    precond: 'edm' (EDMPrecond) or 'cm' (CMPrecond).
+    precond: 'edm' (EDMPrecond), 'cm' (CMPrecond) or 'fm' (FMPrecond, a flow-matching velocity network).
     precond_kwargs: wrapper keyword arguments, e.g. sigma_data, sigma_min, c_noise_scale, amp_dtype.
     """
     if precond not in PRECONDITIONERS:

@@ -5,7 +5,7 @@ output) is a ``torch.save`` zip archive of::
 
     {'format': 'knn_cm.network.v1', 'state_dict': OrderedDict(name -> tensor),
      'network_class': 'SongUNet', 'songunet_kwargs': {...},
-     'precond_class': 'EDMPrecond' | 'CMPrecond', 'precond_kwargs': {...}, 'metadata': {...}}
+     'precond_class': 'EDMPrecond' | 'CMPrecond' | 'FMPrecond', 'precond_kwargs': {...}, 'metadata': {...}}
 
 It is written durably (temporary file, fsync, rename). Reading never runs code from the file: only a torch
 zip archive is accepted, it is unpickled with ``weights_only=True``, and every entry is checked (names and
@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 from knn_cm.io import atomic_path
-from knn_cm.models.precond import CMPrecond, EDMPrecond
+from knn_cm.models.precond import CMPrecond, EDMPrecond, FMPrecond
 from knn_cm.models.song_unet import SongUNet
 from knn_cm.weights_only import UnreadableTorchFile, load_weights_only
 
 NETWORK_FILE_FORMAT = "knn_cm.network.v1"
-PRECOND_CLASSES = {"EDMPrecond": EDMPrecond, "CMPrecond": CMPrecond}
+PRECOND_CLASSES = {"EDMPrecond": EDMPrecond, "CMPrecond": CMPrecond, "FMPrecond": FMPrecond}
 _ENTRIES = ("state_dict", "network_class", "songunet_kwargs", "precond_class", "precond_kwargs")
 
 
@@ -122,11 +122,12 @@ def save_state_dict(
     return path
 
 
-def save_network(path: str | os.PathLike, denoiser: EDMPrecond | CMPrecond, metadata: Mapping | None = None) -> Path:
+def save_network(path: str | os.PathLike, denoiser: EDMPrecond | CMPrecond | FMPrecond,
+                 metadata: Mapping | None = None) -> Path:
     """Save a precond-wrapped SongUNet (weights, architecture and precond arguments) atomically."""
     if not isinstance(denoiser, tuple(PRECOND_CLASSES.values())) or not isinstance(denoiser.model, SongUNet):
         raise ValueError(
-            f"save_network expects EDMPrecond or CMPrecond around a SongUNet, got {type(denoiser).__name__}"
+            f"save_network expects EDMPrecond, CMPrecond or FMPrecond around a SongUNet, got {type(denoiser).__name__}"
         )
     return save_state_dict(
         path,

@@ -193,3 +193,56 @@ class CMPrecond(_PreconditionedDenoiser):
         c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
         c_noise = self.c_noise_scale * sigma.log().reshape(-1)
         return c_skip, c_out, c_in, c_noise
+
+
+class FMPrecond(_PreconditionedDenoiser):
+    """A velocity network v(x_t, t) for flow matching on x_t = (1 - t) x + t eps (``FlowMatchingProcess``),
+    with sd = sigma_data:
+
+        v = c_skip(t) x_t + c_out(t) F(c_in(t) x_t, c_noise(t)),   with  r(t)^2 = (1 - t)^2 sd^2 + t^2 = Var[x_t]:
+        c_in    = 1 / r(t)                         (unit-variance input)
+        c_skip  = (t - (1 - t) sd^2) / r(t)^2      (Cov[eps - x, x_t] / Var[x_t]: the best linear guess of eps - x)
+        c_out   = sd / r(t)                        (the residual's standard deviation: F's target has unit variance)
+        c_noise = 1000 t                           (DDPM's time-step scale; SD3 and diffusers feed 1000 t too)
+
+    Karras et al. 2022 (EDM, Appendix B.6) derive c_in, c_skip and c_out from these variance conditions for the
+    denoiser; here they are derived the same way for the velocity target eps - x of the flow-matching path, for
+    data of standard deviation sd. c_noise must stay finite on the closed interval [0, 1] (the sampler starts at
+    t = 1 and Heun's last correction evaluates t = 0), so EDM's ln(sigma) / 4, infinite at both ends, is not
+    used; 1000 t spreads t over the positional embedding's frequencies as in DDPM (Ho et al. 2020). F's
+    effective loss weight is w(t) c_out(t)^2: 1 with ``FlowMatchingObjective(weighting="edm")``, between sd^2
+    and 1 + sd^2 with the usual uniform weighting (see ``knn_cm.training.flow_matching``).
+
+    ``v = net(x_t, t, class_labels=None, augment_labels=None)``: x_t [N, C, H, W], t [N] (or a scalar) in
+    [0, 1]; returns float32 [N, C, H, W]. The second argument is flow-matching time, not a noise level.
+    """
+
+    def __init__(self, model: nn.Module, sigma_data: float = 0.5, amp_dtype: torch.dtype | str | None = None):
+        super().__init__(model, sigma_data, 0.0, 1.0, amp_dtype)
+
+    @property
+    def precond_kwargs(self) -> dict:
+        return dict(sigma_data=self.sigma_data)
+
+    def _sigma_batch(self, t, x: torch.Tensor) -> torch.Tensor:
+        """t as float32 [N] on x's device; checked to lie in [0, 1] on the CPU (a CUDA check would wait for the
+        device on every training step, so there the caller's time sampling is trusted)."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"FMPrecond: t has {t.numel()} elements; expected 1 or the batch size {x.shape[0]}")
+        if t.device.type == "cpu" and not bool(((t >= 0) & (t <= 1)).all()):
+            bad = t[~((t >= 0) & (t <= 1))][0].item()
+            raise ValueError(f"FMPrecond: t must lie in [0, 1] (flow-matching time, 1 = noise), got {bad!r}")
+        return t
+
+    def coefficients(self, t: torch.Tensor):
+        sigma_data = self.sigma_data
+        t = t.reshape(-1, 1, 1, 1)
+        variance = (1 - t) ** 2 * sigma_data**2 + t**2
+        c_in = variance.rsqrt()
+        c_skip = (t - (1 - t) * sigma_data**2) / variance
+        c_out = sigma_data * c_in
+        c_noise = 1000 * t.reshape(-1)
+        return c_skip, c_out, c_in, c_noise

@@ -20,11 +20,13 @@ reproducible. Schedules are ``knn_cm.diffusion.karras_sigmas`` (EDM's time steps
 
 Modules: ``ode`` (Heun / Euler, EDM Algorithm 2), ``hybrid`` (Section 6's hybrid and forward-process
 samplers; how t_switch enters the schedule), ``consistency`` (one- and multistep), ``seeds``,
-``generate`` (named samplers and generation by seed, for ``sample.py`` and ``evaluate.py``).
+``generate`` (named samplers and generation by seed, for ``sample.py`` and ``evaluate.py``), ``flow``
+(Euler / Heun on the flow-matching ODE with a velocity network, an estimator, or both: x_t = (1 - t) x + t eps).
 """
 
 from knn_cm.diffusion import karras_sigmas
 from knn_cm.sampling.consistency import consistency_sample
+from knn_cm.sampling.flow import estimator_velocity, flow_hybrid_sample, flow_sample
 from knn_cm.sampling.generate import SAMPLER_KINDS, generate, make_sampler, resolve_kind
 from knn_cm.sampling.hybrid import (
     forward_process_sample,
@@ -46,7 +48,10 @@ __all__ = [
     "Denoiser",
     "consistency_sample",
     "estimator_denoiser",
+    "estimator_velocity",
     "euler_sample",
+    "flow_hybrid_sample",
+    "flow_sample",
     "forward_process_sample",
     "generate",
     "heun_sample",

@@ -14,23 +14,27 @@ import torch
 
 from knn_cm.settings import positive_int
 from knn_cm.sampling.consistency import consistency_sample
+from knn_cm.sampling.flow import estimator_velocity, flow_hybrid_sample, flow_sample
 from knn_cm.sampling.hybrid import forward_process_sample, hybrid_sample
 from knn_cm.sampling.ode import estimator_denoiser, euler_sample, heun_sample
 from knn_cm.sampling.seeds import noise_for_seeds
 
-SAMPLER_KINDS = ("auto", "consistency", "heun", "euler", "pf_ode", "hybrid", "forward")
+SAMPLER_KINDS = ("auto", "consistency", "heun", "euler", "pf_ode", "hybrid", "forward", "flow_euler", "flow_heun",
+                 "flow_pf_ode", "flow_hybrid")
 _SCHEDULE = ("num_steps", "sigma_min", "sigma_max", "rho")
 # The make_sampler arguments each kind reads (everything else leaves its samples unchanged).
 SAMPLER_SETTINGS = {"consistency": ("sigmas", "sigma_min"), "heun": _SCHEDULE + ("s_churn",),
                     "euler": _SCHEDULE + ("s_churn",), "pf_ode": _SCHEDULE, "hybrid": _SCHEDULE + ("t_switch",),
-                    "forward": _SCHEDULE + ("t_switch",)}
-USES_ESTIMATOR = ("pf_ode", "hybrid")
+                    "forward": _SCHEDULE + ("t_switch",), "flow_euler": ("num_steps",), "flow_heun": ("num_steps",),
+                    "flow_pf_ode": ("num_steps",), "flow_hybrid": ("num_steps", "t_switch")}
+USES_ESTIMATOR = ("pf_ode", "hybrid", "flow_pf_ode", "flow_hybrid")
 _DEFAULTS = {"sigmas": (80.0,), "num_steps": 18, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "t_switch": 1.0,
              "s_churn": 0.0}
 
 
 def resolve_kind(kind: str, network) -> str:
-    """``auto``: one-step consistency sampling for a consistency model (CMPrecond), Heun otherwise.
+    """``auto``: one-step consistency sampling for a consistency model (CMPrecond), Heun on the flow-matching ODE
+    for a velocity network (FMPrecond), EDM's Heun otherwise.
 
     ``network``: the denoiser, or its preconditioning class name (a network file's ``precond_class``).
     """
@@ -39,7 +43,7 @@ def resolve_kind(kind: str, network) -> str:
     if kind != "auto":
         return kind
     precond_class = network if isinstance(network, str) else type(network).__name__
-    return "consistency" if precond_class == "CMPrecond" else "heun"
+    return {"CMPrecond": "consistency", "FMPrecond": "flow_heun"}.get(precond_class, "heun")
 
 
 def sampler_settings(kind: str, settings: Mapping) -> dict:
@@ -72,11 +76,15 @@ def make_sampler(kind: str, network=None, estimator=None, store=None, sigmas: Se
     clamps each denoised estimate to [-1, 1] before noise is re-injected); ``heun`` / ``euler``
     (EDM's sampler on the network); ``pf_ode`` (Heun with the estimator alone, Section 6); ``hybrid``
     (estimator above ``t_switch``, network below); ``forward`` (training images noised to ``t_switch``,
-    then the network; the noise argument only sets the batch size).
+    then the network; the noise argument only sets the batch size). On the flow-matching ODE
+    (``knn_cm.sampling.flow``, t = 1 is noise, uniform steps): ``flow_euler`` / ``flow_heun`` (a velocity network,
+    ``num_steps`` steps), ``flow_pf_ode`` (Heun with the estimator's velocity alone) and ``flow_hybrid`` (the
+    estimator above the flow-matching time ``t_switch``, the network below; Heun).
     """
     kind = resolve_kind(kind, network)
     needs = {"consistency": ("network",), "heun": ("network",), "euler": ("network",), "pf_ode": ("estimator",),
-             "hybrid": ("network", "estimator"), "forward": ("network", "store")}[kind]
+             "hybrid": ("network", "estimator"), "forward": ("network", "store"), "flow_euler": ("network",),
+             "flow_heun": ("network",), "flow_pf_ode": ("estimator",), "flow_hybrid": ("network", "estimator")}[kind]
     given = {"network": network, "estimator": estimator, "store": store}
     missing = [name for name in needs if given[name] is None]
     if missing:
@@ -88,6 +96,15 @@ def make_sampler(kind: str, network=None, estimator=None, store=None, sigmas: Se
     if kind in ("heun", "euler"):
         solver = heun_sample if kind == "heun" else euler_sample
         return lambda noise, generator: solver(network, noise, s_churn=s_churn, generator=generator, **schedule)
+    if kind in ("flow_euler", "flow_heun"):
+        solver = kind.removeprefix("flow_")
+        return lambda noise, generator: flow_sample(network, noise, num_steps, solver=solver)
+    if kind == "flow_pf_ode":
+        return lambda noise, generator: flow_sample(estimator_velocity(estimator, generator), noise, num_steps,
+                                                    solver="heun")
+    if kind == "flow_hybrid":
+        return lambda noise, generator: flow_hybrid_sample(estimator, network, noise, t_switch, num_steps,
+                                                           generator=generator)
     if kind == "pf_ode":
         return lambda noise, generator: heun_sample(estimator_denoiser(estimator, generator), noise, **schedule)
     if kind == "hybrid":

@@ -1,13 +1,14 @@
-"""Training: iCT and EDM objectives with pluggable estimators, and one trainer loop for both."""
+"""Training: iCT, EDM and flow-matching objectives with pluggable estimators, and one trainer loop for all."""
 
 from knn_cm.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from knn_cm.training.distributed import DistributedContext
 from knn_cm.training.edm import EDMObjective
 from knn_cm.training.ema import EMA
+from knn_cm.training.flow_matching import FlowMatchingObjective
 from knn_cm.training.ict import (ICTObjective, curriculum_steps, karras_levels, level_probabilities,
                                  pseudo_huber)
 from knn_cm.training.trainer import NonFiniteLossError, Trainer, TrainerConfig, save_image_grid, trainer_config
 
-__all__ = ["DistributedContext", "EDMObjective", "EMA", "ICTObjective", "NonFiniteLossError", "Trainer",
-           "TrainerConfig", "curriculum_steps", "karras_levels", "latest_checkpoint", "level_probabilities",
+__all__ = ["DistributedContext", "EDMObjective", "EMA", "FlowMatchingObjective", "ICTObjective", "NonFiniteLossError",
+           "Trainer", "TrainerConfig", "curriculum_steps", "karras_levels", "latest_checkpoint", "level_probabilities",
            "list_checkpoints", "load_checkpoint", "pseudo_huber", "save_image_grid", "trainer_config"]
