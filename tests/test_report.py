@@ -1,0 +1,60 @@
+"""The report's numbers from constructed run folders: which evaluation setting a best FID comes from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from knn_cm.report import comparable_evaluations, summarise_run
+
+
+def _evaluation(seed_start: int, num_samples: int, step: int, fid: float, digest: str = "d0") -> dict:
+    """One FID record; ``seed_start`` tells evaluation settings apart (each value is one setting), ``digest``
+    the contents of a snapshot file retrained under the same name."""
+    return {"network": f"network-{step:09d}.pt", "network_digest": digest, "step": step, "images_seen": step * 1024,
+            "sampler": "onestep", "seed_start": seed_start, "num_samples": num_samples,
+            "feature_extractor": "inception", "fid": fid}
+
+
+def _run(folder: Path, evaluations: list[dict]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("trainer:\n  max_steps: 400\n")
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 400, "seconds_per_step": 1.0}) + "\n")
+    (folder / "evaluation.jsonl").write_text("".join(json.dumps(record) + "\n" for record in evaluations))
+    return folder
+
+
+# Each case: records in file order and the seed_start of the setting the report must take. Settings are
+# built so that exactly one rule of the order (largest count, then most snapshots, then latest record)
+# decides, and every other order of the rules (or a missing rule) picks another setting.
+PREFERENCE_CASES = {
+    # 50k samples of one snapshot (written first) beat 10k samples of three snapshots (written last).
+    "largest count first": ([_evaluation(1, 50_000, 400, 4.0)]
+                            + [_evaluation(2, 10_000, step, 3.0) for step in (200, 300, 400)], 1),
+    # Same count: two snapshots (written first) beat one (written last).
+    "then most snapshots": ([_evaluation(1, 50_000, step, 4.0) for step in (200, 400)]
+                            + [_evaluation(2, 50_000, 400, 3.0)], 1),
+    # Snapshots, not records: setting 1 (written last) has three records of two snapshots (step 400's file
+    # evaluated again after it was retrained), setting 2 three snapshots.
+    "snapshots, not records": ([_evaluation(2, 50_000, step, 4.0) for step in (200, 300, 400)]
+                               + [_evaluation(1, 50_000, 200, 3.0), _evaluation(1, 50_000, 400, 3.0),
+                                  _evaluation(1, 50_000, 400, 3.0, digest="d1")], 2),
+    # Same count, same number of snapshots: the setting with the latest record wins, whatever its FID
+    # (setting 2 starts after setting 1 and ends after it; setting 1's FIDs are lower).
+    "then the latest record": ([_evaluation(1, 50_000, 200, 2.0), _evaluation(2, 50_000, 200, 5.0),
+                                _evaluation(1, 50_000, 400, 2.5), _evaluation(2, 50_000, 400, 4.0)], 2),
+}
+
+
+@pytest.mark.parametrize("case", list(PREFERENCE_CASES))
+def test_the_report_prefers_largest_count_then_most_snapshots_then_latest(tmp_path, case):
+    records, chosen = PREFERENCE_CASES[case]
+    folder = _run(tmp_path / "ict", records)
+    group = comparable_evaluations(folder)
+    assert {record["seed_start"] for record in group} == {chosen}
+    assert len(group) == sum(record["seed_start"] == chosen for record in records), "the whole setting"
+    row = summarise_run(folder)
+    assert row["fid"] == min(record["fid"] for record in records if record["seed_start"] == chosen)
+
