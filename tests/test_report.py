@@ -1,4 +1,5 @@
-"""The report's numbers from constructed run folders: which evaluation setting a best FID comes from."""
+"""The report's numbers from constructed run folders: which evaluation setting a best FID comes from, and
+training hours from ``invocations.jsonl``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from knn_cm.report import comparable_evaluations, summarise_run
+from knn_cm.training.run_folder import INVOCATIONS_FILE, invocation_seconds
 
 
 def _evaluation(seed_start: int, num_samples: int, step: int, fid: float, digest: str = "d0") -> dict:
@@ -58,3 +60,15 @@ def test_the_report_prefers_largest_count_then_most_snapshots_then_latest(tmp_pa
     row = summarise_run(folder)
     assert row["fid"] == min(record["fid"] for record in records if record["seed_start"] == chosen)
 
+
+def test_training_hours_count_each_invocation_once_at_its_newest_line(tmp_path):
+    """``invocations.jsonl`` holds a line per update of an invocation's wall-clock time, of which the newest
+    counts, and a line cut short by a kill: invocations of 1.5 h and 0.4 h make 1.9 h (every line added
+    would make 3.6 h)."""
+    folder = _run(tmp_path / "ict", [_evaluation(1, 50_000, 400, 4.0)])
+    lines = [{"id": "a", "seconds": 1800.0}, {"id": "a", "seconds": 3600.0}, {"id": "b", "seconds": 720.0},
+             {"id": "a", "seconds": 5400.0}, {"id": "b", "seconds": 1440.0}]
+    text = "".join(json.dumps(line) + "\n" for line in lines) + '{"id": "c", "seco'  # a kill mid-line
+    (folder / INVOCATIONS_FILE).write_text(text)
+    assert invocation_seconds(folder) == 5400.0 + 1440.0
+    assert summarise_run(folder)["training_hours"] == 1.9
