@@ -217,6 +217,11 @@ def test_kill_9_during_a_checkpoint_and_before_a_checkpoint_then_the_same_comman
     assert logged == list(range(1, steps + 1)), "each step is logged once"
     lines = [json.loads(line) for line in (run / "invocations.jsonl").read_text().splitlines()]
     assert len({line["id"] for line in lines}) == 3 and invocation_seconds(run) > 0
+    final = {line["id"]: line for line in lines}  # each invocation's newest record, in launch order
+    starts = [record.get("start_step", 0) for record in final.values()]
+    assert starts[0] == 0 and 0 < starts[1] < starts[2] < steps, f"the relaunches resumed: {starts}"
+    assert all(record["resumed_from"].endswith(f"training-{record['start_step']:09d}.pt")
+               for record in list(final.values())[1:])
 
 
 # --------------------------------------------------------------------------------------- bad checkpoints
@@ -238,6 +243,7 @@ def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_previous_one_resumes
     assert f"{newest} " in caplog.text and "moved it aside" in caplog.text
     assert (tmp_path / "run" / "checkpoints" / "training-000000004.pt.corrupt").exists(), "kept, not deleted"
     assert resumed.step == 6
+    assert resumed.resumed_from.name == "training-000000002.pt" and resumed.start_step == 2, "not from scratch"
     assert_same_weights(list_checkpoints(tmp_path / "run")[-1], list_checkpoints(straight.run_dir)[-1])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -153,9 +154,10 @@ def compose_train(overrides: list[str]):
 def tiny_overrides(experiment: str = "quickstart", steps: int = 2) -> list[str]:
     """A tiny model on digits for a couple of steps, whatever the experiment's own dataset and model."""
     config = compose_train([f"experiment={experiment}", "run_name=test"])
-    is_edm = config.trainer.objective._target_.endswith("EDMObjective")
+    is_flow = config.trainer.objective._target_.endswith("FlowMatchingObjective")  # tests/test_flow_matching.py
+    is_edm = config.trainer.objective._target_.endswith("EDMObjective") or is_flow
     overrides = [f"experiment={experiment}", "run_name=test", "dataset=digits",
-                 f"model={'ddpmpp_tiny' if is_edm else 'ncsnpp_tiny'}",
+                 f"model={'ddpmpp_tiny' if is_edm else 'ncsnpp_tiny'}", *(["model.precond=fm"] if is_flow else []),
                  f"trainer.max_steps={steps}", "trainer.batch_size=8", "trainer.log_every=1",
                  "trainer.checkpoint_every=1", "trainer.num_sample_images=4", "trainer.progress=false",
                  "trainer.device=cpu", "trainer.snapshot_every=null", "trainer.sample_every=null"]
@@ -197,6 +199,10 @@ def test_resume_is_bit_exact(tmp_path):
                                                                          "training-000000003.pt"]
     resumed = train.run(compose_train(overrides + ["trainer.resume=auto"]), tmp_path / "resumed")
     assert resumed.step == straight.step == 6
+    # A resume, not a deterministic restart from scratch (which would end on the same weights):
+    assert resumed.resumed_from.name == "training-000000003.pt" and resumed.start_step == 3
+    assert [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+            ] == [1, 2, 3, 4, 5, 6], "each step trained (and logged) once across the two invocations"
     for name, tensor in _weights(straight).items():
         assert torch.equal(tensor, _weights(resumed)[name]), name
     first = straight.optimizer.state_dict()["state"]
@@ -272,7 +278,8 @@ def test_a_preemption_signal_checkpoints_the_running_step_and_resume_continues(t
     assert [p.name for p in list_checkpoints(tmp_path / "preempted")] == ["training-000000003.pt"]
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL, "the previous handler must be restored"
     resumed = train.run(compose_train(overrides), tmp_path / "preempted")
-    assert resumed.step == 6
+    assert resumed.step == 6 and resumed.start_step == 3
+    assert resumed.resumed_from.name == "training-000000003.pt"
     for name, tensor in _weights(straight).items():
         assert torch.equal(tensor, _weights(resumed)[name]), name
 

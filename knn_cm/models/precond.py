@@ -81,11 +81,18 @@ class _PreconditionedDenoiser(nn.Module):
             raise ValueError(
                 f"{type(self).__name__}: sigma has {sigma.numel()} elements; expected 1 or the batch size {x.shape[0]}"
             )
-        if not bool(torch.all(sigma > 0)):
+        self._check_sigma(sigma)
+        return sigma
+
+    def _check_sigma(self, sigma: torch.Tensor) -> None:
+        """sigma > 0 (c_noise uses ln sigma): a clear error on the CPU; on a GPU an asynchronous device-side
+        assert, since reading the values back would stall every training step."""
+        if sigma.device.type != "cpu":
+            torch._assert_async(torch.all(sigma > 0), f"{type(self).__name__}: sigma must be > 0")
+        elif not bool(torch.all(sigma > 0)):
             raise ValueError(
                 f"{type(self).__name__}: sigma must be > 0 (c_noise uses ln sigma); got min {sigma.min().item()}"
             )
-        return sigma
 
     def _class_label_batch(self, class_labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         """Float32 class labels [N, label_dim]: zeros if None, a single row repeated over the batch."""

@@ -15,9 +15,26 @@ from dataclasses import dataclass
 
 import torch
 
+from knn_cm.models.dropout import active_dropout_seed
 from knn_cm.training.augment import AugmentPipe
 from knn_cm.training.augment_targets import augmented_target
 from knn_cm.training.stage_timer import StageTimer
+
+
+# Distinguishes the augmentation's stream from the dropout masks drawn under the same micro-step seed.
+_AUGMENT_STREAM = 0x5DEECE66D
+
+
+def _host_generator(noise_generator: torch.Generator) -> torch.Generator:
+    """A CPU generator for the augmentation's draws (the pipe decides per image on the host).
+
+    Inside the trainer it is seeded from the micro-step's seed (per rank and step, nothing to checkpoint), so
+    a GPU run's noise generator can stay on the GPU; called alone, the CPU ``noise_generator`` itself.
+    """
+    seed = active_dropout_seed()
+    if seed is None:
+        return noise_generator
+    return torch.Generator().manual_seed(seed ^ _AUGMENT_STREAM)
 
 
 @dataclass
@@ -68,9 +85,12 @@ class EDMObjective:
         augmentation = None
         if self.augment is not None:
             self._check_network(teacher)
-            x, augmentation = self.augment.augment(x, noise_generator)
-        sigma = (torch.randn(batch, generator=noise_generator) * self.p_std + self.p_mean).exp().to(x.device)
-        noise = torch.randn(x.shape, generator=noise_generator).to(x.device)
+            x, augmentation = self.augment.augment(x, _host_generator(noise_generator))
+        # Drawn on the generator's device (the GPU's own generator in training: no host-to-device copy).
+        draw_device = noise_generator.device
+        sigma = (torch.randn(batch, generator=noise_generator, device=draw_device) * self.p_std + self.p_mean).exp()
+        sigma = sigma.to(x.device)
+        noise = torch.randn(x.shape, generator=noise_generator, device=draw_device).to(x.device)
         z = x + sigma.reshape(-1, 1, 1, 1) * noise
         stats = {}
         with StageTimer(x.device) as estimator_time:

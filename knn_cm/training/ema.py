@@ -47,10 +47,13 @@ class EMA:
     def update(self, model: nn.Module, step: int, images_seen: int, batch_size: int) -> float:
         """Move the EMA towards ``model``'s weights; buffers are copied. Returns the decay used."""
         decay = self.decay_at(step, images_seen, batch_size)
-        for ema_param, param in zip(self.model.parameters(), model.parameters()):
-            ema_param.lerp_(param.detach(), 1.0 - decay)
-        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
-            ema_buffer.copy_(buffer)
+        # Fused multi-tensor kernels: a few launches for the whole network instead of one per parameter.
+        ema_params = list(self.model.parameters())
+        if ema_params:
+            torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+        ema_buffers = list(self.model.buffers())
+        if ema_buffers:
+            torch._foreach_copy_(ema_buffers, list(model.buffers()))
         return decay
 
     def state_dict(self) -> dict:

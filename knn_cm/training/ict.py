@@ -18,6 +18,7 @@ import torch
 
 from knn_cm.diffusion import ODE_SOLVERS, pf_ode_step
 from knn_cm.models import draw_dropout_seed, shared_dropout
+from knn_cm.models.dropout import active_dropout_seed
 from knn_cm.training.stage_timer import StageTimer
 
 DISTANCES = ("pseudo_huber", "pseudo_huber_per_element", "l2")
@@ -96,17 +97,23 @@ class ICTObjective:
             raise ValueError(f"unknown ODE solver {self.solver!r}; allowed: {', '.join(ODE_SOLVERS)}")
         if self.distance not in DISTANCES:
             raise ValueError(f"unknown distance {self.distance!r}; allowed: {', '.join(DISTANCES)}")
+        if not (math.isfinite(self.sigma_min) and 0 < self.sigma_min < self.sigma_max):
+            raise ValueError(f"trainer.objective.sigma_min must be > 0 and below sigma_max ({self.sigma_max}), got "
+                             f"{self.sigma_min} (Heun's step evaluates the estimator at every level)")
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
-        self._levels: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._levels: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def levels(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sigmas [N], p(i) [N - 1]) of the curriculum at ``step``, cached per N."""
+    def levels(self, step: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas [N] float64, p(i) [N - 1] float64) of the curriculum at ``step`` on ``device``, cached per N
+        (computed on the CPU, then copied once, so every device uses the same levels)."""
         num_levels = curriculum_steps(step, self.total_steps, self.s0, self.s1)
-        if num_levels not in self._levels:
+        key = (num_levels, torch.device(device))
+        if key not in self._levels:
             sigmas = karras_levels(num_levels, self.sigma_min, self.sigma_max, self.rho)
-            self._levels[num_levels] = (sigmas, level_probabilities(sigmas, self.p_mean, self.p_std))
-        return self._levels[num_levels]
+            probabilities = level_probabilities(sigmas, self.p_mean, self.p_std)
+            self._levels[key] = (sigmas.to(device), probabilities.to(device))
+        return self._levels[key]
 
     def __call__(self, student, teacher, x: torch.Tensor, step: int, noise_generator: torch.Generator,
                  estimator_generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
@@ -115,17 +122,20 @@ class ICTObjective:
         ``student`` is the trained network (possibly DDP-wrapped), ``teacher`` the same weights without
         the wrapper; the teacher runs without gradient under the student's dropout masks.
         """
-        sigmas, probabilities = self.levels(step)
+        sigmas, probabilities = self.levels(step, noise_generator.device)
         batch = x.shape[0]
         index = torch.multinomial(probabilities, batch, replacement=True, generator=noise_generator)
         sigma_low = sigmas[index].to(device=x.device, dtype=torch.float32)
         sigma_high = sigmas[index + 1].to(device=x.device, dtype=torch.float32)
-        noise = torch.randn(x.shape, generator=noise_generator).to(x.device)
+        noise = torch.randn(x.shape, generator=noise_generator, device=noise_generator.device).to(x.device)
         z_high = x + sigma_high.reshape(-1, 1, 1, 1) * noise
         with StageTimer(x.device) as estimator_time:
             z_low = pf_ode_step(self.estimator, z_high, sigma_high, sigma_low, self.solver, x=x,
                                 generator=estimator_generator)
-        dropout_seed = draw_dropout_seed(noise_generator)
+        # Inside the trainer every micro-step has its own seed (per rank and step); called alone, draw one.
+        dropout_seed = active_dropout_seed()
+        if dropout_seed is None:
+            dropout_seed = draw_dropout_seed(noise_generator)
         with shared_dropout(dropout_seed):
             student_out = student(z_high, sigma_high)
         with torch.no_grad(), shared_dropout(dropout_seed):
@@ -140,7 +150,7 @@ class ICTObjective:
         weight = 1.0 / (sigma_high - sigma_low)
         loss = (weight * distance).mean()
         stats = {"num_levels": len(sigmas), "estimator_seconds": estimator_time,
-                 "distance": float(distance.detach().mean())}
+                 "distance": distance.detach().mean()}  # a device tensor: read back at log steps only
         return loss, stats
 
     def samplers(self) -> dict:

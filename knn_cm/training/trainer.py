@@ -22,6 +22,7 @@ from torch import nn
 from knn_cm.data import DataStore, float_to_uint8
 from knn_cm.io import atomic_path
 from knn_cm.models import resolve_amp_dtype, save_network
+from knn_cm.models.dropout import shared_dropout
 from knn_cm.training.checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, load_latest_intact,
                                         newest_finite_checkpoint, save_checkpoint)
 from knn_cm.training.distributed import DistributedContext
@@ -140,13 +141,16 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.store = store
-        self.context = context or DistributedContext()
+        self.context = context or DistributedContext.from_env(config.device)
         self.objective = objective
         self.logger = logger if (logger is not None and self.context.is_main) else NullLogger()
         self.metrics = MetricsLog(self.run_dir) if self.context.is_main else None
         self.run_metadata = run_metadata or {}
         self.invocation = invocation if self.context.is_main else None
         self.device = self.context.device
+        if config.device != "auto" and self.device.type != config.device:
+            raise ValueError(f"trainer.device={config.device} but the process's device is {self.device}: build the "
+                             f"DistributedContext with the same device (DistributedContext.from_env(config.device))")
 
         world = self.context.world_size
         self.micro_batch = config.micro_batch_size or config.batch_size // world
@@ -168,13 +172,22 @@ class Trainer:
             self.student = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
 
         self.stream = BatchStream(len(store), seed=config.seed)
-        rank_seed = config.seed * 1_000_003 + self.context.rank
-        self.noise_generator = torch.Generator().manual_seed(rank_seed)
-        self.estimator_generator = torch.Generator(device=estimator_device).manual_seed(rank_seed + 1)
+        self.rank_seed = config.seed * 1_000_003 + self.context.rank
+        # The objective's noise is drawn where it is used: a CUDA generator on a GPU (a CPU draw would be copied
+        # to the device every step); the CPU generator everywhere else.
+        noise_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        self.noise_generator = torch.Generator(device=noise_device).manual_seed(self.rank_seed)
+        self.estimator_generator = torch.Generator(device=estimator_device).manual_seed(self.rank_seed + 1)
         self.step = 0
         self.images_seen = 0
+        self.start_step = 0  # the step this invocation started from (> 0 after a resume)
+        self.resumed_from: Path | None = None  # the checkpoint this invocation loaded
         self._checkpointed_step = None  # the step of the newest checkpoint this invocation wrote or loaded
+        # Non-finite losses and gradients are flagged on the device and read back only where the step's results
+        # would be written or logged (a read every step would stall the GPU queue): [first bad step, loss bad].
+        self._non_finite = NonFiniteFlag(self.device)
         self._resume()
+        self.start_step = self.step
 
     # ------------------------------------------------------------------------------------- state
     def _generator_states(self) -> dict:
@@ -215,6 +228,10 @@ class Trainer:
     def _resume(self) -> None:
         """Load the newest intact checkpoint (resume="auto") or the given one; refuse to start over a run.
 
+        Checkpoints are read onto the CPU: generator states must stay CPU ByteTensors (a CUDA copy makes
+        ``Generator.set_state`` raise), and ``load_state_dict`` moves every other tensor to where its module
+        or optimizer lives.
+
         resume="never" on a folder that has checkpoints raises instead of training a new run whose checkpoints
         would interleave with (and prune) the old ones.
         """
@@ -223,16 +240,18 @@ class Trainer:
         if resume == "never":
             return
         if resume == "auto":
-            found = load_latest_intact(self.run_dir, map_location=self.device)
+            found = load_latest_intact(self.run_dir, map_location="cpu")
             if found is None:  # killed before its first checkpoint: the records of that attempt are replayed too
                 if self.context.is_main:
                     self.metrics.drop_after(0)
                 return
             path, state = found
         else:
-            path, state = Path(resume), load_checkpoint(resume, map_location=self.device)
+            path, state = Path(resume), load_checkpoint(resume, map_location="cpu")
         self.load_state_dict(state)
         self._checkpointed_step = self.step
+        self.resumed_from = path
+        self._record_invocation(start_step=self.step, resumed_from=str(path))
         if self.context.is_main:
             dropped = self.metrics.drop_after(self.step)
             log.info("resumed from %s (step %d, %d images seen)%s", path, self.step, self.images_seen,
@@ -243,6 +262,7 @@ class Trainer:
         path = checkpoint_path(self.run_dir, self.step)
         if self._checkpointed_step == self.step:
             return path
+        self.raise_if_non_finite()
         self._raise_if_weights_not_finite()
         state = self.state_dict()  # collective
         if self.context.is_main:
@@ -256,11 +276,22 @@ class Trainer:
         if self.context.any_true(not _all_finite(parameters)):
             self._raise_non_finite("non-finite weights")
 
-    def _raise_non_finite(self, what: str) -> None:
+    def raise_if_non_finite(self) -> None:
+        """Raise when a step since the last check had a non-finite loss or gradients (collective; one host read)."""
+        found = self._non_finite.read()
+        if self.context.any_true(found is not None):
+            if found is None:
+                self._raise_non_finite("a non-finite loss or gradients on another rank", self.step)
+            step, loss = found
+            self._raise_non_finite(f"non-finite loss ({loss})" if not math.isfinite(loss) else "non-finite gradients",
+                                   step)
+
+    def _raise_non_finite(self, what: str, step: int | None = None) -> None:
+        step = self.step if step is None else step
         newest = newest_finite_checkpoint(self.run_dir) if self.context.is_main else None
         raise NonFiniteLossError(
-            f"{what} at step {self.step} ({self.images_seen} images seen); training stopped and nothing of this "
-            f"step was written. The newest checkpoint with finite weights is "
+            f"{what} at step {step} (now at step {self.step}, {self.images_seen} images seen); training stopped and "
+            f"nothing since was written. The newest checkpoint with finite weights is "
             f"{newest or 'none (no checkpoint written yet)'}; resume from it (trainer.resume=PATH) with a lower "
             f"learning rate, gradient clipping (trainer.grad_clip) or fp32 precision.")
 
@@ -278,48 +309,59 @@ class Trainer:
         per_rank = self.micro_batch * self.accumulation
         start = self.images_seen + self.context.rank * per_rank + micro_step * self.micro_batch
         indices = self.stream.indices(start, self.micro_batch)
-        return self.store.float(indices).to(self.device, non_blocking=True)
+        batch = self.store.float(indices)
+        if self.device.type == "cuda":  # a pageable copy would block the host until the GPU queue drains
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True)
+
+    def dropout_seed(self, micro_step: int) -> int:
+        """This rank's dropout seed for one micro-step: a hash of (seed, rank, step, micro-step).
+
+        Every forward pass of a micro-step draws its dropout masks from generators seeded with it
+        (:func:`knn_cm.models.dropout.shared_dropout`; iCT's student and teacher share them), so ranks drop
+        different units, a rerun drops the same ones, and a resume needs no generator state for them.
+        """
+        return _splitmix64(_splitmix64(self.rank_seed) ^ (self.step * self.accumulation + micro_step)) >> 2
 
     def train_step(self) -> dict:
-        """One optimizer step over ``batch_size`` images (all ranks, all micro-batches)."""
+        """One optimizer step over ``batch_size`` images (all ranks, all micro-batches).
+
+        No host synchronisation (fp16's grad scaler aside): the loss, statistics and gradient norm stay
+        device tensors in the returned record, read back by :meth:`fit` only on the steps that log, and
+        non-finite values are flagged on the device and checked before anything is logged or written.
+        """
         factor = self.learning_rate_factor(self.step, self.images_seen)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * factor
-        loss_sum, stats = 0.0, {}
+        loss_sum, stats = None, {}
         for micro_step in range(self.accumulation):
             last = micro_step == self.accumulation - 1
             sync = contextlib.nullcontext() if (last or not self.context.distributed) else self.student.no_sync()
-            with sync:
+            with sync, shared_dropout(self.dropout_seed(micro_step)):
                 loss, stats = self.objective(self.student, self.model, self._batch(micro_step), self.step,
                                              self.noise_generator, self.estimator_generator)
                 self.scaler.scale(loss / self.accumulation).backward()
-            loss_sum += float(loss.detach())
-        loss_value = loss_sum / self.accumulation
+            loss = loss.detach().float()
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+        loss_mean = loss_sum / self.accumulation
         self.scaler.unscale_(self.optimizer)
-        if self.config.nan_to_num_grads:
-            for param in self.model.parameters():
-                if param.grad is not None:
-                    torch.nan_to_num(param.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=param.grad)
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in parameters]
+        if self.config.nan_to_num_grads and grads:
+            for grad in grads:
+                torch.nan_to_num(grad, nan=0.0, posinf=1e5, neginf=-1e5, out=grad)
         # fp16's grad scaler skips steps with non-finite gradients by design; otherwise they would poison the weights
-        check_grads = not self.scaler.is_enabled()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        bad = not math.isfinite(loss_value) or (check_grads and not _all_finite(grads))
-        if self.context.any_true(bad):
-            self.optimizer.zero_grad(set_to_none=True)
-            what = f"non-finite loss ({loss_value})" if not math.isfinite(loss_value) else "non-finite gradients"
-            self._raise_non_finite(what if bad else "a non-finite loss or gradients on another rank")
+        self._non_finite.update(self.step, loss_mean, grads if not self.scaler.is_enabled() else [])
         grad_norm = None
         if self.config.grad_clip is not None:
-            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
+            grad_norm = nn.utils.clip_grad_norm_(parameters, self.config.grad_clip).detach()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         ema_decay = self.ema.update(self.model, self.step, self.images_seen, self.config.batch_size)
         self.step += 1
         self.images_seen += self.config.batch_size
-        # The losses above were read back, so the objective's CUDA stage timers are complete.
-        record = {"loss": loss_value, "lr": self.base_lrs[0] * factor, "ema_decay": ema_decay,
-                  **resolve_timers(stats)}
+        record = {"loss": loss_mean, "lr": self.base_lrs[0] * factor, "ema_decay": ema_decay, **stats}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         return record
@@ -348,16 +390,15 @@ class Trainer:
         with PreemptionGuard(config.preemption_signals) as guard:
             try:
                 while self.step < stop_at:
-                    step_record = self.train_step()
-                    window.append(step_record)
+                    window.append(self.train_step())
                     if bar is not None:
-                        elapsed = time.perf_counter() - window_start
                         bar.update(1)
-                        bar.set_postfix(loss=f"{step_record['loss']:.4g}",
-                                        img_s=f"{len(window) * config.batch_size / max(elapsed, 1e-9):.0f}")
                     if self.step % config.log_every == 0 or self.step == config.max_steps:
-                        record = self._log_window(window, time.perf_counter() - window_start)
+                        seconds = time.perf_counter() - window_start
+                        record = self._log_window(window, seconds)
                         window, window_start = [], time.perf_counter()
+                        if bar is not None:  # the loss is read at log steps only (a read waits for the GPU)
+                            bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.0f}")
                     self._periodic_outputs()
                     # Every rank stops at the same step when any rank was signalled.
                     if guard.signals and self.context.any_true(guard.received is not None):
@@ -368,6 +409,7 @@ class Trainer:
             finally:
                 if bar is not None:
                     bar.close()
+            self.raise_if_non_finite()
             if self.step >= config.max_steps > start_step:  # finished now, not merely stopped or already done
                 self.save_snapshot()
                 self.save_samples()
@@ -394,6 +436,10 @@ class Trainer:
         config, step = self.config, self.step
         if step >= config.max_steps:
             return
+        due = [config.snapshot_every and step % config.snapshot_every == 0,
+               config.sample_every and step % config.sample_every == 0, step % config.checkpoint_every == 0]
+        if any(due):  # nothing is written from weights that a non-finite step has touched
+            self.raise_if_non_finite()
         if config.snapshot_every and step % config.snapshot_every == 0:
             self.save_snapshot()
         if config.sample_every and step % config.sample_every == 0:
@@ -423,8 +469,11 @@ class Trainer:
             self.invocation.update(step=self.step, images_seen=self.images_seen, **values)
 
     def _log_window(self, window: list[dict], seconds: float) -> dict:
+        """Average the window's step records (device tensors read back here, in one go) and log them."""
         if not window:
             return {}
+        self.raise_if_non_finite()  # a non-finite loss is never logged as a number
+        window = _read_back(window)
         record = {"step": self.step, "images_seen": self.images_seen, "time": time.time()}
         for key in window[-1]:
             values = [entry[key] for entry in window if isinstance(entry.get(key), (int, float))]
@@ -499,6 +548,53 @@ def refuse_restart_over_checkpoints(run_dir: str | Path, resume: str) -> None:
         raise ValueError(f"trainer.resume=never, but run folder {run_dir} already has checkpoints (newest "
                          f"{existing[-1].name}); nothing was overwritten. Start the new run in its own folder "
                          f"(run_name=NEW_NAME), or continue this one with trainer.resume=auto")
+
+
+class NonFiniteFlag:
+    """The first step whose loss or gradients were not finite, kept on the device until read.
+
+    ``update`` queues a few kernels and never reads back; ``read`` is the one host read (at log and output steps).
+    """
+
+    def __init__(self, device: torch.device):
+        self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.loss = torch.zeros((), dtype=torch.float32, device=device)
+
+    def update(self, step: int, loss: torch.Tensor, grads: list[torch.Tensor]) -> None:
+        """Flag ``step`` when ``loss`` (0-d) or any gradient has a NaN or inf (and no earlier step was flagged)."""
+        finite = torch.isfinite(loss)
+        if grads:
+            # Max-norms in a few fused launches: finite exactly when every entry is (no overflow, NaN propagates).
+            norms = torch._foreach_norm(grads, float("inf"))
+            finite = finite & torch.isfinite(torch.stack(norms)).all()
+        first = (~finite) & (self.first_step < 0)
+        self.first_step = torch.where(first, step, self.first_step)
+        self.loss = torch.where(first, loss, self.loss)
+
+    def read(self) -> tuple[int, float] | None:
+        """(first bad step, its loss) or None; clears nothing (a run stops at the first report)."""
+        first_step = int(self.first_step)
+        return None if first_step < 0 else (first_step, float(self.loss))
+
+
+def _read_back(window: list[dict]) -> list[dict]:
+    """Step records with device tensors and stage timers as Python numbers (one stack per key, one read each)."""
+    resolved = [resolve_timers(entry) for entry in window]
+    for key in window[-1]:
+        tensors = [entry[key] for entry in resolved if isinstance(entry.get(key), torch.Tensor)]
+        if tensors:
+            values = torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()
+            for entry, value in zip((e for e in resolved if isinstance(e.get(key), torch.Tensor)), values):
+                entry[key] = value
+    return resolved
+
+
+def _splitmix64(value: int) -> int:
+    """SplitMix64's mixing function (Steele et al. 2014): a well-spread 64-bit hash of a 64-bit integer."""
+    value = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return value ^ (value >> 31)
 
 
 def _all_finite(tensors) -> bool:
