@@ -1,11 +1,12 @@
 """Flow matching with estimator targets: the process (Algorithm 2), the objective, the velocity network, the
-samplers on the flow ODE and the velocity-target study.
+samplers on the flow ODE, and the experiments (compose, train, resume, evaluate).
 
 Convention throughout: x_t = (1 - t) x + t eps, t = 1 is noise, v(x_t, t) = E[eps - x | x_t] = (x_t - E[x | x_t]) / t.
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import sys
 from pathlib import Path
@@ -23,14 +24,18 @@ from knn_cm.models import FMPrecond, SongUNet, build_denoiser, load_network, sav
 from knn_cm.sampling import estimator_velocity, flow_hybrid_sample, flow_sample, make_sampler, noise_for_seeds
 from knn_cm.sampling.flow import data_mean, flow_nfe, flow_times
 from knn_cm.sampling.generate import generate, resolve_kind, sampler_settings
-from knn_cm.training import FlowMatchingObjective
+from knn_cm.training import FlowMatchingObjective, list_checkpoints
 from knn_cm.training.flow_matching import flow_matching_target
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import evaluate  # noqa: E402
+import train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FM_EXPERIMENTS = ("digits_fm", "digits_fm_stf", "digits_fm_knn", "fm", "fm_stf", "fm_knn")
 
 
 @pytest.fixture(scope="module")
@@ -374,6 +379,78 @@ def test_bad_sampler_input_names_the_argument():
         flow_times(4, t_max=1.5)
     with pytest.raises(ValueError, match="t_switch must be"):
         flow_hybrid_sample(lambda *a, **k: None, lambda x, t: x, noise, -0.1)
+
+
+# ----------------------------------------------------------------------------------------------- experiments
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def tiny_fm_overrides(experiment: str, steps: int = 2) -> list[str]:
+    """A few-thousand-parameter velocity network on digits for a few steps, whatever the experiment's size."""
+    config = compose_train([f"experiment={experiment}", "run_name=test"])
+    overrides = [f"experiment={experiment}", "run_name=test", "dataset=digits", "model=ddpmpp_tiny",
+                 "model.precond=fm", f"trainer.max_steps={steps}", "trainer.batch_size=8", "trainer.log_every=1",
+                 "trainer.checkpoint_every=1", "trainer.num_sample_images=4", "trainer.progress=false",
+                 "trainer.device=cpu", "trainer.snapshot_every=null", "trainer.sample_every=null",
+                 "trainer.objective.sample_steps=2"]
+    if config.estimator.name == "knn":
+        overrides += ["estimator.k=32", "estimator.n=8"]
+    elif config.estimator.name == "stf":
+        overrides += ["estimator.n=16"]
+    return overrides
+
+
+@pytest.mark.parametrize("experiment", FM_EXPERIMENTS)
+def test_every_flow_matching_experiment_composes_and_trains_two_steps(experiment, tmp_path):
+    paper = compose_train([f"experiment={experiment}", "run_name=x"])
+    assert paper.model.precond == "fm" and paper.trainer.objective._target_.endswith("FlowMatchingObjective")
+    if not experiment.startswith("digits"):  # Tong et al. 2023's CIFAR-10 recipe with DDPM++
+        assert paper.dataset.name == "cifar10" and paper.model.network.model_channels == 128
+        trainer_settings = paper.trainer
+        assert (trainer_settings.batch_size, trainer_settings.optimizer.lr, trainer_settings.ema.decay,
+                trainer_settings.max_steps, trainer_settings.grad_clip) == (128, 2e-4, 0.9999, 400_000, 1.0)
+        assert trainer_settings.objective.time_sampling == "uniform"
+    else:
+        assert paper.trainer.max_steps == 1600 and paper.trainer.batch_size == 128
+    expected_estimator = {"": "single", "stf": "stf", "knn": "knn"}[experiment.split("fm")[-1].lstrip("_")]
+    assert paper.estimator.name == expected_estimator
+    trainer = train.run(compose_train(tiny_fm_overrides(experiment)), tmp_path)
+    assert trainer.step == 2 and isinstance(trainer.model, FMPrecond)
+    assert {p.name for p in (tmp_path / "samples").glob("*.png")} == {"euler2-000000002.png", "heun2-000000002.png"}
+    assert list_checkpoints(tmp_path)[-1].name == "training-000000002.pt"
+    assert isinstance(load_network(tmp_path / "snapshots" / "network-000000002.pt"), FMPrecond)
+
+
+def test_flow_matching_resume_is_bit_exact(tmp_path):
+    """The objective's draws (t, eps, KNN's) live in the trainer's generators: a stopped and resumed run equals a
+    straight one, weights, EMA and optimizer state."""
+    overrides = tiny_fm_overrides("digits_fm_knn", steps=4)
+    straight = train.run(compose_train(overrides), tmp_path / "straight")
+    train.run(compose_train(overrides + ["trainer.stop_after_steps=2"]), tmp_path / "resumed")
+    resumed = train.run(compose_train(overrides), tmp_path / "resumed")
+    assert resumed.step == straight.step == 4
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(straight.ema.state_dict().items(), resumed.ema.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_evaluate_scores_a_flow_matching_run_at_several_step_counts(tmp_path):
+    run_dir = tmp_path / "run"
+    train.run(compose_train(tiny_fm_overrides("digits_fm", steps=2) + ["trainer.snapshot_every=1"]), run_dir)
+    for kind, steps in (("flow_euler", 1), ("flow_euler", 2), ("flow_heun", 1)):
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            config = compose(config_name="evaluate", overrides=[
+                f"run_dir={run_dir}", "num_samples=32", "metrics.feature_extractor=digits", "metrics.isc=false",
+                "progress=false", f"sampler.kind={kind}", f"sampler.num_steps={steps}"])
+        records = evaluate.run(config, tmp_path / "eval")
+        assert [r["step"] for r in records] == [1, 2]
+        assert all(r["sampler"] == kind and r["sampler_settings"] == {"num_steps": steps} for r in records)
+        assert all(r["fid"] is not None and r["fraction_memorised"] is not None for r in records)
+    rows = list(csv.DictReader(open(run_dir / "evaluation.csv")))
+    assert len(rows) == 6 and sum(row["best"] == "1" for row in rows) == 3  # one best per sampler setting
 
 
 def test_flow_times_grid():
