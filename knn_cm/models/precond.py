@@ -231,18 +231,15 @@ class FMPrecond(_PreconditionedDenoiser):
     def precond_kwargs(self) -> dict:
         return dict(sigma_data=self.sigma_data)
 
-    def _sigma_batch(self, t, x: torch.Tensor) -> torch.Tensor:
-        """t as float32 [N] on x's device; checked to lie in [0, 1] on the CPU (a CUDA check would wait for the
-        device on every training step, so there the caller's time sampling is trusted)."""
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"FMPrecond: t has {t.numel()} elements; expected 1 or the batch size {x.shape[0]}")
-        if t.device.type == "cpu" and not bool(((t >= 0) & (t <= 1)).all()):
+    def _check_sigma(self, t: torch.Tensor) -> None:
+        """t in [0, 1] (flow-matching time, not a noise level): a clear error on the CPU; on a GPU an asynchronous
+        device-side assert, as the other wrappers' check (a read-back would stall every training step)."""
+        inside = ((t >= 0) & (t <= 1)).all()
+        if t.device.type != "cpu":
+            torch._assert_async(inside, "FMPrecond: t must lie in [0, 1]")
+        elif not bool(inside):
             bad = t[~((t >= 0) & (t <= 1))][0].item()
             raise ValueError(f"FMPrecond: t must lie in [0, 1] (flow-matching time, 1 = noise), got {bad!r}")
-        return t
 
     def coefficients(self, t: torch.Tensor):
         sigma_data = self.sigma_data
