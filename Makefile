@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Override for other platforms, e.g. `make test TORCH_SPEC="torch==2.9.1 torchvision==0.24.1"`.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run demo test venv bench device-check clean
+.PHONY: run demo test venv bench device-bundle device-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,10 +29,18 @@ bench: venv
 	$(PY) benchmarks/bench_estimators.py
 	$(PY) benchmarks/bench_training.py
 
-# On a GPU machine: CUDA tests, GPU estimator benchmark, iCT vs iCT + KNN step times; one JSON document.
-# Exits 2 without CUDA. Installs nothing beyond `make venv` (faiss-gpu optional: pip install '.[gpu]').
-device-check: venv
-	$(PY) scripts/device_check.py
+# The device check (scripts/device_check.py, docs/benchmarks.md "Device check"): one short offline run on a GPU
+# machine. `make device-bundle` (needs PyPI) writes .whl/ (git-ignored): wheels of what the GPU image lacks, for
+# PYTHON_VERSION (3.12: the GPU image; 3.11 etc. for an offline-install test here). `make device-check` installs
+# them with pip --no-index and runs every part, one JSON line each, into DEVICE_CHECK_OUT (default $$OUT, else
+# device-check-output/). It uses PYTHON (the image's python3 with its torch), not .venv.
+PYTHON_VERSION ?= 3.12
+DEVICE_CHECK_OUT ?=
+device-bundle:
+	$(PYTHON) scripts/device_bundle.py make .whl --python-version $(PYTHON_VERSION)
+
+device-check:
+	PYTHON=$(PYTHON) bash scripts/device_run.sh $(DEVICE_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

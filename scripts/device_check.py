@@ -1,197 +1,818 @@
-"""One command that checks a GPU machine: ``make device-check`` (or ``python scripts/device_check.py``).
+"""One short offline run that checks a GPU machine: ``bash scripts/device_run.sh`` (or ``make device-check``).
 
-On a machine with CUDA it runs, on one GPU and in about 5-8 minutes:
+Parts, each in its own process with its own time budget, each printing ONE JSON line (flushed) as soon as
+it ends, so a run cut short keeps every line written before the cut:
 
-1. the CUDA tests (``pytest -m cuda``-style selection: every test that skips without CUDA, in
-   tests/test_sync_free.py, tests/test_torch_index.py and tests/test_stage_timer.py): estimators and two
-   training steps under ``torch.cuda.set_sync_debug_mode("error")``, compared with CPU results, and the
-   event-timed estimator share of a step;
-2. the estimator benchmark on the GPU (``benchmarks/bench_estimators.py --device cuda``): the torch
-   index's search against faiss-gpu's (if installed) and faiss on the CPU, and the whole ``knn``
-   estimator against its bare search, per t;
-3. a training-step comparison, iCT (single-sample, Euler) against iCT + KNN (Heun, k 2048, n 256) with
-   the paper's NCSN++ (56M parameters, ``configs/model/ncsnpp_ict.yaml``) at batch 128 on CIFAR-10-sized
-   data (the CIFAR-10 archive when present, else synthetic uint8 images: the JSON says which), with
-   the estimator's share of each step (timed with CUDA synchronisation around its calls);
+- ``environment``: GPU, driver, torch and its CUDA, faiss, hydra (the bundle's imports);
+- ``tests``: the CUDA tests (``-k cuda`` in the test files that skip without CUDA), pytest's output
+  streamed, not captured; counts in the line;
+- ``resume``: the real Trainer with a small iCT + KNN model on the GPU: 3 steps, stop (checkpoint), 3
+  more in a new Trainer from the checkpoint, bit-identical to 6 straight steps (fp32 and fp16);
+- ``syncs``: host synchronisations per training step under ``torch.cuda.set_sync_debug_mode("warn")``,
+  counted over steps that neither log nor checkpoint, with the source lines that synchronised;
+- ``training``: iCT (Euler, single-sample targets) against iCT + KNN (Heun, k 2,048, n 256) with the
+  paper's NCSN++ (``configs/model/ncsnpp_ict.yaml``, 56M parameters) at batch 128 and 512, float32 and
+  bf16: seconds per step, their ratio, the estimator's share (CUDA events), peak memory;
+- ``estimators``: ``benchmarks/bench_estimators.py`` on the GPU at CIFAR-10 size (50,000 x 3,072;
+  synthetic when ``../shared`` is absent, as the line says);
+- ``store``: 1.28M x 12,288 uint8 rows (ImageNet-64 size) resident on the GPU, a torch-index search
+  and one ``knn`` call (k 2,048, n 256): times and peak memory.
 
-and prints one JSON document. Without CUDA it says so and exits with status 2. It installs nothing:
-it needs the README's set-up only (faiss-gpu is optional).
+Then a ``summary`` line. Exit status 0 when every part ran and its checks held, 1 otherwise, 2 without
+CUDA (after the environment line). Targets (e.g. iCT + KNN at most 1.05x an iCT step) are reported in
+``targets`` and never fail the check. Every part trains and computes on ``--device`` (cuda by default:
+the Trainer gets ``DistributedContext(device=cuda)``); ``--device cpu --quick`` runs every part on the
+CPU at toy sizes, which is how the tests exercise this script.
+
+Budgets (seconds, ``--budget PART=S`` to change) bound each part; a part over its budget is killed with
+its process group and reported as ``cut`` with whatever it had reported so far. ``--deadline`` bounds
+the whole run (default 340 s: under 6 minutes with the bundle's install).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-CUDA_TESTS = ["tests/test_sync_free.py", "tests/test_torch_index.py", "tests/test_stage_timer.py"]
-NO_CUDA_MESSAGE = "device-check: CUDA is not available on this machine (torch.cuda.is_available() is False); " \
-                  "run it on a GPU node. Nothing was checked."
+NO_CUDA_MESSAGE = ("device-check: CUDA is not available on this machine (torch.cuda.is_available() is False; "
+                   "the environment line says which torch and driver); run it on a GPU node, or pass "
+                   "--device cpu --quick for a CPU rehearsal. Nothing else was checked.")
+# Part name -> budget in seconds on one H200 (expected: well under half of each).
+BUDGETS = {"environment": 30, "tests": 75, "resume": 45, "syncs": 40, "training": 110, "estimators": 60,
+           "store": 75, "stall": 30}
+DEFAULT_PARTS = ["environment", "tests", "resume", "syncs", "training", "estimators", "store"]
+DEFAULT_DEADLINE = 340.0
+MIN_PART_SECONDS = 5.0  # with less than this left before --deadline, a part is skipped, not started
 
 
-def run_cuda_tests() -> dict:
-    """The CUDA-only tests: pytest on the files that hold them, selected by the 'cuda' keyword."""
-    started = time.perf_counter()
-    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-k", "cuda", *CUDA_TESTS]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    summary = [line for line in completed.stdout.splitlines() if " passed" in line or " failed" in line
-               or " error" in line or " skipped" in line]
-    return {"command": " ".join(command[1:]), "returncode": completed.returncode,
-            "summary": summary[-1] if summary else completed.stdout[-500:], "seconds": time.perf_counter() - started,
-            "passed": completed.returncode == 0}
+# ============================================================================================ parts
+class PartContext:
+    """What a part gets: where to compute, toy sizes or real ones, and ``report`` for partial results.
+
+    ``report(**values)`` merges values into the part's partial result and writes it to disk at once
+    (atomically), so a part cut for time still tells what it had measured.
+    """
+
+    def __init__(self, device: str, quick: bool, data: str, synthetic: bool, result_file: Path | None):
+        self.device = device
+        self.quick = quick
+        self.data = data
+        self.synthetic = synthetic or not Path(data).exists()
+        self.result_file = result_file
+        self.partial: dict = {}
+
+    def report(self, **values) -> None:
+        self.partial.update(values)
+        if self.result_file is not None:
+            write_json(self.result_file, {"complete": False, "partial": self.partial})
+
+    @property
+    def data_note(self) -> str:
+        if not self.synthetic:
+            return f"CIFAR-10 ({self.data})"
+        reason = "--synthetic" if Path(self.data).exists() else f"{self.data} absent"
+        return f"synthetic uint8 images ({reason})"
 
 
-def run_estimator_benchmark(data: str, synthetic: int) -> dict:
-    import bench_estimators
+def part_environment(ctx: PartContext) -> dict:
+    """GPU, driver, torch / CUDA versions, and whether the bundle's modules import."""
+    import platform
 
-    argv = ["--device", "cuda", "--repeats", "5", "--mse-repeats", "2", "--methods"]
-    argv += ["--synthetic", str(synthetic)] if synthetic else ["--data", data]
-    result = bench_estimators.main(argv)
-    per_t = result["per_t"]
-    return {
-        "data": result["data"],
-        "search_ms_per_query": {t: {name.removeprefix("search_"): entry[name]["ms_per_query"]
-                                    for name in entry if name.startswith("search_")} for t, entry in per_t.items()},
-        "knn_vs_search_per_t": result["targets"]["knn_vs_flat_search_per_t (target <= 1.10)"],
-        "knn_ms_per_query": {t: entry["knn_flat"]["ms_per_query"] for t, entry in per_t.items()},
-        "exact_fraction_of_peak_min": result["targets"]["exact_fraction_of_peak_min"],
-        "matmul_peak_gflops": result["matmul_peak"]["gflops"],
-    }
+    import numpy
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "numpy": numpy.__version__, "cuda_available": torch.cuda.is_available(), "cpu_count": os.cpu_count(),
+            "loadavg": os.getloadavg()}
+    if info["cuda_available"]:
+        properties = torch.cuda.get_device_properties(0)
+        info |= {"gpu": properties.name, "gpu_count": torch.cuda.device_count(),
+                 "gpu_memory_gib": round(properties.total_memory / 2**30, 1),
+                 "capability": f"{properties.major}.{properties.minor}",
+                 "multiprocessors": properties.multi_processor_count,
+                 "cudnn": torch.backends.cudnn.version()}
+    info["nvidia_smi"] = _nvidia_smi()
+    missing = []
+    for module in ("faiss", "hydra", "omegaconf", "yaml"):
+        try:
+            imported = __import__(module)
+            info[module] = getattr(imported, "__version__", "?")
+        except ImportError as error:
+            info[module], _ = None, missing.append(f"{module} ({error})")
+    if info.get("faiss"):
+        import faiss
+
+        info["faiss_gpu"] = hasattr(faiss, "StandardGpuResources")
+        info["faiss_from"] = str(Path(faiss.__file__).parent.parent)
+    return info | {"missing": missing, "checks": {"bundle_modules_import": not missing}}
 
 
-def run_training_comparison(data: str, synthetic: bool, batch: int = 128, steps: int = 5, warmup: int = 2,
-                            k: int = 2048, n: int = 256) -> dict:
-    """Seconds per step of iCT and iCT + KNN with NCSN++ (56M) on one GPU, and the estimator's share."""
+def _nvidia_smi() -> str | None:
+    """``name, driver_version, memory.total`` from nvidia-smi, or None where it is absent."""
+    try:
+        completed = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                    "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return completed.stdout.strip() or completed.stderr.strip()[-300:]
+
+
+def cuda_test_files() -> list[str]:
+    """Test files holding CUDA-only tests (they test ``torch.cuda.is_available()``), except this script's own."""
+    files = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        if path.name != "test_device_check.py" and "cuda.is_available()" in path.read_text():
+            files.append(str(path.relative_to(ROOT)))
+    return files
+
+
+def part_tests(ctx: PartContext) -> dict:
+    """The CUDA tests (names containing 'cuda'), output streamed: ``pytest -v -s -k cuda FILES``."""
+    import pytest
+
+    class Outcomes:
+        def __init__(self):
+            self.counts = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0}
+            self.failures: list[str] = []
+
+        def pytest_runtest_logreport(self, report):
+            if report.when == "call" or (report.when == "setup" and not report.passed):
+                key = {"passed": "passed", "failed": "failed", "skipped": "skipped"}[report.outcome]
+                if report.when == "setup" and report.failed:
+                    key = "errors"
+                self.counts[key] += 1
+                if report.failed:
+                    self.failures.append(f"{report.nodeid}: {str(report.longrepr).strip().splitlines()[-1][:300]}")
+            elif report.when == "teardown" and report.failed:
+                self.counts["errors"] += 1
+                self.failures.append(f"{report.nodeid} (teardown)")
+
+    # The image's own pytest plugins (coverage, benchmark, xdist, ...) stay out: the project's tests need none.
+    os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    files = cuda_test_files()
+    outcomes = Outcomes()
+    arguments = ["-v", "-s", "-rfEs", "-p", "no:cacheprovider", "-k", "cuda", *files]
+    print(f"device-check tests: pytest {' '.join(arguments)}", flush=True)
+    exit_code = int(pytest.main(arguments, plugins=[outcomes]))
+    ran = outcomes.counts["passed"] + outcomes.counts["failed"]
+    checks = {"no_failures": outcomes.counts["failed"] == 0 and outcomes.counts["errors"] == 0}
+    if ctx.device == "cuda":
+        checks["cuda_tests_ran"] = ran > 0 and exit_code == 0
+    return {"command": "pytest " + " ".join(arguments), "exit_code": exit_code, **outcomes.counts,
+            "failures": outcomes.failures[:10], "checks": checks}
+
+
+# ---------------------------------------------------------------------------- small training runs
+def small_ict_knn(device: str, run_dir: Path, *, precision: str = "fp32", max_steps: int = 6,
+                  stop_after_steps: int | None = None, init_seed: int = 0, log_every: int = 1,
+                  checkpoint_every: int = 1000, images: int = 2048, quick: bool = False):
+    """A real Trainer on ``device``: iCT + KNN (Heun, k 64, n 16) with a small NCSN-style U-Net (16 x 16,
+    dropout and attention on) on synthetic images, x-flips included. ``init_seed`` seeds the weights."""
     import numpy as np
     import torch
+
+    from knn_cm.data import DataStore
+    from knn_cm.estimators import make_estimator
+    from knn_cm.index import build_index
+    from knn_cm.models import CMPrecond, SongUNet
+    from knn_cm.training import DistributedContext, ICTObjective, Trainer, TrainerConfig
+
+    resolution, count = (8, 256) if quick else (16, images)
+    pixels = np.random.default_rng(0).integers(0, 256, (count, 3, resolution, resolution), dtype=np.uint8)
+    store = DataStore.from_array(pixels, name="device_check_small", xflip=True)
+    estimator = make_estimator("knn", store, index=build_index(store, "torch", device=device), k=64, n=16,
+                               device=device)
+    torch.manual_seed(init_seed)
+    network = CMPrecond(SongUNet(img_resolution=resolution, in_channels=3, out_channels=3,
+                                 model_channels=16 if quick else 32, channel_mult=[1, 2], num_blocks=1,
+                                 attn_resolutions=[resolution // 2], dropout=0.2))
+    config = TrainerConfig(max_steps=max_steps, stop_after_steps=stop_after_steps, batch_size=8 if quick else 32,
+                           precision=precision, checkpoint_every=checkpoint_every, log_every=log_every,
+                           num_sample_images=4, progress=False, resume="auto", device=device)
+    objective = ICTObjective(estimator, total_steps=max_steps, solver="heun")
+    return Trainer(config, run_dir, store, network, objective, lambda params: torch.optim.RAdam(params, lr=1e-3),
+                   context=DistributedContext(device=torch.device(device)), estimator_device=device)
+
+
+def _weights(trainer) -> dict:
+    """Model and EMA tensors on the CPU, by name."""
+    state = {f"model.{name}": value for name, value in trainer.model.state_dict().items()}
+    state |= {f"ema.{name}": value for name, value in trainer.ema.model.state_dict().items()}
+    return {name: value.detach().cpu().clone() for name, value in state.items()}
+
+
+def _difference(a: dict, b: dict) -> dict:
+    import torch
+
+    equal = all(torch.equal(a[name], b[name]) for name in a)
+    largest = max(float((a[name].double() - b[name].double()).abs().max()) if a[name].numel() else 0.0 for name in a)
+    return {"bit_identical": equal, "max_abs_difference": largest}
+
+
+def part_resume(ctx: PartContext) -> dict:
+    """3 steps, stop (checkpoint), 3 more from the checkpoint in a new Trainer == 6 straight steps."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at first use)
+    import torch
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    precisions = ["fp32", "fp16"] if ctx.device == "cuda" else ["fp32"]
+    results, checks = {}, {}
+    for precision in precisions:
+        with tempfile.TemporaryDirectory() as folder:
+            folder = Path(folder)
+            straight = small_ict_knn(ctx.device, folder / "straight", precision=precision, quick=ctx.quick)
+            straight.fit()
+            again = small_ict_knn(ctx.device, folder / "again", precision=precision, quick=ctx.quick)
+            again.fit()
+            first = small_ict_knn(ctx.device, folder / "resumed", precision=precision, stop_after_steps=3,
+                                  quick=ctx.quick)
+            first.fit()
+            stopped_at = first.step
+            # Other initial weights: only a checkpoint that is really loaded can end on the straight run's.
+            second = small_ict_knn(ctx.device, folder / "resumed", precision=precision, init_seed=1,
+                                   quick=ctx.quick)
+            resumed_at = second.step
+            second.fit()
+            result = {"stopped_at_step": stopped_at, "resumed_at_step": resumed_at, "final_step": second.step,
+                      "resumed_from": Path(str(getattr(second, "resumed_from", None))).name,
+                      "device": str(second.device), "vs_straight": _difference(_weights(second), _weights(straight)),
+                      "straight_runs_agree": _difference(_weights(again), _weights(straight))}
+        results[precision] = result
+        checks[f"{precision}_resumed_equals_straight"] = (
+            stopped_at == 3 and resumed_at == 3 and result["final_step"] == 6
+            and result["vs_straight"]["bit_identical"] and result["device"].startswith(ctx.device))
+        ctx.report(runs=dict(results), checks=dict(checks))
+    return {"runs": results, "checks": checks, "steps": "3 + 3 against 6",
+            "model": "SongUNet 16x16 (32 channels, attention, dropout 0.2), iCT + KNN Heun k 64 n 16"}
+
+
+# ------------------------------------------------------------------------------------ host syncs
+SYNC_MESSAGE = "synchronizing CUDA operation"
+
+
+def count_syncs_per_step(trainer, warmup: int, counted: int, sync_warnings) -> dict:
+    """Warnings per ``fit`` iteration and per ``train_step`` under ``sync_warnings`` (a context manager that
+    makes each host synchronisation issue a warning containing :data:`SYNC_MESSAGE`).
+
+    Runs ``fit`` for warmup + counted + 1 steps with logging and checkpoints far away. Iteration i spans from
+    the start of step i to the start of step i + 1 (the loop's own work included); the last iteration (the
+    final checkpoint) and the first ``warmup`` (first-use work) are not counted.
+    """
+    import linecache
+    import warnings
+    from collections import Counter
+
+    if trainer.config.stop_after_steps != warmup + counted + 1:
+        raise ValueError(f"the trainer must stop after warmup + counted + 1 = {warmup + counted + 1} steps, got "
+                         f"trainer.stop_after_steps={trainer.config.stop_after_steps}")
+    starts, ends = [], []
+    original = trainer.train_step
+
+    def marked_step():
+        starts.append(len(caught))
+        try:
+            return original()
+        finally:
+            ends.append(len(caught))
+
+    trainer.train_step = marked_step
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with sync_warnings():
+            trainer.fit()
+    syncs = [i for i, warning in enumerate(caught) if SYNC_MESSAGE in str(warning.message)]
+    per_iteration, per_step, sites = [], [], Counter()
+    for step in range(warmup, warmup + counted):
+        window = [i for i in syncs if starts[step] <= i < starts[step + 1]]
+        per_iteration.append(len(window))
+        per_step.append(sum(starts[step] <= i < ends[step] for i in syncs))
+        for i in window:
+            warning = caught[i]
+            line = linecache.getline(warning.filename, warning.lineno).strip()
+            sites[f"{Path(warning.filename).name}:{warning.lineno} {line[:100]}"] += 1
+    return {"per_fit_iteration": per_iteration, "per_train_step": per_step,
+            "sites_per_step": {site: count / counted for site, count in sites.most_common(20)}}
+
+
+@contextlib.contextmanager
+def cuda_sync_warnings():
+    import torch
+
+    previous, always = torch.cuda.get_sync_debug_mode(), torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # every synchronisation warns, not only the first at each place
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+        torch.set_warn_always(always)
+
+
+def part_syncs(ctx: PartContext) -> dict:
+    """Host synchronisations per training step (iCT + KNN, small model) on steps that neither log nor
+    checkpoint; fp16 needs its grad scaler's read of found-inf, so its target is not 0."""
+    if ctx.device != "cuda":
+        return {"not_run": "counting host synchronisations needs CUDA (torch.cuda.set_sync_debug_mode)"}
+    results = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        with tempfile.TemporaryDirectory() as folder:
+            trainer = small_ict_knn(ctx.device, Path(folder), precision=precision, max_steps=10_000,
+                                    stop_after_steps=2 + 4 + 1, log_every=10_000, checkpoint_every=10_000,
+                                    quick=ctx.quick)
+            results[precision] = count_syncs_per_step(trainer, warmup=2, counted=4, sync_warnings=cuda_sync_warnings)
+        ctx.report(runs=dict(results))
+    targets = {f"{precision}_no_sync_per_step": max(results[precision]["per_fit_iteration"]) == 0
+               for precision in ("fp32", "bf16")}
+    return {"runs": results, "targets": targets, "warmup_steps": 2, "counted_steps": 4}
+
+
+# ------------------------------------------------------------------------------ training speed
+def ncsnpp_config(quick: bool):
+    """The paper's NCSN++ config (configs/model/ncsnpp_ict.yaml at CIFAR-10 size); a narrow one when quick."""
     from hydra import compose, initialize_config_dir
+
+    overrides = ["dataset=cifar10_jpeg", "model=ncsnpp_ict"]
+    if quick:
+        overrides += ["model.network.model_channels=16", "model.network.channel_mult=[1,1]",
+                      "model.network.num_blocks=1", "model.network.attn_resolutions=[]"]
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=overrides).model
+
+
+def part_training(ctx: PartContext) -> dict:
+    """Seconds per step of iCT and iCT + KNN with NCSN++ on ``ctx.device``, at two batches and precisions."""
+    import numpy as np
+    import torch
     from hydra.utils import instantiate
 
     from knn_cm.data import DataStore, load_image_folder
     from knn_cm.estimators import make_estimator
     from knn_cm.index import build_index
-    from knn_cm.training import ICTObjective, Trainer, TrainerConfig
+    from knn_cm.training import DistributedContext, ICTObjective, Trainer, TrainerConfig
 
-    device = torch.device("cuda")
-    if synthetic or not Path(data).exists():
-        images = np.random.default_rng(0).integers(0, 256, (50_000, 3, 32, 32), dtype=np.uint8)
-        store, source = DataStore.from_array(images, name="synthetic50000", xflip=True), "synthetic uint8 50,000 x 3x32x32"
+    device = torch.device(ctx.device)
+    cuda = device.type == "cuda"
+    batches, k, n = ((4, 8), 32, 8) if ctx.quick else ((128, 512), 2048, 256)
+    warmup, steps = (1, 1) if ctx.quick else (2, 5)
+    if ctx.synthetic or ctx.quick:
+        count = 512 if ctx.quick else 50_000
+        images = np.random.default_rng(0).integers(0, 256, (count, 3, 32, 32), dtype=np.uint8)
+        store = DataStore.from_array(images, name=f"synthetic{count}", xflip=True)
+        source = f"{count:,} synthetic uint8 images ({'--quick' if ctx.quick else ctx.data_note}), x-flips"
     else:
-        store, source = load_image_folder(data, subfolder="train", progress=False).with_xflip(True), f"CIFAR-10 ({data})"
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        model_config = compose("train", overrides=["dataset=cifar10_jpeg", "model=ncsnpp_ict"]).model
-
-    class Timed:
-        """The estimator with CUDA-synchronised timing around each call (the step itself is unchanged)."""
-
-        def __init__(self, estimator):
-            self.estimator, self.seconds = estimator, 0.0
-
-        def __getattr__(self, name):
-            return getattr(self.estimator, name)
-
-        def __call__(self, *args, **kwargs):
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            out = self.estimator(*args, **kwargs)
-            torch.cuda.synchronize()
-            self.seconds += time.perf_counter() - started
-            return out
-
-    runs = {}
-    for name, solver in (("ict", "euler"), ("ict_knn", "heun")):
-        if name == "ict":
-            estimator = make_estimator("single", store, device=device)
-        else:
-            estimator = make_estimator("knn", store, index=build_index(store, "torch", device=device), k=k, n=n,
-                                       device=device)
-        timed = Timed(estimator)
-        torch.manual_seed(0)
-        network = instantiate(model_config)
-        objective = ICTObjective(timed, total_steps=400_000, solver=solver)
-        config = TrainerConfig(max_steps=400_000, batch_size=batch, progress=False, resume="never", device="cuda")
-        with __import__("tempfile").TemporaryDirectory() as folder:
-            trainer = Trainer(config, Path(folder), store, network, objective,
-                              lambda params: torch.optim.RAdam(params, lr=1e-4), estimator_device=device)
-            for _ in range(warmup):
-                trainer.train_step()
-            torch.cuda.synchronize()
-            timed.seconds = 0.0
-            started = time.perf_counter()
-            for _ in range(steps):
-                trainer.train_step()
-            torch.cuda.synchronize()
-            step_seconds = (time.perf_counter() - started) / steps
-        runs[name] = {"seconds_per_step": step_seconds, "images_per_s": batch / step_seconds,
-                      "estimator_seconds_per_step": timed.seconds / steps,
-                      "estimator_share": timed.seconds / steps / step_seconds,
-                      "parameters": sum(p.numel() for p in network.parameters())}
-    runs["ict_knn"]["time_vs_ict"] = runs["ict_knn"]["seconds_per_step"] / runs["ict"]["seconds_per_step"]
-    return {"data": source, "batch": batch, "steps": steps, "warmup": warmup, "k": k, "n": n,
-            "model": "NCSN++ (configs/model/ncsnpp_ict.yaml)", "runs": runs, "paper_table4_time_vs_ict": 1.17}
+        store = load_image_folder(ctx.data, subfolder="train", progress=False).with_xflip(True)
+        source = f"{ctx.data_note}, x-flips"
+    model_config = ncsnpp_config(ctx.quick)
+    estimators = {"ict": ("euler", make_estimator("single", store, device=device)),
+                  "ict_knn": ("heun", make_estimator("knn", store, index=build_index(store, "torch", device=device),
+                                                     k=k, n=n, device=device))}
+    ctx.report(data=source, batches=list(batches), k=k, n=n)
+    runs, parameters = {}, None
+    for batch in batches:
+        for precision in ("fp32", "bf16"):
+            entry = {}
+            for name, (solver, estimator) in estimators.items():
+                torch.manual_seed(0)
+                network = instantiate(model_config)
+                parameters = sum(p.numel() for p in network.parameters())
+                config = TrainerConfig(max_steps=400_000, batch_size=batch, precision=precision, progress=False,
+                                       resume="never", preemption_signals=(), device=device.type)
+                with tempfile.TemporaryDirectory() as folder:
+                    try:
+                        trainer = Trainer(config, Path(folder), store, network,
+                                          ICTObjective(estimator, total_steps=400_000, solver=solver),
+                                          lambda params: torch.optim.RAdam(params, lr=1e-4),
+                                          context=DistributedContext(device=device), estimator_device=device)
+                        entry[name] = time_train_steps(trainer, warmup, steps)
+                    except torch.cuda.OutOfMemoryError as error:  # the other settings still run
+                        entry[name] = {"error": f"OutOfMemoryError: {str(error)[:300]}"}
+                    trainer = network = None
+                if cuda:
+                    torch.cuda.empty_cache()
+            if all("seconds_per_step" in entry[name] for name in estimators):
+                entry["time_vs_ict"] = entry["ict_knn"]["seconds_per_step"] / entry["ict"]["seconds_per_step"]
+            runs[f"batch{batch}_{precision}"] = entry
+            ctx.report(runs=dict(runs), parameters=parameters)
+    ratios = {name: entry["time_vs_ict"] for name, entry in runs.items() if "time_vs_ict" in entry}
+    devices = {entry[name]["device"] for entry in runs.values() for name in estimators if "device" in entry[name]}
+    return {"data": source, "model": "NCSN++ (configs/model/ncsnpp_ict.yaml)" + (" narrowed (--quick)" if ctx.quick else ""),
+            "parameters": parameters, "k": k, "n": n, "warmup": warmup, "steps": steps, "runs": runs,
+            "time_vs_ict": ratios, "paper_table4_time_vs_ict": 1.17,
+            "checks": {"every_setting_ran": len(ratios) == len(runs),
+                       "trained_on_device": all(name.startswith(device.type) for name in devices)},
+            "targets": {"knn_step_at_most_1.05x_ict": bool(ratios) and max(ratios.values()) <= 1.05}}
 
 
-def assemble(environment: dict, parts: dict) -> dict:
-    """The one JSON document: environment, each part's result or its error, and an overall verdict."""
-    failures = [name for name, part in parts.items() if "error" in part or part.get("passed") is False]
-    return {"device_check": "passed" if not failures else "failed", "failed_parts": failures,
-            "environment": environment, **parts}
-
-
-def environment() -> dict:
+def time_train_steps(trainer, warmup: int, steps: int) -> dict:
+    """Seconds per ``train_step`` after ``warmup`` steps (the GPU drained before and after the timed ones),
+    the estimator's seconds per step (the objective's ``estimator_seconds``: CUDA events on a GPU, read
+    after the drain) and the peak memory of the timed steps."""
     import torch
 
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "loadavg": os.getloadavg()}
-    try:
-        import faiss
+    cuda = trainer.device.type == "cuda"
+    for _ in range(warmup):
+        trainer.train_step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    records = [trainer.train_step() for _ in range(steps)]
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / steps
+    timed = [record.get("estimator_seconds") for record in records]
+    estimator_seconds = sum(float(value) for value in timed) / steps if None not in timed else None
+    return {"seconds_per_step": seconds, "images_per_s": trainer.config.batch_size / seconds,
+            "estimator_seconds_per_step": estimator_seconds,
+            "estimator_share": estimator_seconds / seconds if estimator_seconds is not None else None,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "device": str(trainer.device)}
 
-        info |= {"faiss": faiss.__version__, "faiss_gpu": hasattr(faiss, "StandardGpuResources")}
-    except ImportError:
-        info["faiss"] = None
-    if torch.cuda.is_available():
-        info |= {"gpu": torch.cuda.get_device_name(0), "gpu_count": torch.cuda.device_count()}
-    return info
 
+# ------------------------------------------------------------------------------ estimator bench
+def part_estimators(ctx: PartContext) -> dict:
+    """``benchmarks/bench_estimators.py`` on ``ctx.device``: searches, knn against its search, per t."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_estimators
 
-def main(argv=None, runners: dict | None = None, cuda_available=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--synthetic", action="store_true", help="synthetic data even when CIFAR-10 is present")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "estimators", "training"])
-    args = parser.parse_args(argv)
-    import torch
-
-    available = torch.cuda.is_available() if cuda_available is None else cuda_available
-    if not available:
-        print(NO_CUDA_MESSAGE, file=sys.stderr)
-        return 2
-    synthetic = args.synthetic or not Path(args.data).exists()
-    runners = runners or {
-        "tests": run_cuda_tests,
-        "estimators": lambda: run_estimator_benchmark(args.data, 50_000 if synthetic else 0),
-        "training": lambda: run_training_comparison(args.data, synthetic),
+    if ctx.quick:
+        argv = ["--synthetic", "1500", "--k", "32", "--n", "8", "--batch", "4", "--times", "0.5", "20",
+                "--repeats", "1", "--mse-repeats", "1", "--peak-shapes", "small"]
+    else:
+        argv = ["--repeats", "5", "--mse-repeats", "2", "--threads", str(os.cpu_count() or 1)]
+        argv += ["--synthetic", "50000"] if ctx.synthetic else ["--data", ctx.data]
+    argv = ["--device", ctx.device, *argv, "--methods"]
+    result = bench_estimators.main(argv)
+    per_t = result["per_t"]
+    ratios = result["targets"]["knn_vs_flat_search_per_t (target <= 1.10)"]
+    return {
+        "data": result["data"], "synthetic": ctx.synthetic or ctx.quick, "argv": argv,
+        "search_ms_per_query": {t: {name.removeprefix("search_"): entry[name]["ms_per_query"]
+                                    for name in entry if name.startswith("search_")} for t, entry in per_t.items()},
+        "knn_vs_search_per_t": ratios,
+        "knn_ms_per_query": {t: entry["knn_flat"]["ms_per_query"] for t, entry in per_t.items()},
+        "exact_fraction_of_peak_min": result["targets"]["exact_fraction_of_peak_min"],
+        "matmul_peak_gflops": result["matmul_peak"]["gflops"],
+        "targets": {"knn_at_most_1.10x_search": max(ratios.values()) <= 1.10},
     }
-    parts = {}
-    for name, runner in runners.items():
-        if name in args.skip:
-            continue
+
+
+# ------------------------------------------------------------------------------ ImageNet-size store
+def part_store(ctx: PartContext) -> dict:
+    """1.28M x 12,288 uint8 rows resident on ``ctx.device``; a torch-index search and one knn call."""
+    import resource
+
+    import numpy as np
+    import torch
+
+    from knn_cm.data import DataStore
+    from knn_cm.estimators import make_estimator
+    from knn_cm.index import build_index
+
+    device = torch.device(ctx.device)
+    cuda = device.type == "cuda"
+    size, shape = (4096 if ctx.quick else 1_280_000), (3, 64, 64)
+    batch, k, n = (8, 64, 16) if ctx.quick else (128, 2048, 256)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def peak_gib(reset: bool = False):
+        if not cuda:
+            return None
+        value = torch.cuda.max_memory_allocated() / 2**30
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return value
+
+    started = time.perf_counter()
+    images = np.empty((size, *shape), dtype=np.uint8)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for start in range(0, size, 65_536):  # drawn on the device: 15.7 GB of random bytes in seconds
+        stop = min(start + 65_536, size)
+        images[start:stop] = torch.randint(0, 256, (stop - start, *shape), dtype=torch.uint8, device=device,
+                                           generator=generator).cpu().numpy()
+    store = DataStore.from_array(images, name=f"synthetic{size}")
+    # Hashing 15.7 GB (~20 s on one core) is not what this part measures: a synthetic store's own label.
+    store._base_fingerprint = f"synthetic-{size}x{'x'.join(map(str, shape))}-seed0"
+    result = {"rows": size, "dim": int(np.prod(shape)), "store_gib": images.nbytes / 2**30,
+              "generate_s": time.perf_counter() - started}
+    ctx.report(**result)
+
+    started = time.perf_counter()
+    index = build_index(store, "torch", device=device)
+    sync()
+    result |= {"resident_s": time.perf_counter() - started, "resident_storage": str(index.rows.rows.dtype),
+               "resident_peak_gib": peak_gib(reset=True)}
+    ctx.report(**result)
+
+    rows = index.rows
+    picks = torch.randperm(size, generator=torch.Generator().manual_seed(1))[:batch].to(device)
+    x = rows.gather(picks)
+    noise = torch.randn(x.shape, generator=generator, device=device)
+    searches = {}
+    for t in (1.0, 20.0):
+        z = x + t * noise
+        index.search(z, k)  # first use of this shape
+        sync()
         started = time.perf_counter()
+        for _ in range(3):
+            index.search(z, k)
+        sync()
+        searches[str(t)] = (time.perf_counter() - started) / 3
+    result |= {"search_s": searches, "search_peak_gib": peak_gib(reset=True)}
+    ctx.report(**result)
+
+    knn = make_estimator("knn", store, index=index, k=k, n=n, device=device)
+    estimator_generator = torch.Generator(device=device).manual_seed(2)
+    z = (x + 1.0 * noise).reshape(batch, *shape)
+    sync()
+    started = time.perf_counter()
+    first = knn(z, 1.0, generator=estimator_generator)
+    sync()
+    first_s = time.perf_counter() - started
+    started = time.perf_counter()
+    out = knn(z, 1.0, generator=estimator_generator)
+    sync()
+    knn_s = time.perf_counter() - started
+    finite = bool(torch.isfinite(out).all() and torch.isfinite(first).all())
+    result |= {"batch": batch, "k": k, "n": n, "knn_first_call_s": first_s, "knn_s": knn_s,
+               "knn_vs_search_t1": knn_s / searches["1.0"], "knn_peak_gib": peak_gib(),
+               "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               "checks": {"knn_finite": finite}, "targets": {"knn_at_most_1.10x_search": knn_s / searches["1.0"] <= 1.10}}
+    return result
+
+
+def part_stall(ctx: PartContext) -> dict:
+    """Not a check (never run by default): reports its pid, then waits until it is cut. The tests use it to
+    exercise budgets and kills without a GPU."""
+    ctx.report(pid=os.getpid(), note="waiting to be cut")
+    while True:
+        time.sleep(0.5)
+
+
+PARTS = {"environment": part_environment, "tests": part_tests, "resume": part_resume, "syncs": part_syncs,
+         "training": part_training, "estimators": part_estimators, "store": part_store, "stall": part_stall}
+
+
+# ============================================================================================ child
+def write_json(path: Path, payload: dict) -> None:
+    """``payload`` as JSON at ``path``, atomically (a reader sees the old file or the new one, whole)."""
+    from knn_cm.io import atomic_path
+
+    with atomic_path(path, sync_folder=False) as temp:
+        temp.write_text(json.dumps(payload, default=str))
+
+
+def third_party_imports() -> list[str]:
+    """Top-level modules imported so far that are neither the standard library nor this repository's
+    (installed packages: anything under a site-packages folder, a virtual environment in the repository too)."""
+    names = set()
+    for name, module in list(sys.modules.items()):
+        if name in sys.stdlib_module_names or name.startswith("_") or "." in name:
+            continue
+        location = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", None) or []), None)
+        if not location:
+            continue
+        path = Path(location).resolve()
+        if not path.is_relative_to(ROOT) or {"site-packages", "dist-packages"} & set(path.parts):
+            names.add(name)
+    return sorted(names)
+
+
+def child_main(args) -> int:
+    """Run one part in this process and leave its result (or error) in ``args.result``."""
+    result_file = Path(args.result)
+    ctx = PartContext(args.device, args.quick, args.data, args.synthetic, result_file)
+    threads = None
+    try:
+        if args.child != "stall":  # (the stall part reports at once, before any import)
+            import torch
+
+            threads = torch.get_num_threads()
+            if args.quick:  # toy networks run fastest on one thread, and a shared CPU is not oversubscribed
+                torch.set_num_threads(1)
+        result = PARTS[args.child](ctx)
+        payload = {"complete": True, "result": result}
+    except Exception as error:  # the line names the error; the traceback goes to the log
+        traceback.print_exc()
+        payload = {"complete": False, "partial": ctx.partial, "error": f"{type(error).__name__}: {error}"[:2000]}
+    payload |= {"pid": os.getpid(), "torch_threads_at_start": threads, "imports": third_party_imports()}
+    write_json(result_file, payload)
+    return 0
+
+
+# =========================================================================================== parent
+class Interrupted(Exception):
+    """The runner received SIGTERM / SIGINT / SIGHUP: the running part is cut and reported."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the runner dies (Linux prctl PR_SET_PDEATHSIG), so a runner
+    killed with -9 leaves no part running."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+
+
+class Runner:
+    """Runs parts one by one in child processes and writes one JSON line per part."""
+
+    def __init__(self, args, env: dict, workdir: Path):
+        self.args = args
+        self.env = env
+        self.workdir = workdir
+        self.lines: list[dict] = []
+        self.started = time.monotonic()
+        self.interrupted: Interrupted | None = None
+
+    def emit(self, line: dict) -> None:
+        """Print the line (flushed) and rewrite the --jsonl file with every line so far (atomically)."""
+        self.lines.append(line)
+        print(json.dumps(line, default=str), flush=True)
+        if self.args.jsonl:
+            from knn_cm.io import atomic_path
+
+            with atomic_path(self.args.jsonl) as temp:
+                temp.write_text("".join(json.dumps(entry, default=str) + "\n" for entry in self.lines))
+
+    def remaining(self) -> float:
+        return self.args.deadline - (time.monotonic() - self.started)
+
+    def run_part(self, name: str) -> dict:
+        left = self.remaining()
+        budget = min(float(self.args.budget.get(name, BUDGETS.get(name, 60))), left)
+        line = {"part": name, "device": self.args.device, "quick": self.args.quick}
+        if left < MIN_PART_SECONDS:
+            line |= {"status": "skipped", "reason": f"no time left under --deadline {self.args.deadline:g} s"}
+            self.emit(line)
+            return line
+        result_file = self.workdir / f"{name}.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--result", str(result_file),
+                   "--device", self.args.device, "--data", self.args.data]
+        command += ["--quick"] * self.args.quick + ["--synthetic"] * self.args.synthetic
+        print(f"device-check: part {name} (budget {budget:.0f} s)", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno(),
+                                   start_new_session=True, preexec_fn=_die_with_parent)
+        cut_reason = None
         try:
-            parts[name] = runner()
-        except Exception as error:  # report every part, even when one fails
-            parts[name] = {"error": f"{type(error).__name__}: {error}"}
-        parts[name]["wall_seconds"] = time.perf_counter() - started
-    report = assemble(environment(), parts)
-    print(json.dumps(report, indent=1))
-    return 0 if report["device_check"] == "passed" else 1
+            process.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            cut_reason = f"over its budget of {budget:.0f} s: killed"
+        except Interrupted as interrupted:
+            cut_reason = f"the check was interrupted ({interrupted}): killed"
+            self.interrupted = interrupted
+        finally:
+            if process.poll() is None:
+                _kill_group(process)
+        line["seconds"] = round(time.monotonic() - started, 2)
+        line["budget_s"] = round(budget, 1)
+        payload = _read_json(result_file)
+        if cut_reason:
+            line |= {"status": "cut", "reason": cut_reason, "partial": payload.get("partial", {})}
+        elif payload.get("complete"):
+            result = payload["result"]
+            status = "skipped" if "not_run" in result else (
+                "failed" if not all(result.get("checks", {}).values()) else "ok")
+            line |= {"status": status, **result}
+        elif "error" in payload:
+            line |= {"status": "error", "error": payload["error"], "partial": payload.get("partial", {})}
+        else:
+            line |= {"status": "error", "error": f"the part's process ended with status {process.returncode} and "
+                                                 f"no result", "partial": payload.get("partial", {})}
+        for key in ("imports", "torch_threads_at_start", "pid"):
+            if key in payload:
+                line[key] = payload[key]
+        self.emit(line)
+        return line
+
+    def summary(self, extra: dict | None = None) -> dict:
+        parts = {line["part"]: line["status"] for line in self.lines}
+        failed = [name for name, status in parts.items() if status not in ("ok", "skipped")]
+        missed = [f"{line['part']}.{target}" for line in self.lines
+                  for target, met in (line.get("targets") or {}).items() if not met]
+        line = {"part": "summary", "status": "failed" if failed else "ok", "parts": parts, "failed_parts": failed,
+                "targets_missed": missed, "seconds": round(time.monotonic() - self.started, 1), **(extra or {})}
+        self.emit(line)
+        return line
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _budgets(values: list[str]) -> dict:
+    budgets = {}
+    for value in values:
+        name, _, seconds = value.partition("=")
+        if name not in PARTS or not seconds:
+            raise SystemExit(f"--budget {value!r}: expected PART=SECONDS with PART one of {', '.join(PARTS)}")
+        budgets[name] = float(seconds)
+    return budgets
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=DEFAULT_PARTS, choices=list(PARTS),
+                        help="parts to run, in order (environment always runs first)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="where every part computes (cpu: a rehearsal, with --quick)")
+    parser.add_argument("--quick", action="store_true", help="toy sizes (CPU rehearsal and tests)")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 archive or folder (else synthetic)")
+    parser.add_argument("--synthetic", action="store_true", help="synthetic data even when --data exists")
+    parser.add_argument("--budget", nargs="*", default=[], metavar="PART=SECONDS", help="override part budgets")
+    parser.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE, help="seconds for the whole check")
+    parser.add_argument("--jsonl", help="also keep the JSON lines in this file (rewritten atomically per line)")
+    parser.add_argument("--bundle", help="folder of wheels to install first, offline (scripts/device_bundle.py)")
+    parser.add_argument("--site", default=str(Path(tempfile.gettempdir()) / "knn-cm-device-site"),
+                        help="where --bundle is installed (prepended to PYTHONPATH for the parts)")
+    parser.add_argument("--child", choices=list(PARTS), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.budget = _budgets(args.budget)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(ROOT))  # knn_cm.io (standard library only) in the runner; everything in a part
+    if args.child:
+        return child_main(args)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    paths = [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupted)
+    with tempfile.TemporaryDirectory(prefix="device-check-") as workdir:
+        runner = Runner(args, env, Path(workdir))
+        try:
+            if args.bundle:
+                sys.path.insert(0, str(Path(__file__).resolve().parent))
+                import device_bundle
+
+                try:
+                    installed = device_bundle.install_bundle(args.bundle, args.site)
+                    runner.emit({"part": "install", "status": "ok", **installed})
+                except (OSError, subprocess.CalledProcessError) as error:
+                    runner.emit({"part": "install", "status": "error", "error": str(error)})
+                paths.insert(0, args.site)
+            env["PYTHONPATH"] = os.pathsep.join(paths)
+            environment = runner.run_part("environment")
+            if environment["status"] in ("error", "cut"):  # torch itself does not work here
+                why = environment.get("error") or environment.get("reason")
+                print(f"device-check: the environment part did not finish ({why}); nothing else was checked",
+                      file=sys.stderr)
+                runner.summary()
+                return 1
+            if args.device == "cuda" and not environment.get("cuda_available"):
+                print(NO_CUDA_MESSAGE, file=sys.stderr)
+                runner.summary({"status": "no_cuda"})
+                return 2
+            for name in args.parts:
+                if name != "environment":
+                    runner.run_part(name)
+                if runner.interrupted:
+                    break
+        except Interrupted as interrupted:
+            runner.interrupted = interrupted
+        if runner.interrupted:
+            runner.summary({"status": "interrupted", "reason": str(runner.interrupted)})
+            return 128 + runner.interrupted.signum
+        return 0 if runner.summary()["status"] == "ok" else 1
 
 
 if __name__ == "__main__":
