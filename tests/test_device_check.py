@@ -216,7 +216,8 @@ def test_cpu_rehearsal_runs_every_part_in_order_on_the_cpu(tmp_path):
     assert status == {**{part: "ok" for part in device_check.DEFAULT_PARTS}, "syncs": "skipped",
                       "summary": "ok"}, [line.get("error") for line in lines]
     parts = {line["part"]: line for line in lines}
-    assert parts["tests"]["failed"] == 0 and parts["tests"]["skipped"] > 0  # the CUDA tests skip here
+    assert parts["tests"]["failed"] == 0
+    assert parts["tests"]["skipped"] > 0 or torch.cuda.is_available()  # the CUDA tests skip without CUDA
     assert parts["resume"]["runs"]["fp32"]["vs_straight"]["bit_identical"]
     assert parts["resume"]["runs"]["fp32"]["resumed_at_step"] == 3
     assert {run[name]["device"] for run in parts["training"]["runs"].values() for name in ("ict", "ict_knn")} == {"cpu"}
