@@ -23,7 +23,7 @@ from knn_cm.data import float_to_uint8
 from knn_cm.data.from_config import store_from_config
 from knn_cm.evaluation.estimator_error import build_estimators
 from knn_cm.device import as_device
-from knn_cm.evaluation.snapshots import resolve_network_path
+from knn_cm.runs.layout import resolve_network_path
 from knn_cm.io import atomic_path
 from knn_cm.models import load_network
 from knn_cm.sampling import generate, make_sampler

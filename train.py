@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from knn_cm.io import atomic_path, remove_stale_temp_files
 from knn_cm.training import EMA, DistributedContext, Trainer, trainer_config
-from knn_cm.training.checkpoint import remove_orphan_digests
+from knn_cm.runs.checkpoints import remove_orphan_digests
 from knn_cm.training.run_folder import RunFolder, RunFolderError
 from knn_cm.training.trainer import refuse_restart_over_checkpoints
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from knn_cm.evaluation.records import settings_key
 from knn_cm.io import atomic_path, save_figure, write_csv_rows
-from knn_cm.training.logging import read_metrics
+from knn_cm.runs.jsonl import read_json_lines
+from knn_cm.runs.layout import RunLayout
 from knn_cm.training.run_folder import invocation_seconds
 
 TABLE_FIELDS = ("method", "status", "best_step", "images_seen_mimg", "fid", "isc", "num_samples",
@@ -30,12 +31,8 @@ PAPER = {"ict": (3.67, 9.45), "ict_stf": (3.79, 9.50), "ict_knn": (3.59, 9.49),
          "edm": (2.01, 9.76), "edm_stf": (1.94, 9.81), "edm_knn": (1.96, 9.87)}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return read_metrics(path) if path.exists() else []
-
-
 def _planned_steps(run_dir: Path) -> int | None:
-    config = run_dir / "config.yaml"
+    config = RunLayout(run_dir).config
     if not config.exists():
         return None
     from omegaconf import OmegaConf
@@ -63,7 +60,7 @@ def comparable_evaluations(run_dir: Path) -> list[dict]:
     """
     groups: dict[str, list[dict]] = {}
     latest: dict[str, int] = {}
-    for position, record in enumerate(_read_jsonl(run_dir / "evaluation.jsonl")):
+    for position, record in enumerate(read_json_lines(RunLayout(run_dir).evaluations)):
         if record.get("fid") is not None:
             key = settings_key(record)
             groups.setdefault(key, []).append(record)
@@ -84,7 +81,7 @@ def summarise_run(run_dir: str | Path, label: str | None = None) -> dict:
     row = {"method": label or run_dir.name, "run": str(run_dir)}
     if not run_dir.is_dir():
         return row | {"status": "missing"}
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    metrics = read_json_lines(RunLayout(run_dir).metrics)
     steps_done = metrics[-1]["step"] if metrics else 0
     planned = _planned_steps(run_dir)
     wall_seconds = invocation_seconds(run_dir)  # every invocation, replayed steps included
@@ -165,7 +162,7 @@ def sweep_runs(sweep_dir: str | Path) -> dict[str, Path]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         return {}
-    return {child.name: child for child in sorted(sweep_dir.iterdir()) if (child / "config.yaml").exists()}
+    return {child.name: child for child in sorted(sweep_dir.iterdir()) if RunLayout(child).config.exists()}
 
 
 def build_report(train_root: str | Path, out: str | Path, multirun_root: str | Path | None = None,
@@ -199,7 +196,7 @@ def build_report(train_root: str | Path, out: str | Path, multirun_root: str | P
             plot_figure4(curves, out / f"{name}.png", title, baseline="iCT baseline")
             result[name] = curves
     if tswitch_dir is not None:
-        csv_path = Path(tswitch_dir) / "tswitch.csv"
+        csv_path = RunLayout(tswitch_dir).tswitch_table
         if csv_path.exists():
             from knn_cm.evaluation.tswitch import plot_tswitch
 
@@ -209,8 +206,8 @@ def build_report(train_root: str | Path, out: str | Path, multirun_root: str | P
                 for key in ("t_switch", "fid", "num_samples"):
                     row[key] = float(row[key]) if row.get(key) not in (None, "") else None
             plot_tswitch(rows, out / "figure5.png")
-            if csv_path.resolve() != (out / "tswitch.csv").resolve():  # the sweep's own CSV beside the figure
-                shutil.copyfile(csv_path, out / "tswitch.csv")
+            if csv_path.resolve() != RunLayout(out).tswitch_table.resolve():  # the sweep's own CSV beside the figure
+                shutil.copyfile(csv_path, RunLayout(out).tswitch_table)
             result["figure5"] = rows
         else:
             result["figure5"] = "missing"

@@ -21,7 +21,7 @@ from knn_cm.estimators import make_estimator
 from knn_cm.evaluation import feature_extractors, run_evaluation
 from knn_cm.evaluation.feature_extractors import INCEPTION_FILENAME, InceptionWeightsUnavailable
 from knn_cm.evaluation.memorisation import memorisation
-from knn_cm.evaluation.snapshots import list_snapshots
+from knn_cm.runs.layout import RunLayout
 from knn_cm.models import EDMPrecond, SongUNet, load_network, load_network_file, save_network
 from knn_cm.sampling import heun_sample, noise_for_seeds
 
@@ -167,7 +167,7 @@ def test_changed_sampler_settings_and_seeds_are_new_evaluations(run_copy):
 
 def test_a_retrained_snapshot_is_scored_again(run_copy):
     first = _evaluate(run_copy)[0]
-    ((_, path),) = list_snapshots(run_copy)
+    ((_, path),) = RunLayout(run_copy).list_snapshots()
     network = load_network(path)
     with torch.no_grad():
         for parameter in network.parameters():

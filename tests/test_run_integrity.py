@@ -28,7 +28,7 @@ from hydra import compose, initialize_config_dir
 
 import train
 from knn_cm.training import ICTObjective, NonFiniteLossError, list_checkpoints, load_checkpoint
-from knn_cm.training.checkpoint import save_checkpoint, verify_checkpoint
+from knn_cm.runs.checkpoints import save_checkpoint, verify_checkpoint
 from knn_cm.training.run_folder import RunFolderError, invocation_seconds
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,13 +22,13 @@ import torch
 from knn_cm.data import DataStore
 from knn_cm.evaluation.memorisation import memorisation
 from knn_cm.evaluation.records import KEY_FIELDS, record_key, write_evaluation_table
-from knn_cm.evaluation.snapshots import list_snapshots
 from knn_cm.index import Index, build_index
 from knn_cm.models import load_network_file, network_from_payload
 from knn_cm.sampling import generate, make_sampler, resolve_kind
 from knn_cm.sampling.generate import USES_ESTIMATOR, sampler_settings
 from knn_cm.settings import boolean, non_negative_int, positive_int
-from knn_cm.training.logging import MetricsLog, read_metrics
+from knn_cm.runs.jsonl import JsonLinesLog, read_json_lines
+from knn_cm.runs.layout import RunLayout
 
 METRIC_FLAGS = ("fid", "isc", "memorisation")
 
@@ -116,13 +116,14 @@ def evaluate_run(run_dir: str | Path, store: DataStore, sampler: Mapping, metric
     num_samples = positive_int(num_samples, "num_samples")
     batch_size = positive_int(batch_size, "batch_size")
     seed_start = non_negative_int(seed_start, "seed_start")
-    snapshots = list_snapshots(run_dir)
+    layout = RunLayout(run_dir)
+    snapshots = layout.list_snapshots()
     if not snapshots:
         raise FileNotFoundError(f"{run_dir} has no snapshots/network-*.pt to evaluate")
     metrics = prepare_metrics(metrics, num_samples)
     flags = {flag: metrics[flag] for flag in METRIC_FLAGS}
-    log = MetricsLog(run_dir, "evaluation.jsonl")
-    done = read_metrics(log.path) if log.path.exists() else []
+    log = JsonLinesLog(layout.evaluations)
+    done = read_json_lines(log.path)
     evaluated = {record_key(record): record for record in done}
     seeds = range(seed_start, seed_start + num_samples)
     index = built_estimator = None
@@ -161,5 +162,5 @@ def evaluate_run(run_dir: str | Path, store: DataStore, sampler: Mapping, metric
         done.append(record)
         current.append(record)
     table = [r for r in done if (r.get("network"), r.get("network_digest")) in present]
-    write_evaluation_table(table, run_dir / "evaluation.csv")
+    write_evaluation_table(table, layout.evaluation_table)
     return current

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from knn_cm.data import DataStore
 from knn_cm.evaluation.run_evaluation import evaluate_samples, memorisation_index, prepare_metrics
+from knn_cm.runs.layout import RunLayout
 from knn_cm.io import save_figure, write_csv_rows
 from knn_cm.sampling import generate, make_sampler
 from knn_cm.settings import positive_int
@@ -49,7 +50,7 @@ def tswitch_sweep(network, store: DataStore, estimators: Mapping, t_switches: Se
 def write_tswitch(rows: Sequence[Mapping], folder: str | Path) -> None:
     """``tswitch.csv`` and ``tswitch.png`` (see :func:`plot_tswitch`) into ``folder``."""
     folder = Path(folder)
-    write_csv_rows(folder / "tswitch.csv", TSWITCH_FIELDS, rows)
+    write_csv_rows(RunLayout(folder).tswitch_table, TSWITCH_FIELDS, rows)
     plot_tswitch(rows, folder / "tswitch.png")
 
 

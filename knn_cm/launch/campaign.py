@@ -27,6 +27,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from knn_cm.runs.layout import RunLayout
 from knn_cm.io import atomic_path
 from knn_cm.launch.cost import Cost, heun_evaluations, sampling_cost, training_cost
 
@@ -183,7 +184,7 @@ def plan(root: str | Path = ".", scale: str = "paper", tswitch_network: str | No
     after = ()
     if tswitch_network is None:
         edm = next(run for run in runs if run.label == "edm")
-        tswitch_network, after = f"{edm.run_dir}/snapshots/network-{edm.max_steps:09d}.pt", (_job_name("train", "edm"),)
+        tswitch_network, after = str(RunLayout(edm.run_dir).snapshot(edm.max_steps)), (_job_name("train", "edm"),)
     methods = len(sweep.tswitch.estimators) + (1 if sweep.tswitch.include_forward else 0)
     t_switches = 3 if toy else len(sweep.tswitch.t_switch)
     cost = sampling_cost(f"{t_switches} t_switch x {methods} methods", num_samples, heun, t_switches * methods)

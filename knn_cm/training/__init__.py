@@ -1,6 +1,6 @@
 """Training: iCT, EDM and flow-matching objectives with pluggable estimators, and one trainer loop for all."""
 
-from knn_cm.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from knn_cm.runs.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
 from knn_cm.training.distributed import DistributedContext
 from knn_cm.training.edm import EDMObjective
 from knn_cm.training.ema import EMA

@@ -23,11 +23,13 @@ from knn_cm.data import DataStore, float_to_uint8
 from knn_cm.io import atomic_path
 from knn_cm.models import resolve_amp_dtype, save_network
 from knn_cm.models.dropout import shared_dropout
-from knn_cm.training.checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, load_latest_intact,
+from knn_cm.runs.checkpoints import (checkpoint_path, list_checkpoints, load_checkpoint, load_latest_intact,
                                         newest_finite_checkpoint, save_checkpoint)
 from knn_cm.training.distributed import DistributedContext
 from knn_cm.training.ema import EMA
-from knn_cm.training.logging import MetricsLog, NullLogger
+from knn_cm.runs.jsonl import JsonLinesLog
+from knn_cm.runs.layout import RunLayout
+from knn_cm.training.loggers import NullLogger
 from knn_cm.training.preemption import PreemptionGuard, parse_signal
 from knn_cm.training.stage_timer import resolve_timers
 from knn_cm.training.stream import BatchStream
@@ -144,7 +146,8 @@ class Trainer:
         self.context = context or DistributedContext.from_env(config.device)
         self.objective = objective
         self.logger = logger if (logger is not None and self.context.is_main) else NullLogger()
-        self.metrics = MetricsLog(self.run_dir) if self.context.is_main else None
+        self.layout = RunLayout(run_dir)
+        self.metrics = JsonLinesLog(self.layout.metrics) if self.context.is_main else None
         self.run_metadata = run_metadata or {}
         self.invocation = invocation if self.context.is_main else None
         self.device = self.context.device
@@ -491,10 +494,10 @@ class Trainer:
 
     # --------------------------------------------------------------------------------- outputs
     def snapshot_path(self, step: int) -> Path:
-        return self.run_dir / "snapshots" / f"network-{step:09d}.pt"
+        return self.layout.snapshot(step)
 
     def sample_path(self, name: str, step: int) -> Path:
-        return self.run_dir / "samples" / f"{name}-{step:09d}.png"
+        return self.layout.sample_grid(name, step)
 
     def save_snapshot(self) -> Path | None:
         """The EMA network as a network file (``snapshots/network-<step>.pt``) for sampling / evaluation."""

@@ -17,16 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from pathlib import Path
 
 import torch
 
 from knn_cm.io import atomic_path
+from knn_cm.runs.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"training-(\d{9})\.pt$")
 DIGEST_SUFFIX = ".digest"
 CORRUPT_SUFFIX = ".corrupt"
 REQUIRED_KEYS = {"model", "ema", "optimizer", "step", "images_seen", "generators"}
@@ -37,7 +36,7 @@ class CorruptCheckpointError(ValueError):
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"training-{step:09d}.pt"
+    return RunLayout(run_dir).checkpoint(step)
 
 
 def digest_path(path: str | Path) -> Path:
@@ -46,9 +45,7 @@ def digest_path(path: str | Path) -> Path:
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Training checkpoints of a run folder, oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    found = [(int(m.group(1)), p) for p in folder.glob("training-*.pt") if (m := CHECKPOINT_PATTERN.search(p.name))]
-    return [path for _, path in sorted(found)]
+    return [path for _, path in RunLayout(run_dir).list_checkpoints()]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -84,7 +81,7 @@ def save_checkpoint(path: str | Path, state: dict, keep: int | None = None) -> P
         with atomic_path(digest_path(path), sync_folder=False) as digest_temp:  # the checkpoint's rename syncs it
             digest_temp.write_text(json.dumps({"blake2b": writer.digest.hexdigest(), "bytes": writer.size}) + "\n")
     if keep is not None and keep > 0:
-        for old in list_checkpoints(path.parent.parent)[:-keep]:
+        for old in list_checkpoints(path.parent.parent)[:-keep]:  # <run>/checkpoints/<file>
             old.unlink(missing_ok=True)
             digest_path(old).unlink(missing_ok=True)
     return path
@@ -159,7 +156,7 @@ def load_latest_intact(run_dir: str | Path, map_location="cpu") -> tuple[Path, d
 
 def remove_orphan_digests(run_dir: str | Path) -> None:
     """Digest files whose checkpoint never got its final name (a kill between the two renames)."""
-    for sidecar in (Path(run_dir) / "checkpoints").glob(f"training-*.pt{DIGEST_SUFFIX}"):
+    for sidecar in RunLayout(run_dir).checkpoints.glob(f"training-*.pt{DIGEST_SUFFIX}"):
         if not Path(str(sidecar)[: -len(DIGEST_SUFFIX)]).exists():
             sidecar.unlink(missing_ok=True)
 

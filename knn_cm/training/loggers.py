@@ -1,0 +1,53 @@
+"""Training loggers beside the run folder's metrics.jsonl (knn_cm.runs.jsonl): Weights & Biases, or none."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+
+
+class WandbLogger:
+    """Weights & Biases logging that resumes the same run after a restart.
+
+    The run id is stored in ``<run>/wandb_id.txt`` so a requeued job continues the same wandb run.
+    ``mode`` "offline" (the default unless configured) writes locally under ``<run>/wandb``; sync later
+    with ``wandb sync``. Only rank 0 logs.
+    """
+
+    def __init__(self, run_dir: str | Path, config: dict, project: str = "knn-cm", entity: str | None = None,
+                 mode: str = "offline", name: str | None = None, tags: list | None = None):
+        import wandb
+
+        run_dir = Path(run_dir)
+        id_file = run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        id_file.write_text(run_id)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(project=project, entity=entity, mode=mode, id=run_id, resume="allow",
+                              dir=str(run_dir), config=config, name=name or run_dir.name, tags=tags)
+
+    def log(self, record: dict) -> None:
+        self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
+
+    def log_image(self, key: str, path: str | Path, step: int) -> None:
+        import wandb
+
+        self.run.log({key: wandb.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class NullLogger:
+    """Logger that drops everything (``logger=none``)."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def log_image(self, key: str, path, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
