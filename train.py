@@ -26,7 +26,7 @@ from knn_cm.io import atomic_path, remove_stale_temp_files
 from knn_cm.training import EMA, DistributedContext, Trainer, trainer_config
 from knn_cm.runs.checkpoints import remove_orphan_digests
 from knn_cm.training.run_folder import RunFolder, RunFolderError
-from knn_cm.training.trainer import refuse_restart_over_checkpoints
+from knn_cm.training.state import refuse_restart_over_checkpoints
 
 log = logging.getLogger("train")
 

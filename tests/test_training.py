@@ -22,7 +22,7 @@ from knn_cm.estimators import make_estimator
 from knn_cm.training import (EMA, ICTObjective, NonFiniteLossError, curriculum_steps, karras_levels,
                              level_probabilities, list_checkpoints, load_checkpoint, pseudo_huber)
 from knn_cm.training.stream import BatchStream
-from knn_cm.training.trainer import trainer_config
+from knn_cm.training.config import trainer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

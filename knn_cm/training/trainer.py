@@ -9,114 +9,33 @@ atomically; ``resume="auto"`` continues bit for bit from the newest one in the r
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from knn_cm.data import DataStore, float_to_uint8
-from knn_cm.io import atomic_path
+from knn_cm.data import DataStore
 from knn_cm.models import resolve_amp_dtype, save_network
 from knn_cm.models.dropout import shared_dropout
-from knn_cm.runs.checkpoints import (checkpoint_path, list_checkpoints, load_checkpoint, load_latest_intact,
-                                        newest_finite_checkpoint, save_checkpoint)
-from knn_cm.training.distributed import DistributedContext
-from knn_cm.training.ema import EMA
+from knn_cm.runs.checkpoints import (checkpoint_path, load_checkpoint, load_latest_intact, newest_finite_checkpoint,
+                                     save_checkpoint)
 from knn_cm.runs.jsonl import JsonLinesLog
 from knn_cm.runs.layout import RunLayout
+from knn_cm.training.config import TrainerConfig
+from knn_cm.training.distributed import DistributedContext
+from knn_cm.training.ema import EMA
+from knn_cm.training.guard import NonFiniteFlag, NonFiniteLossError, all_finite
 from knn_cm.training.loggers import NullLogger
-from knn_cm.training.preemption import PreemptionGuard, parse_signal
-from knn_cm.training.stage_timer import resolve_timers
+from knn_cm.training.metrics import window_record
+from knn_cm.training.outputs import save_image_grid
+from knn_cm.training.preemption import PreemptionGuard
+from knn_cm.training.state import refuse_restart_over_checkpoints, splitmix64
 from knn_cm.training.stream import BatchStream
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-LR_DECAYS = ("constant", "cosine")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss, the gradients or the weights became NaN or inf; the run stopped without writing them."""
-
-
-@dataclass
-class TrainerConfig:
-    """Settings of the training loop (``configs/trainer/*.yaml`` holds them under ``trainer``)."""
-
-    max_steps: int = 400_000  # optimizer steps K; the iCT curriculum and lr schedule span them
-    stop_after_steps: int | None = None  # end this invocation after so many steps (checkpointed), e.g. to fit
-    #                                      a job's time limit; resume=auto continues the same schedule
-    batch_size: int = 1024  # global batch: all ranks and all accumulation micro-steps together
-    micro_batch_size: int | None = None  # per-rank micro-batch (None: batch_size / world size, no accumulation)
-    warmup_images: int = 0  # linear learning-rate warm-up over this many images (EDM: 10M)
-    lr_decay: str = "constant"  # "constant" or "cosine" (down to final_lr_fraction at max_steps)
-    final_lr_fraction: float = 0.0  # with cosine decay: the last step's lr / base lr
-    grad_clip: float | None = None  # clip the global gradient norm to this value (None: no clipping)
-    nan_to_num_grads: bool = False  # EDM: replace non-finite gradient entries (nan -> 0, inf -> +-1e5)
-    precision: str = "fp32"  # "fp32", "bf16" or "fp16" autocast of the network (CUDA; fp16 uses a grad scaler)
-    checkpoint_every: int = 1000  # steps between training checkpoints (and one at the end)
-    keep_checkpoints: int = 2  # newest training checkpoints kept (snapshots are all kept)
-    snapshot_every: int | None = None  # steps between EMA network snapshots for evaluation (None: end only)
-    sample_every: int | None = None  # steps between sample grids (None: end only)
-    num_sample_images: int = 64  # images per sample grid (sample i uses seed i)
-    log_every: int = 50  # steps between metrics records
-    resume: str = "auto"  # "auto": continue from the newest checkpoint of the run folder; "never"; or a path
-    seed: int = 0  # data order, noise, dropout and estimator draws derive from it
-    device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
-    progress: bool = True  # progress bar with images/s and ETA (rank 0)
-    # Signals that stop training gracefully: the running step finishes, a checkpoint is written, then the
-    # signal's previous handler runs (submitit's requeue) or the process exits with 128 + signal number.
-    # SLURM's --signal, submitit (SIGUSR2) and scontrol requeue / torchrun shutdown (SIGTERM). [] disables.
-    preemption_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2")
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            _check_type(field, getattr(self, field.name))
-        if self.max_steps < 0:
-            raise ValueError(f"trainer.max_steps must be >= 0, got {self.max_steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"trainer.batch_size must be >= 1, got {self.batch_size}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
-        if self.lr_decay not in LR_DECAYS:
-            raise ValueError(f"unknown lr_decay {self.lr_decay!r}; allowed: {', '.join(LR_DECAYS)}")
-        for name in self.preemption_signals:
-            parse_signal(name)  # a clear error now rather than when training starts
-        for name in ("checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
-        if self.stop_after_steps is not None and self.stop_after_steps < 0:
-            raise ValueError(f"trainer.stop_after_steps must be >= 0 or null, got {self.stop_after_steps}")
-        for name in ("micro_batch_size", "snapshot_every", "sample_every"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"trainer.{name} must be >= 1 or null, got {getattr(self, name)}")
-
-
-def _check_type(field: dataclasses.Field, value) -> None:
-    """A clear error for a setting of the wrong type (``trainer.max_steps=abc``) before any arithmetic on it."""
-    annotation = str(field.type)
-    optional = "None" in annotation
-    if value is None:
-        if not optional:
-            raise ValueError(f"trainer.{field.name} must be set, got null")
-        return
-    if annotation.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"trainer.{field.name} must be an integer{' or null' if optional else ''}, got "
-                             f"{value!r}")
-    elif annotation.startswith("float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"trainer.{field.name} must be a number{' or null' if optional else ''}, got {value!r}")
-    elif annotation.startswith("bool") and not isinstance(value, bool):
-        raise ValueError(f"trainer.{field.name} must be true or false, got {value!r}")
-    elif annotation.startswith("str") and not isinstance(value, str):
-        raise ValueError(f"trainer.{field.name} must be a string, got {value!r}")
-
 
 class Trainer:
     """Trains ``denoiser`` with ``objective`` on ``store``; everything a run writes goes to ``run_dir``.
@@ -276,7 +195,7 @@ class Trainer:
 
     def _raise_if_weights_not_finite(self) -> None:
         parameters = list(self.model.parameters()) + list(self.ema.model.parameters())
-        if self.context.any_true(not _all_finite(parameters)):
+        if self.context.any_true(not all_finite(parameters)):
             self._raise_non_finite("non-finite weights")
 
     def raise_if_non_finite(self) -> None:
@@ -324,7 +243,7 @@ class Trainer:
         (:func:`knn_cm.models.dropout.shared_dropout`; iCT's student and teacher share them), so ranks drop
         different units, a rerun drops the same ones, and a resume needs no generator state for them.
         """
-        return _splitmix64(_splitmix64(self.rank_seed) ^ (self.step * self.accumulation + micro_step)) >> 2
+        return splitmix64(splitmix64(self.rank_seed) ^ (self.step * self.accumulation + micro_step)) >> 2
 
     def train_step(self) -> dict:
         """One optimizer step over ``batch_size`` images (all ranks, all micro-batches).
@@ -476,16 +395,7 @@ class Trainer:
         if not window:
             return {}
         self.raise_if_non_finite()  # a non-finite loss is never logged as a number
-        window = _read_back(window)
-        record = {"step": self.step, "images_seen": self.images_seen, "time": time.time()}
-        for key in window[-1]:
-            values = [entry[key] for entry in window if isinstance(entry.get(key), (int, float))]
-            if values:
-                record[key] = sum(values) / len(values)
-        record["seconds_per_step"] = seconds / len(window)
-        record["images_per_s"] = len(window) * self.config.batch_size / max(seconds, 1e-9)
-        if "estimator_seconds" in record:
-            record["estimator_share"] = record["estimator_seconds"] / max(record["seconds_per_step"], 1e-12)
+        record = window_record(window, seconds, self.config.batch_size, self.step, self.images_seen)
         if self.metrics is not None:
             self.metrics.log(record)
             self.logger.log(record)
@@ -503,7 +413,7 @@ class Trainer:
         """The EMA network as a network file (``snapshots/network-<step>.pt``) for sampling / evaluation."""
         if not self.context.is_main:
             return None
-        if not _all_finite(list(self.ema.model.parameters())):
+        if not all_finite(list(self.ema.model.parameters())):
             self._raise_non_finite("non-finite EMA weights")
         path = self.snapshot_path(self.step)
         metadata = {"step": self.step, "images_seen": self.images_seen, **self.run_metadata}
@@ -527,89 +437,3 @@ class Trainer:
         return paths
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, columns: int | None = None,
-                    min_size: int = 256) -> Path:
-    """Save images [B, C, H, W] in [-1, 1] as a PNG grid (upscaled by nearest neighbour to >= min_size px)."""
-    import torchvision
-    from PIL import Image
-
-    columns = columns or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
-    grid = torchvision.utils.make_grid(float_to_uint8(images.float()).cpu(), nrow=columns, padding=1, pad_value=255)
-    array = grid.permute(1, 2, 0).numpy()
-    picture = Image.fromarray(array[..., 0] if images.shape[1] == 1 else array)
-    scale = max(1, math.ceil(min_size / max(picture.size)))
-    picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
-    with atomic_path(path) as temp:
-        picture.save(temp, format="PNG")
-    return Path(path)
-
-
-def refuse_restart_over_checkpoints(run_dir: str | Path, resume: str) -> None:
-    """trainer.resume=never on a folder with checkpoints would mix two runs' checkpoints: refuse it."""
-    existing = list_checkpoints(run_dir)
-    if resume == "never" and existing:
-        raise ValueError(f"trainer.resume=never, but run folder {run_dir} already has checkpoints (newest "
-                         f"{existing[-1].name}); nothing was overwritten. Start the new run in its own folder "
-                         f"(run_name=NEW_NAME), or continue this one with trainer.resume=auto")
-
-
-class NonFiniteFlag:
-    """The first step whose loss or gradients were not finite, kept on the device until read.
-
-    ``update`` queues a few kernels and never reads back; ``read`` is the one host read (at log and output steps).
-    """
-
-    def __init__(self, device: torch.device):
-        self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
-        self.loss = torch.zeros((), dtype=torch.float32, device=device)
-
-    def update(self, step: int, loss: torch.Tensor, grads: list[torch.Tensor]) -> None:
-        """Flag ``step`` when ``loss`` (0-d) or any gradient has a NaN or inf (and no earlier step was flagged)."""
-        finite = torch.isfinite(loss)
-        if grads:
-            # Max-norms in a few fused launches: finite exactly when every entry is (no overflow, NaN propagates).
-            norms = torch._foreach_norm(grads, float("inf"))
-            finite = finite & torch.isfinite(torch.stack(norms)).all()
-        first = (~finite) & (self.first_step < 0)
-        self.first_step = torch.where(first, step, self.first_step)
-        self.loss = torch.where(first, loss, self.loss)
-
-    def read(self) -> tuple[int, float] | None:
-        """(first bad step, its loss) or None; clears nothing (a run stops at the first report)."""
-        first_step = int(self.first_step)
-        return None if first_step < 0 else (first_step, float(self.loss))
-
-
-def _read_back(window: list[dict]) -> list[dict]:
-    """Step records with device tensors and stage timers as Python numbers (one stack per key, one read each)."""
-    resolved = [resolve_timers(entry) for entry in window]
-    for key in window[-1]:
-        tensors = [entry[key] for entry in resolved if isinstance(entry.get(key), torch.Tensor)]
-        if tensors:
-            values = torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()
-            for entry, value in zip((e for e in resolved if isinstance(e.get(key), torch.Tensor)), values):
-                entry[key] = value
-    return resolved
-
-
-def _splitmix64(value: int) -> int:
-    """SplitMix64's mixing function (Steele et al. 2014): a well-spread 64-bit hash of a 64-bit integer."""
-    value = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return value ^ (value >> 31)
-
-
-def _all_finite(tensors) -> bool:
-    """True when every entry of every tensor is finite (one reduction per tensor, one host sync in all)."""
-    tensors = [t.detach() for t in tensors if t is not None]
-    if not tensors:
-        return True
-    flags = torch.stack([torch.isfinite(t).all() for t in tensors])
-    return bool(flags.all())
-
-
-def trainer_config(values: dict) -> TrainerConfig:
-    """A TrainerConfig from a mapping that may hold other keys too (objective, optimizer, ema)."""
-    names = {field.name for field in dataclasses.fields(TrainerConfig)}
-    return TrainerConfig(**{key: value for key, value in values.items() if key in names})
