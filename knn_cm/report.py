@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from knn_cm import paper
 from knn_cm.evaluation.records import settings_key
 from knn_cm.io import atomic_path, save_figure, write_csv_rows
 from knn_cm.runs.jsonl import read_json_lines
@@ -20,15 +21,9 @@ from knn_cm.training.run_folder import invocation_seconds
 
 TABLE_FIELDS = ("method", "status", "best_step", "images_seen_mimg", "fid", "isc", "num_samples",
                 "feature_extractor", "training_hours", "steps_done", "steps_planned")
-# (row label, run folder name) of the paper's tables; the folder names are the experiments' run names.
-TABLE1 = (("iCT (reimplemented)", "ict"), ("iCT + STF", "ict_stf"), ("iCT + KNN (ours)", "ict_knn"))
-TABLE2 = (("EDM", "edm"), ("STF", "edm_stf"), ("EDM + KNN (ours)", "edm_knn"))
-# The same tables at small scale on CPU (digits; experiments quickstart, digits_ict, digits_ict_stf).
-TABLE1_DIGITS = (("iCT", "digits_ict"), ("iCT + STF", "digits_ict_stf"), ("iCT + KNN (quickstart)", "quickstart"))
+# The tables and figures, their runs (folder name = experiment) and the paper's numbers: knn_cm/paper.py.
 SCALES = ("paper", "digits", "toy")
 TOY_NOTE = "digits, tiny networks, a few steps: a check of the pipeline, not a result"
-PAPER = {"ict": (3.67, 9.45), "ict_stf": (3.79, 9.50), "ict_knn": (3.59, 9.49),
-         "edm": (2.01, 9.76), "edm_stf": (1.94, 9.81), "edm_knn": (1.96, 9.87)}
 
 
 def _planned_steps(run_dir: Path) -> int | None:
@@ -109,11 +104,11 @@ def table(rows: Sequence[Mapping], title: str) -> str:
     for row in rows:
         fid = f"{row['fid']:.3f}" if row.get("fid") is not None else "-"
         isc = f"{row['isc']:.2f}" if row.get("isc") is not None else "-"
-        paper = PAPER.get(Path(row.get("run", "")).name)
+        reported = paper.reported(Path(row.get("run", "")).name)
         lines.append(f"| {row['method']} | {fid} | {isc} | {row.get('num_samples') or '-'} "
                      f"({row.get('feature_extractor') or '-'}) | {row.get('images_seen_mimg', '-')} | "
                      f"{row.get('training_hours', '-')} | {row['status']} | "
-                     f"{'%.2f / %.2f' % paper if paper else '-'} |")
+                     f"{'%.2f / %.2f' % (reported.fid, reported.isc) if reported else '-'} |")
     return "\n".join(lines)
 
 
@@ -178,23 +173,23 @@ def build_report(train_root: str | Path, out: str | Path, multirun_root: str | P
     train_root, out = Path(train_root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {}
-    tables = (("table1", TABLE1, "Table 1: one-step CIFAR-10 consistency models"),
-              ("table2", TABLE2, "Table 2: EDM on CIFAR-10 with different score estimators"))
+    tables = [(spec, spec.title) for spec in paper.TABLES]
     if scale == "digits":
-        tables = (("table1", TABLE1_DIGITS, "Table 1 at small scale: one-step consistency models on digits (CPU)"),)
+        tables = [(paper.TABLE1_DIGITS, paper.TABLE1_DIGITS.title)]
     elif scale == "toy":
-        tables = tuple((name, spec, f"{title.split(':')[0]} at toy scale ({TOY_NOTE})") for name, spec, title in tables)
-    for name, spec, title in tables:
-        rows = [summarise_run(train_root / folder, label) for label, folder in spec]
-        write_table(rows, out, name, title)
-        result[name] = rows
+        tables = [(spec, f"{spec.title.split(':')[0]} at toy scale ({TOY_NOTE})") for spec in paper.TABLES]
+    for spec, title in tables:
+        rows = [summarise_run(train_root / method.experiment, method.label) for method in spec.methods]
+        write_table(rows, out, spec.name, title)
+        result[spec.name] = rows
     if multirun_root is not None:
-        for name, title in (("figure4_k", "Figure 4 (top): KNN search size k"),
-                            ("figure4_n", "Figure 4 (bottom): estimator sample size n")):
-            runs = {"iCT baseline": train_root / "figure4_baseline"} | sweep_runs(Path(multirun_root) / name)
+        baseline = paper.FIGURE4.baseline
+        for panel in paper.FIGURE4.panels:
+            runs = {baseline.label: train_root / baseline.experiment}
+            runs |= sweep_runs(Path(multirun_root) / panel.experiment)
             curves = fid_curves(runs)
-            plot_figure4(curves, out / f"{name}.png", title, baseline="iCT baseline")
-            result[name] = curves
+            plot_figure4(curves, out / f"{panel.experiment}.png", panel.title, baseline=baseline.label)
+            result[panel.experiment] = curves
     if tswitch_dir is not None:
         csv_path = RunLayout(tswitch_dir).tswitch_table
         if csv_path.exists():
@@ -205,10 +200,10 @@ def build_report(train_root: str | Path, out: str | Path, multirun_root: str | P
             for row in rows:
                 for key in ("t_switch", "fid", "num_samples"):
                     row[key] = float(row[key]) if row.get(key) not in (None, "") else None
-            plot_tswitch(rows, out / "figure5.png")
+            plot_tswitch(rows, out / f"{paper.FIGURE5.name}.png")
             if csv_path.resolve() != RunLayout(out).tswitch_table.resolve():  # the sweep's own CSV beside the figure
                 shutil.copyfile(csv_path, RunLayout(out).tswitch_table)
-            result["figure5"] = rows
+            result[paper.FIGURE5.name] = rows
         else:
-            result["figure5"] = "missing"
+            result[paper.FIGURE5.name] = "missing"
     return result

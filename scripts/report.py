@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from knn_cm import paper
 from knn_cm.report import SCALES, build_report
 
 
@@ -20,15 +21,18 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", default="outputs/train", help="folder of training run folders (run_name = experiment)")
     parser.add_argument("--multirun", default="multirun/train",
-                        help="folder of sweep folders (figure4_k, figure4_n); \"\" to skip Figure 4")
-    parser.add_argument("--tswitch", default=None, help="output folder of evaluate.py experiment=tswitch_sweep")
+                        help=f"folder of sweep folders ({', '.join(p.experiment for p in paper.FIGURE4.panels)}); "
+                             "\"\" to skip Figure 4")
+    parser.add_argument("--tswitch", default=None,
+                        help=f"output folder of evaluate.py experiment={paper.FIGURE5.experiment}")
     parser.add_argument("--out", default="report", help="where the tables and figures go")
     parser.add_argument("--scale", default="paper", choices=SCALES,
-                        help="digits: Table 1 from the small-scale CPU runs (quickstart, digits_ict, digits_ict_stf); "
+                        help="digits: Table 1 from the small-scale CPU runs ("
+                             f"{', '.join(m.experiment for m in paper.TABLE1_DIGITS.methods)}); "
                              "toy: the paper's run folders filled by scripts/campaign.py --scale toy")
     args = parser.parse_args(argv)
     result = build_report(args.train, args.out, args.multirun or None, args.tswitch, scale=args.scale)
-    for name in ("table1", "table2"):
+    for name in dict.fromkeys(table.name for table in (*paper.TABLES, paper.TABLE1_DIGITS)):
         if (Path(args.out) / f"{name}.md").exists():
             print((Path(args.out) / f"{name}.md").read_text())
     return result

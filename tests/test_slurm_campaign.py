@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from knn_cm.launch.campaign import RUN_TEMPLATE, CampaignJob, plan, sbatch_command, sweep_values
-from knn_cm.report import TABLE1, TABLE2, build_report
+from knn_cm.paper import TABLE1, TABLE2
+from knn_cm.report import build_report
 from tests.slurm_helpers import ROOT, FINAL_STATES, job_env, job_state, read_output, tail, wait_for_state, wait_until
 
 EXPERIMENTS = ("ict", "ict_stf", "ict_knn", "edm", "edm_stf", "edm_knn", "figure4_baseline")
@@ -80,7 +81,8 @@ def test_dry_run_prints_every_job_with_its_resources_and_cost():
 
 def test_run_folders_are_the_ones_report_and_a_hydra_sweep_use():
     folders = {job.run_dir for job in plan(".") if job.kind == "train"}
-    assert {f"outputs/train/{folder}" for _, folder in TABLE1 + TABLE2} | {"outputs/train/figure4_baseline"} <= folders
+    tables = {f"outputs/train/{method.experiment}" for method in TABLE1.methods + TABLE2.methods}
+    assert tables | {"outputs/train/figure4_baseline"} <= folders
     assert {f"multirun/train/figure4_k/estimator.k={k}" for k in (128, 512, 2048)} <= folders
     assert {f"multirun/train/figure4_n/estimator.n={n}" for n in (16, 64, 256)} <= folders
     train = {job.name: job for job in plan(".")}["knn-cm-train-figure4_k-k128"]
@@ -136,10 +138,10 @@ def test_the_toy_campaign_runs_every_job_and_the_report_builds_every_table_and_f
     report = tmp_path / "report"
     for name in ("table1.md", "table2.md", "figure4_k.png", "figure4_n.png", "figure5.png", "tswitch.csv"):
         assert (report / name).stat().st_size > 0, name
-    for table, spec in (("table1", TABLE1), ("table2", TABLE2)):
-        with open(report / f"{table}.csv", newline="") as handle:
+    for spec in (TABLE1, TABLE2):
+        with open(report / f"{spec.name}.csv", newline="") as handle:
             rows = {row["method"]: row for row in csv.DictReader(handle)}
-        assert list(rows) == [label for label, _ in spec]
+        assert list(rows) == [method.label for method in spec.methods]
         for row in rows.values():
             assert row["status"] == "complete" and float(row["fid"]) > 0 and row["feature_extractor"] == "digits"
     assert "at toy scale" in (report / "table1.md").read_text()

@@ -1,14 +1,17 @@
 """The paper's experiment campaign as SLURM jobs: every training run, their evaluations, the t_switch sweep,
 and the report, chained by job dependencies (``scripts/campaign.py``; docs/slurm.md).
 
+The runs are the paper manifest's (``knn_cm/paper.py``):
+
 - Training (``slurm/train.sbatch``: requeued on preemption and before the time limit, ``trainer.resume=auto``):
-  Table 1 (ict, ict_stf, ict_knn), Table 2 (edm, edm_stf, edm_knn), Figure 4 (figure4_baseline and one
-  job per value of the k and n sweeps of configs/experiment/figure4_{k,n}.yaml). Run folders are the ones
-  ``scripts/report.py`` reads, and a Hydra sweep would write: ``outputs/train/<experiment>`` and
+  Table 1, Table 2, Figure 4's baseline, and one job per value of each Figure 4 sweep (``hydra.sweeper.params``
+  of its experiment file, e.g. configs/experiment/figure4_k.yaml). Run folders are the ones ``scripts/report.py``
+  reads, and a Hydra sweep would write: ``outputs/train/<experiment>`` and
   ``multirun/train/figure4_k/estimator.k=128``.
 - One evaluation per training run (``python evaluate.py run_dir=<run folder>``), after it succeeded.
-- Figure 5 (``python evaluate.py experiment=tswitch_sweep tswitch.network=...``): by default the EDM run's
-  final network, after it succeeded; or a given network file (e.g. NVIDIA's converted checkpoint) at once.
+- Figure 5 (``python evaluate.py experiment=tswitch_sweep tswitch.network=...``): by default the final network
+  of the manifest's run for it (EDM), after it succeeded; or a given network file (e.g. NVIDIA's converted
+  checkpoint) at once.
 - The report (``scripts/report.py``) after every evaluation ended, whether or not it succeeded (a failed
   run is reported missing). Dependents of a failed job are cancelled (``--kill-on-invalid-dep=yes``).
 
@@ -27,17 +30,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from knn_cm.runs.layout import RunLayout
+from knn_cm import paper
 from knn_cm.io import atomic_path
 from knn_cm.launch.cost import Cost, heun_evaluations, sampling_cost, training_cost
+from knn_cm.runs.layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 SCALES = ("paper", "toy")
 TRAIN_TEMPLATE = "slurm/train.sbatch"
 RUN_TEMPLATE = "slurm/run.sbatch"
-TABLE_EXPERIMENTS = ("ict", "ict_stf", "ict_knn", "edm", "edm_stf", "edm_knn", "figure4_baseline")
-SWEEP_EXPERIMENTS = ("figure4_k", "figure4_n")
 # Resources per job kind beyond each template's defaults (train.sbatch: 1 node x 8 GPUs, 64 CPUs, 480G, 24 h).
 RESOURCES = {
     "paper": {"train": (), "evaluate": ("--gpus-per-node=1", "--cpus-per-task=8", "--mem=64G", "--time=24:00:00"),
@@ -51,8 +53,8 @@ TOY_TRAIN = ("dataset=digits", "trainer.batch_size=8", "trainer.max_steps=4", "t
              "trainer.num_sample_images=4", "trainer.progress=false", "trainer.device=cpu")
 TOY_EVALUATE = ("metrics.feature_extractor=digits", "num_samples=100", "batch_size=100", "device=cpu",
                 "progress=false")
-TOY_TSWITCH = ("experiment=tswitch_digits", "num_samples=100", "batch_size=100", "device=cpu", "progress=false",
-               "tswitch.t_switch=[0.0,1.0,80.0]")
+TOY_TSWITCH = (f"experiment={paper.FIGURE5.digits_experiment}", "num_samples=100", "batch_size=100", "device=cpu",
+               "progress=false", "tswitch.t_switch=[0.0,1.0,80.0]")
 
 
 @dataclass(frozen=True)
@@ -102,20 +104,20 @@ def sweep_values(experiment: str) -> tuple[str, list[str]]:
     return str(key), [value.strip() for value in str(values).split(",")]
 
 
-def _training_run(label: str, experiment: str, output_root: str, run_name: str, swept: list[str], paper,
+def _training_run(label: str, experiment: str, output_root: str, run_name: str, swept: list[str], config,
                   scale: str) -> TrainingRun:
     """A run from its paper-scale config; at toy scale with the toy overrides (and their step counts)."""
-    is_edm = paper.trainer.objective._target_.endswith("EDMObjective")
+    is_edm = config.trainer.objective._target_.endswith("EDMObjective")
     toy = ()
     if scale == "toy":
         toy = TOY_TRAIN + (f"model={'ddpmpp_tiny' if is_edm else 'ncsnpp_tiny'}",) + (
             ("trainer.warmup_images=0",) if is_edm else ("trainer.objective.s1=20",))  # EDM: no 10 Mimg warm-up
-    trainer = OmegaConf.merge(paper.trainer, OmegaConf.from_dotlist([o for o in toy if o.startswith("trainer.")]).trainer
+    trainer = OmegaConf.merge(config.trainer, OmegaConf.from_dotlist([o for o in toy if o.startswith("trainer.")]).trainer
                               if toy else {})
     return TrainingRun(label, experiment, f"{output_root}/{run_name}",
                        (f"experiment={experiment}", override("run_name", run_name), override("output_root", output_root),
                         *swept, *toy),
-                       is_edm, paper.estimator.name, int(trainer.max_steps), int(trainer.batch_size),
+                       is_edm, config.estimator.name, int(trainer.max_steps), int(trainer.batch_size),
                        trainer.snapshot_every)
 
 
@@ -128,8 +130,8 @@ def training_runs(root: str | Path = ".", scale: str = "paper") -> list[Training
     """Every training run of Table 1, Table 2 and Figure 4, in submission order."""
     _check_scale(scale)
     train_root, multirun_root = _path(root, "outputs/train"), _path(root, "multirun/train")
-    specs = [(name, name, train_root, name, []) for name in TABLE_EXPERIMENTS]
-    for experiment in SWEEP_EXPERIMENTS:
+    specs = [(name, name, train_root, name, []) for name in paper.training_experiments()]
+    for experiment in (panel.experiment for panel in paper.FIGURE4.panels):
         key, values = sweep_values(experiment)
         for value in values:  # folders named as Hydra's override_dirname in a -m sweep
             specs.append((f"{experiment}/{key}={value}", experiment, f"{multirun_root}/{experiment}", f"{key}={value}",
@@ -162,7 +164,8 @@ def plan(root: str | Path = ".", scale: str = "paper", tswitch_network: str | No
     """Every job of the campaign, each after the jobs it depends on."""
     _check_scale(scale)
     resources, toy = RESOURCES[scale], scale == "toy"
-    evaluate_config, sweep = _compose("evaluate", [[], list(TOY_TSWITCH) if toy else ["experiment=tswitch_sweep"]])
+    tswitch = f"experiment={paper.FIGURE5.experiment}"
+    evaluate_config, sweep = _compose("evaluate", [[], list(TOY_TSWITCH) if toy else [tswitch]])
     runs = training_runs(root, scale)
     num_samples = 100 if toy else int(evaluate_config.num_samples)
     heun = heun_evaluations(int(evaluate_config.sampler.num_steps))
@@ -180,16 +183,17 @@ def plan(root: str | Path = ".", scale: str = "paper", tswitch_network: str | No
                                  *(TOY_EVALUATE if toy else ())),
                                 resources["evaluate"], after=(train,), cost=_toy_cost(cost, toy), run_dir=run.run_dir))
         evaluations.append(evaluation)
-    tswitch_dir = _path(root, "outputs/evaluate/tswitch_sweep")
+    tswitch_dir = _path(root, f"outputs/evaluate/{paper.FIGURE5.experiment}")
     after = ()
     if tswitch_network is None:
-        edm = next(run for run in runs if run.label == "edm")
-        tswitch_network, after = str(RunLayout(edm.run_dir).snapshot(edm.max_steps)), (_job_name("train", "edm"),)
+        network = next(run for run in runs if run.label == paper.FIGURE5.network_run)
+        tswitch_network = str(RunLayout(network.run_dir).snapshot(network.max_steps))
+        after = (_job_name("train", network.label),)
     methods = len(sweep.tswitch.estimators) + (1 if sweep.tswitch.include_forward else 0)
     t_switches = 3 if toy else len(sweep.tswitch.t_switch)
     cost = sampling_cost(f"{t_switches} t_switch x {methods} methods", num_samples, heun, t_switches * methods)
-    jobs.append(CampaignJob(_job_name("eval", "tswitch_sweep"), "tswitch", RUN_TEMPLATE,
-                            ("python", "evaluate.py", *(TOY_TSWITCH if toy else ("experiment=tswitch_sweep",)),
+    jobs.append(CampaignJob(_job_name("eval", paper.FIGURE5.experiment), "tswitch", RUN_TEMPLATE,
+                            ("python", "evaluate.py", *(TOY_TSWITCH if toy else (tswitch,)),
                              override("tswitch.network", tswitch_network), override("hydra.run.dir", tswitch_dir)),
                             resources["evaluate"], after=after, cost=_toy_cost(cost, toy), run_dir=tswitch_dir))
     evaluations.append(jobs[-1].name)

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Table 4 of the paper: total hours on one A100 node, CIFAR-10, 400k iterations at batch 1024.
-TABLE4_NODE_HOURS = {"ict": 188.9, "ict_knn": 220.5, "ict_stf": 185.8}
-TABLE4_MIMG = 400_000 * 1024 / 1e6
-TABLE4_RUN_OF_ESTIMATOR = {"single": "ict", "knn": "ict_knn", "stf": "ict_stf"}
+from knn_cm.paper import TABLE4
+
+# Table 4 of the paper (knn_cm/paper.py): total hours on one A100 node of the Table 1 runs as configured there.
+TABLE4_NODE_HOURS = {run.experiment: run.node_hours for run in TABLE4.runs}
+TABLE4_MIMG = TABLE4.steps * TABLE4.batch_size / 1e6
+TABLE4_RUN_OF_ESTIMATOR = {run.estimator: run.experiment for run in TABLE4.runs}
 FORWARD_PASSES_PER_TRAINING_IMAGE = 4
-FORWARD_NODE_HOURS = TABLE4_NODE_HOURS["ict"] / (TABLE4_MIMG * 1e6 * FORWARD_PASSES_PER_TRAINING_IMAGE)
+# The baseline's run (single-sample estimator: iCT) sets the cost of one forward pass.
+FORWARD_NODE_HOURS = (TABLE4_NODE_HOURS[TABLE4_RUN_OF_ESTIMATOR["single"]]
+                      / (TABLE4_MIMG * 1e6 * FORWARD_PASSES_PER_TRAINING_IMAGE))
 
 
 @dataclass(frozen=True)
