@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -118,10 +119,42 @@ def test_resume_never_on_a_folder_with_checkpoints_refuses_and_keeps_everything(
 
 
 # ------------------------------------------------------------------------------------------ processes
-def launch(overrides: list[str]) -> subprocess.Popen:
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+class Launches:
+    """The processes a test starts, each leading its own process group; on exit every group is killed
+    (SIGKILL, also stopped ones) and every process reaped, whatever ended the test: a failed assertion, a
+    ``communicate`` timeout, an interrupt. No test leaves a process behind."""
+
+    def __init__(self):
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "Launches":
+        return self
+
+    def start(self, argv: list[str]) -> subprocess.Popen:
+        env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def train(self, overrides: list[str]) -> subprocess.Popen:
+        """``python train.py <overrides>`` in its own process group."""
+        return self.start([sys.executable, str(ROOT / "train.py"), *overrides])
+
+    def __exit__(self, *exc_info) -> None:
+        for process in self.processes:  # every group first: one slow reap must not spare the others
+            with contextlib.suppress(ProcessLookupError):  # the group is gone already
+                os.killpg(process.pid, signal.SIGKILL)
+        for process in self.processes:
+            process.wait()  # not communicate(): a survivor holding the pipes would block it
+            for pipe in (process.stdout, process.stderr):
+                pipe.close()
+
+
+@pytest.fixture
+def launches():
+    with Launches() as started:
+        yield started
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -139,22 +172,47 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 300, interva
     return False
 
 
+def test_every_launch_is_killed_with_its_group_when_a_test_fails(tmp_path):
+    """A launch that outlives its test (here: a communicate() timeout), and the child it started, are killed."""
+    child_pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(600)']); open({str(child_pid_file)!r}, 'w').write(str(child.pid)); time.sleep(600)")
+    with pytest.raises(subprocess.TimeoutExpired):
+        with Launches() as started:
+            parent = started.start([sys.executable, "-c", script])
+            assert wait_for(lambda: child_pid_file.exists() and child_pid_file.read_text(), parent, interval=0.01)
+            finish(parent, timeout=0.1)
+    assert parent.returncode == -signal.SIGKILL
+    assert _exited(int(child_pid_file.read_text())), "the launch's child is killed with its group"
+
+
+def _exited(pid: int) -> bool:
+    """True once ``pid`` is gone or a zombie (killed, awaiting its new parent's reaping), polled up to 30 s;
+    False if it still runs then."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return True
+        if "State:\tZ" in state:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 @pytest.mark.slow
-def test_two_concurrent_launches_on_one_folder(tmp_path):
+def test_two_concurrent_launches_on_one_folder(tmp_path, launches):
     command = tiny(tmp_path, 10_000, "trainer.checkpoint_every=1000", "trainer.snapshot_every=null")
-    first = launch(command)
-    try:
-        assert wait_for(lambda: (tmp_path / "run" / "metrics.jsonl").exists(), first, interval=0.05)
-        started = time.time()
-        second = finish(launch(command), timeout=120)
-        assert second.returncode != 0
-        assert f"is in use by another process (PID {first.pid} on" in second.stderr, second.stderr[-2000:]
-        assert str(tmp_path / "run") in second.stderr
-        assert time.time() - started < 60, "the second launch must fail at once, not after building everything"
-        assert first.poll() is None, "the first launch keeps training"
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+    first = launches.train(command)
+    assert wait_for(lambda: (tmp_path / "run" / "metrics.jsonl").exists(), first, interval=0.05)
+    started = time.time()
+    second = finish(launches.train(command), timeout=120)  # killed by ``launches`` if it times out
+    assert second.returncode != 0
+    assert f"is in use by another process (PID {first.pid} on" in second.stderr, second.stderr[-2000:]
+    assert str(tmp_path / "run") in second.stderr
+    assert time.time() - started < 60, "the second launch must fail at once, not after building everything"
+    assert first.poll() is None, "the first launch keeps training"
 
 
 def _stop_when(process: subprocess.Popen, condition, still_holds) -> bool:
@@ -171,10 +229,10 @@ def _stop_when(process: subprocess.Popen, condition, still_holds) -> bool:
 
 
 @pytest.mark.slow
-def test_kill_9_during_a_checkpoint_and_before_a_checkpoint_then_the_same_command(tmp_path):
+def test_kill_9_during_a_checkpoint_and_before_a_checkpoint_then_the_same_command(tmp_path, launches):
     """Nothing due is lost and the end is bit-identical to an uninterrupted run."""
     steps = 12
-    reference_process = launch(tiny(tmp_path / "reference", steps))  # same interpreter settings as the runs below
+    reference_process = launches.train(tiny(tmp_path / "reference", steps))  # the interpreter settings of the runs
     command = tiny(tmp_path, steps)
     run = tmp_path / "run"
     checkpoints = run / "checkpoints"
@@ -182,7 +240,7 @@ def test_kill_9_during_a_checkpoint_and_before_a_checkpoint_then_the_same_comman
     def writing_a_checkpoint():
         return any(p.name.startswith(".training-") and p.name.endswith(".tmp") for p in checkpoints.glob(".*"))
 
-    first = launch(command)
+    first = launches.train(command)
     assert _stop_when(first, writing_a_checkpoint, writing_a_checkpoint), "no checkpoint write was caught"
     assert writing_a_checkpoint(), "killed mid-write: the temporary file is left behind"
 
@@ -196,11 +254,11 @@ def test_kill_9_during_a_checkpoint_and_before_a_checkpoint_then_the_same_comman
         newest = newest_snapshot()
         return newest > before and not (checkpoints / f"training-{newest:09d}.pt").exists()
 
-    second = launch(command)
+    second = launches.train(command)
     assert _stop_when(second, snapshot_without_checkpoint, snapshot_without_checkpoint), \
         "no kill between a snapshot and its checkpoint"
 
-    result = finish(launch(command))
+    result = finish(launches.train(command))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "left by a process killed while writing it" in (run / "train.log").read_text()
     assert not list(run.rglob("*.tmp")), "stale temporary files are removed"
