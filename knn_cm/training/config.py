@@ -13,7 +13,11 @@ LR_DECAYS = ("constant", "cosine")
 
 @dataclass
 class TrainerConfig:
-    """Settings of the training loop (``configs/trainer/*.yaml`` holds them under ``trainer``)."""
+    """Settings of the training loop (``configs/trainer/*.yaml`` holds them under ``trainer``).
+
+    Registered in Hydra's ConfigStore as ``trainer/schema`` (hydra_plugins/knn_cm_schemas), so OmegaConf checks
+    each setting's type while the config is composed; the ranges are checked here.
+    """
 
     max_steps: int = 400_000  # optimizer steps K; the iCT curriculum and lr schedule span them
     stop_after_steps: int | None = None  # end this invocation after so many steps (checkpointed), e.g. to fit
@@ -42,8 +46,6 @@ class TrainerConfig:
     preemption_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            _check_type(field, getattr(self, field.name))
         if self.max_steps < 0:
             raise ValueError(f"trainer.max_steps must be >= 0, got {self.max_steps}")
         if self.batch_size < 1:
@@ -62,27 +64,6 @@ class TrainerConfig:
         for name in ("micro_batch_size", "snapshot_every", "sample_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1 or null, got {getattr(self, name)}")
-
-
-def _check_type(field: dataclasses.Field, value) -> None:
-    """A clear error for a setting of the wrong type (``trainer.max_steps=abc``) before any arithmetic on it."""
-    annotation = str(field.type)
-    optional = "None" in annotation
-    if value is None:
-        if not optional:
-            raise ValueError(f"trainer.{field.name} must be set, got null")
-        return
-    if annotation.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"trainer.{field.name} must be an integer{' or null' if optional else ''}, got "
-                             f"{value!r}")
-    elif annotation.startswith("float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"trainer.{field.name} must be a number{' or null' if optional else ''}, got {value!r}")
-    elif annotation.startswith("bool") and not isinstance(value, bool):
-        raise ValueError(f"trainer.{field.name} must be true or false, got {value!r}")
-    elif annotation.startswith("str") and not isinstance(value, str):
-        raise ValueError(f"trainer.{field.name} must be a string, got {value!r}")
 
 
 def trainer_config(values: dict) -> TrainerConfig:
