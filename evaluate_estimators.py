@@ -44,6 +44,8 @@ def run(config: DictConfig, run_dir: Path) -> list[dict]:
                           device=study.device, progress=study.progress)
     write_csv(rows, run_dir / "results.csv")
     title = f"{store.name} (N={len(store)}): M={study.num_sources}, R={study.repeats}"
+    if process == "flow_matching":
+        title += ", flow-matching path x_t = (1 - t) x + t eps"
     plot(rows, run_dir / "estimator_error.png", title=title)
     summary = "\n\n".join(f"## {target} {metric}\n\n" + markdown_table(rows, target, metric)
                           for target in targets for metric in METRICS)

@@ -28,7 +28,7 @@ from knn_cm.data import DataStore
 from knn_cm.diffusion import FlowMatchingProcess
 from knn_cm.estimators import Estimator, make_estimator
 from knn_cm.evaluation.estimator_error import METRICS, LevelErrors, _progress
-from knn_cm.evaluation.study_plot import METRIC_LABELS
+from knn_cm.evaluation.study_plot import FLOAT32_EPS, METRIC_LABELS
 from knn_cm.io import save_figure
 
 VELOCITY_TARGETS = ("posterior_mean", "velocity")
@@ -95,7 +95,8 @@ def plot_velocity_study(rows: Sequence[Mapping], path: str | Path, title: str = 
     """PNG: posterior-mean and velocity MSE / squared bias / variance against t (logit axis), one line per estimator.
 
     Zeros (every estimator is exact where the posterior is a point mass) are drawn as hollow markers on the
-    panel's floor; the shaded band is the 95% interval over sources where it lies above zero.
+    panel's floor; the shaded band is the 95% interval over sources where it lies above zero; the dashed line is
+    float32 resolution, (eps_32)^2 per pixel (divided by t^2 for velocities): errors near it are rounding.
     """
     import matplotlib
 
@@ -125,6 +126,10 @@ def plot_velocity_study(rows: Sequence[Mapping], path: str | Path, title: str = 
                 zeros = [(r["t"], floor) for r in series if r["value"] <= 0]
                 if zeros:
                     axis.plot(*zip(*zeros), "o", markerfacecolor="none", color=colour, markersize=5)
+            all_times = sorted({r["t"] for r in rows})
+            resolution = [FLOAT32_EPS**2 * (1.0 if target == "posterior_mean" else t**-2) for t in all_times]
+            axis.plot(all_times, resolution, "--", color="grey", linewidth=0.8,
+                      label="float32 resolution" if row_index == column == 0 else None)
             axis.set_xscale("logit")
             axis.set_yscale("log")
             axis.set_xlabel("t (flow matching; 1 = noise)")
