@@ -2,10 +2,10 @@
 
     python benchmarks/bench_gather.py [--threads 2] [--N 50000] [--draws 256]
 
-At large t the n draws of each query hit about n distinct rows, so ``weighted_row_mean`` gathers
+At large t the n draws of each query hit about n distinct rows, so ``snis_mean`` gathers
 B x n rows of d float32 values (128 x 256 x 12 KB = 400 MB for CIFAR-10) and reads them twice: dot
 products for the exact weights, then the weighted mean. Times, best of ``--repeats``: the whole
-``weighted_row_mean`` (its GEMM path, large sigma); its three steps alone (gather into a buffer, the
+``snis_mean`` (its GEMM path, large sigma); its three steps alone (gather into a buffer, the
 two batched products); and reading the same rows once straight from the store through a sparse
 [B, N] x [N, d] product (no buffer), the least any method that touches every drawn row can cost.
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_seconds, machine  # noqa: E402
 
 from knn_cm.data import DataStore  # noqa: E402
-from knn_cm.estimators.weighting import weighted_row_mean  # noqa: E402
+from knn_cm.estimators.snis import snis_mean  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     batch, draws, dim = args.batch, args.draws, rows.dim
     ids = torch.stack([torch.randperm(args.N, generator=generator)[:draws] for _ in range(batch)])
     z = torch.randn(batch, dim, generator=generator)
-    sigma = torch.full((batch,), 80.0)  # large sigma: the GEMM path of weighted_row_mean
+    sigma = torch.full((batch,), 80.0)  # large sigma: the GEMM path of snis_mean
     log_weights = torch.randn(batch, draws, generator=generator)
     weights = torch.softmax(log_weights, dim=1)
     buffer = torch.empty(batch * draws, dim)
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
         sparse = torch.sparse_csr_tensor(torch.arange(0, batch * draws + 1, draws), ids.reshape(-1),
                                          weights.reshape(-1), size=(batch, args.N))
     seconds = {
-        "weighted_row_mean": best_seconds(lambda: weighted_row_mean(z, sigma, rows, ids, log_weights), args.repeats),
+        "snis_mean": best_seconds(lambda: snis_mean(z, sigma, rows, ids, log_weights), args.repeats),
         "gather_into_buffer": best_seconds(lambda: torch.index_select(rows.rows, 0, ids.reshape(-1), out=buffer),
                                            args.repeats),
         "dots_bmm": best_seconds(lambda: torch.bmm(z.unsqueeze(1), gathered.transpose(1, 2)), args.repeats),

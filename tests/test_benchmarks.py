@@ -74,5 +74,5 @@ def test_gather_benchmark_smoke():
 
     result = bench_gather.main(["--N", "500", "--batch", "4", "--draws", "8", "--repeats", "1", "--threads", "1"])
     assert result["rows_megabytes"] == 4 * 8 * 3072 * 4 / 1e6
-    assert set(result["ms_per_batch"]) == {"weighted_row_mean", "gather_into_buffer", "dots_bmm", "mean_bmm",
+    assert set(result["ms_per_batch"]) == {"snis_mean", "gather_into_buffer", "dots_bmm", "mean_bmm",
                                            "rows_read_once_sparse_mean"}

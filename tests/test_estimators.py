@@ -11,7 +11,9 @@ import torch
 from knn_cm.data import DataStore
 from knn_cm.diffusion import VEProcess, VPProcess
 from knn_cm.estimators import ESTIMATORS, make_estimator
-from knn_cm.estimators.weighting import _gemm_is_accurate, combine_duplicates, weighted_row_mean
+from knn_cm.estimators.distances import gemm_is_accurate
+from knn_cm.estimators.draws import combine_duplicates
+from knn_cm.estimators.snis import snis_mean
 from knn_cm.index import build_index
 
 SIGMAS = [0.002, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0]
@@ -309,7 +311,7 @@ def test_combine_duplicates_counts():
     assert torch.allclose(log_weights.exp(), torch.tensor([[1.0, 3.0, 0, 0], [4.0, 0, 0, 0]]))
 
 
-def test_weighted_row_mean_both_distance_paths_match_float64(random_store, data64):
+def test_snis_mean_both_distance_paths_match_float64(random_store, data64):
     """A batch mixing small sigma (direct differences) and large sigma (GEMM distances), with padding
     and duplicate-free random draws, against a float64 brute force of Eq. 11."""
     rows = random_store.resident("cpu", torch.float32)
@@ -322,10 +324,10 @@ def test_weighted_row_mean_both_distance_paths_match_float64(random_store, data6
     indices[::2, 30:] = -1  # padding
     log_weights = torch.randn(indices.shape, generator=generator)
     z = z64.float()
-    paths = _gemm_is_accurate(z.square().sum(1), sigma, rows.max_sq_norm)
+    paths = gemm_is_accurate(z.square().sum(1), sigma, rows.max_sq_norm)
     assert paths.any() and not paths.all(), "the batch must exercise both distance paths"
 
-    estimate = weighted_row_mean(z, sigma, rows, indices, log_weights)
+    estimate = snis_mean(z, sigma, rows, indices, log_weights)
 
     valid = indices >= 0
     gathered = data64[indices.clamp(min=0)]

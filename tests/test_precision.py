@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import knn_cm.estimators.weighting as weighting
+import knn_cm.estimators.distances as distances
 import knn_cm.torch_index as torch_index
 from knn_cm.data import DataStore
 from knn_cm.estimators import make_estimator
@@ -95,7 +95,7 @@ def _probe(monkeypatch, fail: bool = False) -> list:
 
         monkeypatch.setattr(module, name, probed)
 
-    wrap(weighting, "gemm_sq_dists")  # exact, mc, uniform, stf
+    wrap(distances, "gemm_sq_dists")  # exact, mc, uniform, stf
     wrap(torch_index, "rows_in")  # the torch index's products (knn)
     return seen
 

@@ -55,7 +55,7 @@ def test_sync_free_path_gives_the_default_paths_estimates(cifar_like, name, sigm
     default = _make(name, store, index, sync_free=False)(z, sigma, x=x, generator=torch.Generator().manual_seed(1))
     fixed = _make(name, store, index, sync_free=True)(z, sigma, x=x, generator=torch.Generator().manual_seed(1))
     # Large sigma: the default path's GEMM distances may move a weight by up to TOLERANCE_EPS eps nats
-    # (0.012 in float32; weighting.py), the fixed path's direct differences are exact.
+    # (0.012 in float32; estimators/distances.py), the fixed path's direct differences are exact.
     atol = 2e-5 if sigma < 1 else 2e-3
     assert torch.allclose(fixed, default, rtol=0, atol=atol), (name, (fixed - default).abs().max().item())
 

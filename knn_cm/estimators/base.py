@@ -68,9 +68,9 @@ def ieee_float32_matmuls():
     """float32 matrix products in IEEE float32 inside, whatever the caller set; the caller's settings after.
 
     TF32 (``allow_tf32``, ``set_float32_matmul_precision("high")``) rounds products' inputs to 10 mantissa
-    bits, and "medium" to bfloat16 (on CPUs with bf16 units too): the GEMM distances of ``weighting`` and
+    bits, and "medium" to bfloat16 (on CPUs with bf16 units too): the GEMM distances of ``distances`` and
     the torch index would then err by ~1e-3 relative instead of the eps their refinement budgets for
-    (``weighting.GEMM_ERROR_FACTOR``). The legacy "highest" sets every backend (cuBLAS, oneDNN) to IEEE
+    (``distances.GEMM_ERROR_FACTOR``). The legacy "highest" sets every backend (cuBLAS, oneDNN) to IEEE
     consistently; on exit, exceptions included, the legacy value and each backend's own value are put
     back exactly. cuDNN's TF32 switch is left alone: it governs convolutions, which estimators never run.
     """
@@ -271,13 +271,3 @@ class Estimator:
         flat = lambda tensor: tensor.reshape(batch, -1).to(device=device, dtype=self.dtype)  # noqa: E731
         return flat(z), sigma, None if x is None else flat(x)
 
-
-def log_likelihood(sq_dist: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """log N(z; x, sigma^2 I) up to a constant per query: -(||z - x||^2 - min_j ||z - x_j||^2) / (2 sigma^2).
-
-    sq_dist [B, m] (+inf for absent entries), sigma [B] -> [B, m]. Constants cancel in every
-    self-normalised weight; measuring from each query's nearest entry keeps that entry at 0, so the
-    weights stay finite down to :func:`sigma_floor` (where the plain form gives 0 / 0 or all -inf).
-    """
-    nearest = sq_dist.amin(dim=-1, keepdim=True)
-    return (sq_dist - nearest) / (-2.0 * sigma.reshape(-1, 1) ** 2)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from knn_cm.estimators.base import Estimator, check_positive_int
-from knn_cm.estimators.weighting import (combine_duplicates, exact_log_likelihoods, normalised_weights,
-                                         sample_categorical, weighted_row_mean, weights_times_rows)
+from knn_cm.estimators.distances import exact_log_likelihoods
+from knn_cm.estimators.draws import combine_duplicates, sample_categorical
+from knn_cm.estimators.snis import normalised_weights, weighted_mean, weights_times_rows
 
 # Bytes allowed for one [B_chunk, N] block of log-weights; queries are processed in chunks below it.
 _LOGITS_BUDGET = 256 << 20
@@ -22,7 +23,7 @@ class ExactPosterior(Estimator):
     """mu = sum_i p(x_i | z) x_i over all N elements (Eq. 8).
 
     Two matrix products per query chunk: GEMM distances ([B, d] x [d, N]), refined where float
-    rounding could matter (see ``weighting.refine_sq_dists``), log-space softmax, then weights
+    rounding could matter (see ``distances.refine_sq_dists``), log-space softmax, then weights
     times data ([B, N] x [N, d]).
     """
 
@@ -67,7 +68,5 @@ class PosteriorMC(Estimator):
             for repeat in range(repeats):
                 draws = sample_categorical(log_posterior, self.n, generator)
                 indices, log_counts = combine_duplicates(draws, torch.zeros_like(draws, dtype=self.dtype))
-                out[repeat, start:stop] = weighted_row_mean(z[start:stop], sigma[start:stop], self.rows, indices,
-                                                            log_counts, use_likelihood=False,
-                                                            fixed_shapes=self.sync_free)
+                out[repeat, start:stop] = weighted_mean(self.rows, indices, log_counts, fixed_shapes=self.sync_free)
         return out

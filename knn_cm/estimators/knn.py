@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from knn_cm.estimators.base import Estimator, check_positive_int, log_likelihood
-from knn_cm.estimators.weighting import combine_duplicates, sample_categorical, sq_norms, weighted_row_mean
-from knn_cm.sorting import sorted_rows
+from knn_cm.estimators.base import Estimator, check_positive_int
+from knn_cm.estimators.distances import log_likelihood, sq_norms
+from knn_cm.estimators.draws import combine_duplicates, sample_categorical, uniform_outside
+from knn_cm.estimators.snis import snis_mean
 
 
 @dataclass
@@ -113,29 +114,10 @@ class KNN(Estimator):
         log_q = proposal.log_q_neighbours.gather(1, neighbour_pick)
         # Tail draws are made for every slot and used where the category was the tail: fixed shapes, no
         # branch on whether any slot drew the tail (that test would synchronise on a GPU).
-        tail_draws = _uniform_outside(proposal.indices, proposal.tail_size, self.n, generator)
+        tail_draws = uniform_outside(proposal.indices, proposal.tail_size, self.n, generator)
         drawn = torch.where(from_tail, tail_draws, drawn)
         log_q = torch.where(from_tail, proposal.log_q_tail.unsqueeze(1), log_q)
-        # log w = log p(z | x) - log q(x); weighted_row_mean adds the exact log-likelihood.
+        # log w = log p(z | x) - log q(x) (Eq. 11); snis_mean adds the exact log-likelihood.
         indices, log_weights = combine_duplicates(drawn, -log_q)
-        return weighted_row_mean(z, sigma, self.rows, indices, log_weights, use_likelihood=True,
-                                 fixed_shapes=self.sync_free)
+        return snis_mean(z, sigma, self.rows, indices, log_weights, fixed_shapes=self.sync_free)
 
-
-def _uniform_outside(neighbours: torch.Tensor, tail_size: torch.Tensor, count: int,
-                     generator: torch.Generator | None) -> torch.Tensor:
-    """Draw [B, count] indices uniformly from {0..N-1} minus each row's neighbours, exactly.
-
-    With the neighbours sorted s_0 < s_1 < ..., t_i = s_i - i counts the non-neighbours below s_i;
-    the u-th non-neighbour (u in [0, N - k)) is u + #{i : t_i <= u}.
-    """
-    positions = torch.arange(neighbours.shape[1], device=neighbours.device)
-    missing = neighbours < 0
-    sorted_neighbours = sorted_rows(neighbours.masked_fill(missing, torch.iinfo(torch.int64).max))
-    below = torch.where(sorted_neighbours == torch.iinfo(torch.int64).max,
-                        torch.iinfo(torch.int64).max, sorted_neighbours - positions)
-    uniform = torch.rand(neighbours.shape[0], count, generator=generator, dtype=torch.float64,
-                         device=neighbours.device)
-    rank = (uniform * tail_size.unsqueeze(1)).floor().to(torch.int64)
-    rank = torch.minimum(rank, (tail_size - 1).clamp(min=0).unsqueeze(1))
-    return rank + torch.searchsorted(below, rank, right=True)

@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 
 from knn_cm.estimators.base import Estimator, check_positive_int
-from knn_cm.estimators.uniform import draw_uniform_rows
-from knn_cm.estimators.base import log_likelihood
-from knn_cm.estimators.weighting import reference_log_likelihoods, reference_sq_dists, sq_norms
+from knn_cm.estimators.distances import log_likelihood, reference_log_likelihoods, reference_sq_dists, sq_norms
+from knn_cm.estimators.draws import draw_uniform_rows
 
 STF_VARIANTS = ("per_sample", "shared")
 

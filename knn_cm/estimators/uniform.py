@@ -5,14 +5,8 @@ from __future__ import annotations
 import torch
 
 from knn_cm.estimators.base import Estimator, check_positive_int
-from knn_cm.estimators.weighting import reference_log_likelihoods
-
-
-def draw_uniform_rows(rows, count: int, generator: torch.Generator | None, fixed_shapes: bool = False) -> torch.Tensor:
-    """``count`` elements drawn uniformly with replacement: rows [count, d] (``fixed_shapes``: see
-    :meth:`~knn_cm.data.resident.ResidentRows.gather`)."""
-    ids = torch.randint(0, rows.size, (count,), generator=generator, device=rows.device)
-    return rows.gather(ids, fixed_shapes=fixed_shapes)
+from knn_cm.estimators.distances import reference_log_likelihoods
+from knn_cm.estimators.draws import draw_uniform_rows
 
 
 class UniformSNIS(Estimator):

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from knn_cm.estimators.uniform import draw_uniform_rows
-from knn_cm.estimators.weighting import log_likelihood, reference_log_likelihoods, reference_sq_dists, sq_norms
+from knn_cm.estimators.distances import log_likelihood, reference_log_likelihoods, reference_sq_dists, sq_norms
+from knn_cm.estimators.draws import draw_uniform_rows
 from knn_cm.training.augment import Augmentation, AugmentPipe
 
 # Estimators whose posterior is over the dataset rows and that take no source (the orthogonal rule applies).
