@@ -251,9 +251,10 @@ DIGITS_SEEDS = SeededStudy(
                            folder="digits_figure4_n")))),
     tables=(SeededTable("table1", (("ict", "iCT (single-sample, Euler)"), ("ict_stf", "iCT + STF (n 64, Heun)"),
                                    ("ict_knn", "iCT + KNN (k 256, n 64, Heun)"))),
-            SeededTable("figure4_k", (("ict", "iCT"), ("knn_k16_n64", "KNN k 16"), ("knn_k64_n64", "KNN k 64"),
-                                      ("ict_knn", "KNN k 256"))),
-            SeededTable("figure4_n", (("ict", "iCT"), ("knn_k256_n16", "KNN n 16"), ("ict_knn", "KNN n 64")))),
+            SeededTable("figure4_top", (("ict", "iCT"), ("knn_k16_n64", "KNN k 16"), ("knn_k64_n64", "KNN k 64"),
+                                        ("ict_knn", "KNN k 256"))),  # Figure 4's panels: k at n 64 (top),
+            SeededTable("figure4_bottom", (("ict", "iCT"), ("knn_k256_n16", "KNN n 16"),  # n at k 256 (bottom)
+                                           ("ict_knn", "KNN n 64")))),
     steps=1600, snapshot_every=400,  # the quickstart's length and snapshots
     evaluation=("metrics.feature_extractor=digits", "num_samples=2000", "progress=false"))
 # A seeded flow-matching study (issue 22: digits_fm, digits_fm_stf, digits_fm_knn over seeds) is one more

@@ -16,20 +16,22 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
-TABLE1 = {"ict": "iCT (single-sample, Euler)", "ict_stf": "iCT + STF (n 64, Heun)",
-          "ict_knn": "iCT + KNN (k 256, n 64, Heun)"}
-FIGURE4_K = {"ict": "iCT", "knn_k16_n64": "KNN k 16", "knn_k64_n64": "KNN k 64", "ict_knn": "KNN k 256"}
-FIGURE4_N = {"ict": "iCT", "knn_k256_n16": "KNN n 16", "ict_knn": "KNN n 64"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from knn_cm.paper import DIGITS_SEEDS  # noqa: E402
 
-# (sweep folder, swept values other than the seed) -> method key
-SWEEPS = {("digits_ict", ()): "ict", ("digits_ict_stf", ()): "ict_stf", ("quickstart", ()): "ict_knn",
-          ("digits_figure4_k", (("estimator.k", "16"),)): "knn_k16_n64",
-          ("digits_figure4_k", (("estimator.k", "64"),)): "knn_k64_n64",
-          ("digits_figure4_n", ()): "knn_k256_n16"}  # n 16 is fixed there, so folders are named seed=S only
+# The study's methods, tables and run folders: the paper manifest (knn_cm/paper.py).
+STUDY = DIGITS_SEEDS
+TABLE1, FIGURE4_K, FIGURE4_N = (dict(STUDY.table(name).rows) for name in ("table1", "figure4_top",
+                                                                          "figure4_bottom"))
+# (sweep folder, swept values other than the seed) -> method key; a value fixed for the whole sweep (n 16 of
+# digits_figure4_n) is not in the folder names, which are then seed=S only.
+SWEEPS = {(sweep.folder_of(method), sweep.swept_values(method)): method.key
+          for sweep in STUDY.sweeps() for method in sweep.methods}
 
 
 def read_runs(root: Path, snapshots: int, steps: int) -> tuple[dict, list[str]]:
@@ -123,10 +125,11 @@ def plot(axis, runs, methods: dict, title: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="multirun/train")
+    parser.add_argument("--root", default=STUDY.root)
     parser.add_argument("--out", default=None, help="default: docs/results/seeds_steps<steps>")
-    parser.add_argument("--steps", type=int, default=1600, help="run length (STEPS of digits_seeds.sh)")
-    parser.add_argument("--snapshot-every", type=int, default=400, help="SNAPSHOT_EVERY of digits_seeds.sh")
+    parser.add_argument("--steps", type=int, default=STUDY.steps, help="run length (STEPS of digits_seeds.sh)")
+    parser.add_argument("--snapshot-every", type=int, default=STUDY.snapshot_every,
+                        help="SNAPSHOT_EVERY of digits_seeds.sh")
     args = parser.parse_args(argv)
     args.snapshots = args.steps // args.snapshot_every
     import matplotlib
