@@ -1,15 +1,30 @@
-"""Process-group plumbing for multi-GPU (and multi-process CPU) training launched by ``torchrun``."""
+"""Process-group plumbing for multi-GPU (and multi-process CPU) training launched by ``torchrun`` or ``srun``.
+
+- **Device.** ``trainer.device=auto`` trains on CUDA when torch can use it. When the job says GPUs are allocated
+  (SLURM's GPU variables, ``CUDA_VISIBLE_DEVICES``) but torch sees none (typically a torch build for a newer CUDA
+  than the node's driver), it fails with torch's CUDA version and the driver instead of training on the CPU.
+  Each rank takes GPU ``LOCAL_RANK`` of those it sees, or GPU 0 when it sees one (``--gpus-per-task``).
+- **Process group.** NCCL on CUDA, gloo on CPU. Flags, barriers and object gathers run on a gloo group (host
+  memory), so on CUDA they never read a device tensor back.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+# Variables through which SLURM (and CUDA's own convention) say that this process was given GPUs.
+GPU_ALLOCATION_VARIABLES = ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE",
+                            "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_GPUS")
 
 
 @dataclass
@@ -18,38 +33,48 @@ class DistributedContext:
 
     Built by :meth:`from_env` from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; a single process otherwise.
     The backend is NCCL on CUDA and gloo on CPU (CPU DDP runs the same code path in tests).
+
+    Attributes:
+        host_group: the gloo process group of :meth:`any_true`, :meth:`barrier` and :meth:`gather_objects` when
+            the main backend is NCCL (None: the default group, already gloo, or a single process).
     """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    host_group: object = None
 
     @classmethod
     def from_env(cls, device: str = "auto") -> "DistributedContext":
-        """Join torchrun's process group (when WORLD_SIZE > 1) and pick the device.
+        """Join the process group (when WORLD_SIZE > 1) and pick the device.
 
-        device: "auto" (CUDA when available, else CPU), "cpu", or "cuda".
+        Args:
+            device: "auto" (CUDA when available, else CPU; an error when GPUs are allocated but unusable),
+                "cpu", or "cuda".
         """
         if device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+            raise ValueError(f"trainer.device must be 'auto', 'cpu' or 'cuda', got {device!r}")
         _export_submitit_environment()
-        use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-        if use_cuda and not torch.cuda.is_available():
-            raise ValueError("trainer.device=cuda but CUDA is not available; use trainer.device=cpu")
+        use_cuda = _use_cuda(device, os.environ)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         if use_cuda:
-            torch.cuda.set_device(local_rank)
-            chosen = torch.device("cuda", local_rank)
+            index = cuda_device_index(local_rank, torch.cuda.device_count(), os.environ)
+            torch.cuda.set_device(index)
+            chosen = torch.device("cuda", index)
         else:
             chosen = torch.device("cpu")
+        host_group = None
         if world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            backend = "nccl" if use_cuda else "gloo"
+            dist.init_process_group(backend=backend)
+            if backend != "gloo":
+                host_group = dist.new_group(backend="gloo")
         if world_size > 1:
             log.info("rank %d of %d (local rank %d), master %s:%s, device %s", rank, world_size, local_rank,
                      os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), chosen)
-        return cls(rank, world_size, local_rank, chosen)
+        return cls(rank, world_size, local_rank, chosen, host_group)
 
     @property
     def is_main(self) -> bool:
@@ -61,27 +86,129 @@ class DistributedContext:
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=self.host_group)
 
     def any_true(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any rank."""
+        """True on every rank when ``flag`` is true on any rank.
+
+        A host collective (gloo on a CPU tensor over a NumPy buffer, read back as NumPy): on CUDA it neither
+        launches a kernel nor waits for the GPU.
+        """
         if not self.distributed:
             return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item() > 0)
+        buffer = np.array([1 if flag else 0], dtype=np.int32)
+        dist.all_reduce(torch.from_numpy(buffer), op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(buffer[0] > 0)
 
     def gather_objects(self, obj) -> list:
         """``obj`` from every rank, in rank order (on every rank)."""
         if not self.distributed:
             return [obj]
         gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
+        dist.all_gather_object(gathered, obj, group=self.host_group)
         return gathered
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- device
+def gpus_allocated(environ) -> str | None:
+    """``NAME=value`` of the first variable saying that GPUs were allocated to this process, else None.
+
+    CUDA_VISIBLE_DEVICES counts when it lists devices (not "", "-1" or SLURM's "NoDevFiles"); SLURM's lists
+    (SLURM_JOB_GPUS, SLURM_STEP_GPUS) when non-empty; its counts ("8", "a100:8", "a100:4,v100:2") when above 0.
+    """
+    for name in GPU_ALLOCATION_VARIABLES:
+        value = environ.get(name, "").strip()
+        if not value:
+            continue
+        if name == "CUDA_VISIBLE_DEVICES":
+            if value not in ("-1", "NoDevFiles") and not value.startswith("-1,"):
+                return f"{name}={value}"
+        elif name in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+            return f"{name}={value}"
+        elif any(_count(part) > 0 for part in value.split(",")):
+            return f"{name}={value}"
+    return None
+
+
+def _count(part: str) -> int:
+    """The GPU count of one entry of a SLURM count list: "8", "a100:8", "gpu:a100:8(IDX:0-7)" -> 8."""
+    field = part.split("(")[0].rsplit(":", 1)[-1]
+    return int(field) if field.isdigit() else 0
+
+
+def cuda_versions() -> str:
+    """What torch and the system say about CUDA: torch's build, the driver (``unknown`` when nothing tells)."""
+    build = torch.version.cuda
+    parts = [f"torch {torch.__version__} is built for CUDA {build}" if build else
+             f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"]
+    driver = _nvidia_smi_driver()
+    supported = None
+    try:
+        version = int(torch._C._cuda_getDriverVersion())  # the CUDA version the driver supports, e.g. 12020
+        supported = f"{version // 1000}.{version % 1000 // 10}" if version > 0 else None
+    except (AttributeError, RuntimeError):
+        pass
+    if driver or supported:
+        parts.append("NVIDIA driver " + (driver or "version unknown")
+                     + (f" (supports CUDA up to {supported})" if supported else ""))
+    else:
+        parts.append("NVIDIA driver unknown (torch cannot load it and nvidia-smi is "
+                     + ("not on PATH)" if shutil.which("nvidia-smi") is None else "not answering)"))
+    return "; ".join(parts)
+
+
+def _nvidia_smi_driver() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    versions = sorted({line.strip() for line in result.stdout.splitlines() if line.strip()})
+    return ", ".join(versions) if result.returncode == 0 and versions else None
+
+
+def _use_cuda(device: str, environ) -> bool:
+    """Whether this rank trains on CUDA; a clear error when the setting cannot be honoured."""
+    if device == "cpu":
+        return False
+    available = torch.cuda.is_available()
+    if available:
+        return True
+    if device == "cuda":
+        raise ValueError(f"trainer.device=cuda but torch sees no usable CUDA device ({cuda_versions()}); "
+                         f"use trainer.device=cpu to train on the CPU")
+    allocated = gpus_allocated(environ)
+    if allocated:
+        raise RuntimeError(
+            f"trainer.device=auto: this job was given GPUs ({allocated}) but torch sees no usable CUDA device, so "
+            f"it would train on the CPU. {cuda_versions()}. Install a torch build for the driver's CUDA version "
+            f"(or update the driver), or set trainer.device=cpu to train on the CPU on purpose")
+    return False
+
+
+def cuda_device_index(local_rank: int, device_count: int, environ=None) -> int:
+    """The CUDA device of the rank with ``local_rank`` among the ``device_count`` devices it sees.
+
+    One device per rank as torchrun starts them (``LOCAL_RANK`` indexes the node's GPUs), and device 0 where
+    each task sees only its own GPU (``--gpus-per-task``, CUDA_VISIBLE_DEVICES with one entry): in general
+    ``local_rank % device_count``. Under torchrun all local ranks see the same devices, so more ranks than
+    devices would put two ranks on one GPU (NCCL refuses): an error naming both counts.
+    """
+    environ = os.environ if environ is None else environ
+    if device_count < 1:
+        raise RuntimeError("CUDA is available but torch counts no CUDA device")
+    local_ranks = int(environ.get("LOCAL_WORLD_SIZE", "1"))
+    if "TORCHELASTIC_RUN_ID" in environ and local_ranks > device_count:
+        raise ValueError(f"torchrun started {local_ranks} processes on this node but they see {device_count} CUDA "
+                         f"device(s) (CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES', '(not set)')}): "
+                         f"start one process per GPU (--nproc_per_node={device_count})")
+    return local_rank % device_count
 
 
 def _export_submitit_environment() -> None:
