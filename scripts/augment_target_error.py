@@ -9,7 +9,7 @@ transform, E[T x | z, T] = sum_i softmax_i(-||z - T x_i||^2 / (2 t^2)) T x_i, by
 images transformed by T (for images the pipe resampled, all 50,000 images are warped by that image's T,
 so only ``--resampled`` of them per level are scored). Per-pixel MSE against it, for:
 
-- rule: the training target (knn_cm.training.augment_targets): KNN (k 2048, n 256) on T^-1 z, then T, for
+- rule: the training target (knn_cm.estimators.augmented): KNN (k 2048, n 256) on T^-1 z, then T, for
   flips; the augmented source T x where T resamples;
 - unaugmented: the KNN estimate on z itself, the posterior mean of the unaugmented data (what a silent
   fall-back would use);
@@ -28,9 +28,9 @@ import torch
 
 from knn_cm.data import load_image_folder
 from knn_cm.estimators import make_estimator
+from knn_cm.estimators.augmented import augmented_target
 from knn_cm.index import build_index
 from knn_cm.training.augment import EDM_CIFAR10, AugmentPipe, Augmentation
-from knn_cm.training.augment_targets import augmented_target
 
 TIMES = (1.0, 2.0, 5.0, 10.0, 20.0, 40.0)
 

@@ -12,11 +12,11 @@ from hydra.utils import instantiate
 
 from knn_cm.data import load_digits
 from knn_cm.estimators import make_estimator
+from knn_cm.estimators.augmented import augmented_target
 from knn_cm.index import build_index
 from knn_cm.models import EDMPrecond, SongUNet
 from knn_cm.training import EDMObjective
 from knn_cm.training.augment import EDM_CIFAR10, AugmentPipe
-from knn_cm.training.augment_targets import augmented_target
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -223,12 +223,43 @@ def test_resampled_images_get_their_augmented_source_and_stf_augments_its_refere
         identity = AugmentPipe(p=0.0, **{k: v for k, v in EDM_CIFAR10.items() if k != "p"})
         plain = stf(z, sigma, x=augmented, generator=torch.Generator().manual_seed(6))
         same, _ = augmented_target(stf, identity, augmentation, z, sigma, augmented, torch.Generator().manual_seed(6))
-        assert torch.allclose(same, plain, atol=1e-6)
+        assert torch.equal(same, plain)  # one implementation of STF's average (STF.mean_with_sources)
         other, _ = augmented_target(stf, AugmentPipe(p=1.0, xflip=1, yflip=1), augmentation, z, sigma, augmented,
                                     torch.Generator().manual_seed(6))
         assert not torch.allclose(other, plain)
     with pytest.raises(ValueError, match="no augmented-target rule"):
         augmented_target(make_estimator("network", denoiser=lambda z, s: z), pipe, augmentation, z, sigma, augmented)
+
+
+def test_the_rule_follows_the_estimator_class_not_its_name(digits):
+    """Rules are keyed by class (knn_cm.estimators.augmented.RULES): a subclass inherits its base's rule whatever
+    it is called, and a class without a rule is refused even when it borrows a known name."""
+    from knn_cm.estimators import KNN, Estimator
+
+    pipe = AugmentPipe(p=1.0, xflip=1, yflip=1, rotate_int=1)
+    x = digits.float(torch.arange(8))
+    augmented, augmentation = pipe.augment(x, torch.Generator().manual_seed(0))
+    sigma = torch.full((8,), 1.5)
+    z = augmented + 1.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+
+    class RenamedKNN(KNN):
+        name = "my_knn"
+
+    index = build_index(digits, "flat")
+    renamed = RenamedKNN(digits, index=index, k=64, n=16)
+    plain = make_estimator("knn", digits, index=index, k=64, n=16)
+    target, stats = augmented_target(renamed, pipe, augmentation, z, sigma, augmented, torch.Generator().manual_seed(2))
+    expected, _ = augmented_target(plain, pipe, augmentation, z, sigma, augmented, torch.Generator().manual_seed(2))
+    assert torch.equal(target, expected) and stats["augment_source_targets"] == 0.0
+
+    class Impostor(Estimator):  # says "single" but is not the single-sample estimator
+        name = "single"
+
+        def posterior_mean(self, z, sigma, x, generator):
+            return torch.zeros_like(z)
+
+    with pytest.raises(ValueError, match="no augmented-target rule for the 'single' estimator"):
+        augmented_target(Impostor(digits), pipe, augmentation, z, sigma, augmented)
 
 
 # ------------------------------------------------------------------------------------------- EDM training

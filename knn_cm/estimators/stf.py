@@ -33,18 +33,32 @@ class STF(Estimator):
         self.variant = variant
 
     def posterior_mean(self, z, sigma, x, generator):
-        if x is None:
-            reference = draw_uniform_rows(self.rows, self.n, generator, self.sync_free)
-            return torch.softmax(reference_log_likelihoods(z, sigma, reference, self.sync_free), dim=1) @ reference
+        others = draw_uniform_rows(self.rows, self.other_count(z.shape[0], x is not None), generator, self.sync_free)
+        return self.mean_with_sources(z, sigma, x, others)
+
+    def other_count(self, batch: int, with_sources: bool) -> int:
+        """Uniform draws a call of ``batch`` queries makes besides the sources: n without sources (PF-ODE
+        sampling), n - batch for ``shared`` (which must hold every source), n - 1 for ``per_sample``."""
+        if not with_sources:
+            return self.n
         if self.variant == "shared":
-            if self.n < z.shape[0]:
-                raise ValueError(f"shared STF needs n >= batch size ({z.shape[0]}) to hold every source, got n={self.n}")
-            reference = torch.cat([x, draw_uniform_rows(self.rows, self.n - z.shape[0], generator, self.sync_free)])
+            if self.n < batch:
+                raise ValueError(f"shared STF needs n >= batch size ({batch}) to hold every source, got n={self.n}")
+            return self.n - batch
+        return self.n - 1
+
+    def mean_with_sources(self, z: torch.Tensor, sigma: torch.Tensor, x: torch.Tensor | None,
+                          others: torch.Tensor) -> torch.Tensor:
+        """STF's self-normalised average [B, d] over the reference batch: the uniform draws ``others`` [m, d]
+        (m = :meth:`other_count`) and, where given, the sources x [B, d] (per variant, as the module says)."""
+        if x is None:
+            return torch.softmax(reference_log_likelihoods(z, sigma, others, self.sync_free), dim=1) @ others
+        if self.variant == "shared":
+            reference = torch.cat([x, others])
             return torch.softmax(reference_log_likelihoods(z, sigma, reference, self.sync_free), dim=1) @ reference
-        # per_sample: n - 1 uniform draws shared by the call, plus each query's own source as column n.
-        reference = draw_uniform_rows(self.rows, self.n - 1, generator, self.sync_free)
+        # per_sample: the draws shared by the call, plus each query's own source as column m.
         source_sq_dist = sq_norms(z - x)
-        sq_dists = torch.cat([reference_sq_dists(z, sigma, reference, best_known=source_sq_dist,
+        sq_dists = torch.cat([reference_sq_dists(z, sigma, others, best_known=source_sq_dist,
                                                  fixed_shapes=self.sync_free), source_sq_dist.unsqueeze(1)], dim=1)
         weights = torch.softmax(log_likelihood(sq_dists, sigma), dim=1)
-        return weights[:, :-1] @ reference + weights[:, -1:] * x
+        return weights[:, :-1] @ others + weights[:, -1:] * x

@@ -17,7 +17,7 @@ import torch
 
 from knn_cm.models.dropout import active_dropout_seed
 from knn_cm.training.augment import AugmentPipe
-from knn_cm.training.augment_targets import augmented_target
+from knn_cm.estimators.augmented import augmented_target
 from knn_cm.training.stage_timer import StageTimer
 
 
