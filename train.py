@@ -32,18 +32,19 @@ log = logging.getLogger("train")
 
 
 def build_estimator(config: DictConfig, store, context: DistributedContext):
-    """The configured estimator on the training device; KNN gets its index (rank 0 builds the cache first)."""
+    """The configured estimator on the training device; KNN gets its index.
+
+    Every rank builds or loads its index at once, without a collective: cached kinds are built by the first
+    process to take the cache entry's lock (one per node with a node-local cache, one per cluster with a shared
+    one) while the others wait on the lock and then load the entry (``knn_cm.index.build_index``); a flat index
+    is a copy of the data that each rank makes.
+    """
     kwargs = {}
     if config.estimator.name == "knn":
         build = instantiate(config.index)
         if config.index.get("device", "cpu") is None:  # null: search where this rank's estimator computes
             build = functools.partial(build, device=context.device)
-        if context.is_main:
-            index = build(store)
-        context.barrier()
-        if not context.is_main:
-            index = build(store)  # loads the cache rank 0 wrote (flat indexes are rebuilt: a copy of the data)
-        kwargs["index"] = index
+        kwargs["index"] = build(store)
     return instantiate(config.estimator)(store=store, device=context.device, **kwargs)
 
 
@@ -53,7 +54,8 @@ def run(config: DictConfig, run_dir: Path) -> Trainer:
     Before anything is written, rank 0 validates the settings, takes the run folder's lock and checks that the
     folder belongs to this config and dataset (``knn_cm.training.run_folder``); then it writes config.yaml.
     """
-    context = DistributedContext.from_env(config.trainer.device)
+    context = DistributedContext.from_env(config.trainer.device, config.distributed.timeout_minutes,
+                                          config.distributed.threads_per_rank)
     folder = RunFolder(run_dir)
     try:
         resolved = OmegaConf.to_container(config, resolve=True)

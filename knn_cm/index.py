@@ -8,17 +8,24 @@ PCA-reduced space instead (``project_dim``, with an exact ``rerank`` of the best
 approximate proposal for large N. On CUDA, ``flat`` uses faiss-gpu when it is installed and the torch
 index otherwise. Searches return squared L2 distances and element indices, sorted nearest first.
 
-Trained indexes (ivf, sq8, ivf_sq8) are cached on disk keyed by the data fingerprint and the build
-spec, written atomically and verified on load (fingerprint, spec, size, file digest); a cache entry
-that does not match is rebuilt, never used.
+Trained indexes (ivf, sq8, ivf_sq8) and the projections of projected searches (with their faiss index) are
+cached on disk keyed by the data fingerprint and the build spec, written atomically and verified on load
+(fingerprint, spec, size, file digests); a cache entry that does not match is rebuilt, never used. An entry is
+built under a file lock: of the processes that want it at once (the ranks of a node, jobs sharing the cache)
+the first builds it and the others wait on the lock and then load it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import logging
 import math
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,8 +257,9 @@ def build_index(store, kind: str = "flat", nlist: int | None = None, nprobe: int
         nlist, nprobe, train_size, seed, precision, project_dim, rerank: see :class:`IndexSpec`.
         device: "cpu" (also for None) or "cuda[:i]". faiss kinds on CUDA need faiss-gpu (a clear error otherwise),
             except "flat", which falls back to the torch index when faiss has no GPU support.
-        cache: True, False, or "auto" (cache trained faiss kinds only; a flat index is a copy of the
-            data, cheaper to rebuild than to read). Projected faiss indexes are not cached.
+        cache: True, False, or "auto" (cache trained faiss kinds and projections; a flat index is a copy of the
+            data, cheaper to rebuild than to read). Projected searches cache their projection, and a faiss kind its
+            index over the projected rows with it.
         cache_folder: where cached indexes live (default ``<cache_dir>/indexes``).
         storage: resident-row storage the torch index searches (and projected indexes rerank) in
             (see :meth:`DataStore.resident`; shared with estimators on the same device).
@@ -266,33 +274,34 @@ def build_index(store, kind: str = "flat", nlist: int | None = None, nprobe: int
         kind = "torch"
     spec = IndexSpec(kind=kind, nlist=nlist, nprobe=nprobe, train_size=train_size, seed=seed, precision=precision,
                      project_dim=project_dim, rerank=rerank).resolved(len(store))
+    projected = spec.project_dim is not None
+    use_cache = (kind not in ("flat", "torch") or projected) if cache == "auto" else bool(cache)
+    folder = Path(cache_folder) if cache_folder is not None else cache_dir() / "indexes"
+    entry = CacheEntry(folder / f"{store.name}-{store.fingerprint}-{spec.cache_key()}")
     if kind == "torch":
         from knn_cm.torch_index import Projection, TorchIndex
 
         rows = store.resident(device, torch.float32, storage)
         projection = None
-        if spec.project_dim is not None:
-            projection = Projection.fit(rows, spec.project_dim, PROJECTION_SAMPLE, spec.seed)
+        if projected:
+            def fit():
+                return None, Projection.fit(rows, spec.project_dim, PROJECTION_SAMPLE, spec.seed)
+
+            _, projection = entry.load_or_build(store, spec, fit, with_index=False) if use_cache else fit()
         return TorchIndex(rows, spec, store.fingerprint, projection=projection, chunk_rows=chunk_rows)
     device = _check_device(device)
-    if spec.project_dim is not None:
+    rows = store.resident("cpu", torch.float32, storage) if projected else None
+
+    def build():
+        if not projected:
+            return _build_cpu(store, spec, device), None
         from knn_cm.torch_index import Projection
 
-        rows = store.resident("cpu", torch.float32, storage)
         projection = Projection.fit(rows, spec.project_dim, PROJECTION_SAMPLE, spec.seed)
-        cpu_index = _build_cpu(store, spec, device, vectors=projection.project_rows(rows))
-        return Index(_to_device(cpu_index, device), spec, store.fingerprint, device, projection=projection, rows=rows)
-    use_cache = (kind != "flat") if cache == "auto" else bool(cache)
-    folder = Path(cache_folder) if cache_folder is not None else cache_dir() / "indexes"
-    path = folder / f"{store.name}-{store.fingerprint}-{spec.cache_key()}.faiss"
+        return _build_cpu(store, spec, device, vectors=projection.project_rows(rows)), projection
 
-    cpu_index = _load_cached(path, store, spec) if use_cache else None
-    if cpu_index is None:
-        cpu_index = _build_cpu(store, spec, device)
-        if use_cache:
-            _save_cached(path, cpu_index, store, spec)
-    faiss_index = _to_device(cpu_index, device)
-    return Index(faiss_index, spec, store.fingerprint, device)
+    cpu_index, projection = entry.load_or_build(store, spec, build) if use_cache else build()
+    return Index(_to_device(cpu_index, device), spec, store.fingerprint, device, projection=projection, rows=rows)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -350,36 +359,114 @@ def _to_device(cpu_index, device: torch.device):
 
 
 def _metadata(store, spec: IndexSpec) -> dict:
-    return {"fingerprint": store.fingerprint, "spec": dataclasses.asdict(dataclasses.replace(spec, nprobe=None)),
-            "size": len(store), "dim": store.dim}
+    """What a cache entry must have been built from: the data and the build spec (search settings left out)."""
+    build_spec = dataclasses.replace(spec, nprobe=None, rerank=None, precision="float32")
+    meta = {"fingerprint": store.fingerprint, "spec": dataclasses.asdict(build_spec), "size": len(store),
+            "dim": store.dim}
+    if spec.project_dim is not None:
+        meta["projection_sample"] = PROJECTION_SAMPLE
+    return meta
 
 
-def _save_cached(path: Path, cpu_index, store, spec: IndexSpec) -> None:
-    faiss = _faiss()
-    with atomic_path(path) as temp:
-        faiss.write_index(cpu_index, str(temp))
-        digest = file_digest(temp)
-    meta = _metadata(store, spec) | {"digest": digest, "faiss_version": faiss.__version__}
-    with atomic_path(path.with_suffix(".json")) as temp:
-        temp.write_text(json.dumps(meta, indent=1))
+class CacheEntry:
+    """One cached index in the cache folder: ``<base>.faiss`` (the CPU faiss index, when there is one),
+    ``<base>.projection.pt`` (a projected search's PCA), ``<base>.json`` (what they were built from and their
+    digests, written last: an entry without it is incomplete) and ``<base>.lock`` (held while building)."""
 
+    def __init__(self, base: Path):
+        self.base = Path(base)
+        self.index_path = self._file(".faiss")
+        self.projection_path = self._file(".projection.pt")
+        self.meta_path = self._file(".json")
+        self.lock_path = self._file(".lock")
 
-def _load_cached(path: Path, store, spec: IndexSpec):
-    """The cached CPU index when it exists and verifies against ``store`` and ``spec``, else None."""
-    meta_path = path.with_suffix(".json")
-    if not (path.exists() and meta_path.exists()):
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as error:
-        log.warning("ignoring unreadable index metadata %s (%s); rebuilding", meta_path, error)
-        return None
-    expected = _metadata(store, spec)
-    if any(meta.get(key) != value for key, value in expected.items()) or meta.get("digest") != file_digest(path):
-        log.warning("cached index %s does not match its data or spec; rebuilding", path)
-        return None
-    index = _faiss().read_index(str(path))
-    if index.ntotal != len(store) or index.d != store.dim:
-        log.warning("cached index %s has the wrong size; rebuilding", path)
-        return None
-    return index
+    def _file(self, suffix: str) -> Path:
+        return self.base.with_name(self.base.name + suffix)
+
+    def load_or_build(self, store, spec: IndexSpec, build, with_index: bool = True):
+        """(CPU faiss index or None, Projection or None): loaded when cached and valid, else ``build()`` and saved.
+
+        Under the entry's lock, so that concurrent callers build it once and the others load it.
+        """
+        with self.lock():
+            cached = self.load(store, spec, with_index)
+            if cached is not None:
+                return cached
+            cpu_index, projection = build()
+            self.save(cpu_index, projection, store, spec)
+            return cpu_index, projection
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the entry's file lock (``flock``: released by the kernel when the holder dies, also on kill -9).
+
+        Waits, logging who holds it, while another process builds the entry. On a file system without locks
+        (some network mounts) it warns and goes on unlocked: each process then builds, and the atomic writes keep
+        the entry whole.
+        """
+        self.base.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+") as handle:
+            try:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    log.info("index cache %s is being built by %s: waiting for it", self.base.name, holder)
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+            except OSError as error:
+                if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                log.warning("cannot lock %s (%s): building without the lock", self.lock_path, error)
+                yield
+                return
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            yield  # closing the handle releases the lock
+
+    def save(self, cpu_index, projection, store, spec: IndexSpec) -> None:
+        meta = _metadata(store, spec)
+        if cpu_index is not None:
+            faiss = _faiss()
+            with atomic_path(self.index_path) as temp:
+                faiss.write_index(cpu_index, str(temp))
+                meta |= {"digest": file_digest(temp), "faiss_version": faiss.__version__}
+        if projection is not None:
+            with atomic_path(self.projection_path) as temp:
+                torch.save({"mean": projection.mean.cpu(), "basis": projection.basis.cpu()}, temp)
+                meta["projection_digest"] = file_digest(temp)
+        with atomic_path(self.meta_path) as temp:
+            temp.write_text(json.dumps(meta, indent=1))
+
+    def load(self, store, spec: IndexSpec, with_index: bool = True):
+        """(CPU faiss index or None, Projection or None) when the entry exists and verifies, else None."""
+        projected = spec.project_dim is not None
+        paths = [self.meta_path] + [self.index_path] * with_index + [self.projection_path] * projected
+        if not all(path.exists() for path in paths):
+            return None
+        try:
+            meta = json.loads(self.meta_path.read_text())
+        except (OSError, ValueError) as error:
+            log.warning("ignoring unreadable index metadata %s (%s); rebuilding", self.meta_path, error)
+            return None
+        expected = _metadata(store, spec)
+        if (any(meta.get(key) != value for key, value in expected.items())
+                or (with_index and meta.get("digest") != file_digest(self.index_path))
+                or (projected and meta.get("projection_digest") != file_digest(self.projection_path))):
+            log.warning("cached index %s does not match its data or spec; rebuilding", self.base)
+            return None
+        index = projection = None
+        if with_index:
+            index = _faiss().read_index(str(self.index_path))
+            dim = store.dim if not projected else spec.project_dim + 1
+            if index.ntotal != len(store) or index.d != dim:
+                log.warning("cached index %s has the wrong size; rebuilding", self.index_path)
+                return None
+        if projected:
+            from knn_cm.torch_index import Projection
+
+            saved = torch.load(self.projection_path, map_location="cpu", weights_only=True)
+            projection = Projection(saved["mean"], saved["basis"])
+        return index, projection

@@ -1,5 +1,5 @@
 """knn_cm.training.distributed on CPU: the CUDA device of each rank and the refusal to train on the CPU when GPUs
-are allocated (torch.cuda mocked), and host-side flags on a gloo group."""
+are allocated (torch.cuda mocked), CPU threads per rank, and host-side flags on a gloo group."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from knn_cm.training import distributed
 from knn_cm.training.distributed import (GPU_ALLOCATION_VARIABLES, DistributedContext, cuda_device_index,
-                                         gpus_allocated)
+                                         default_threads_per_rank, gpus_allocated)
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID",
                     "SLURM_CPUS_PER_TASK", "SLURM_STEP_NUM_TASKS", "SUBMITIT_FOLDER", "OMP_NUM_THREADS")
@@ -123,6 +123,43 @@ def test_cpu_and_cuda_settings_are_checked(clean_env):
         DistributedContext.from_env("cuda")
     with pytest.raises(ValueError, match="trainer.device must be 'auto', 'cpu' or 'cuda', got 'gpu'"):
         DistributedContext.from_env("gpu")
+    with pytest.raises(ValueError, match="distributed.timeout_minutes must be a number > 0, got 0"):
+        DistributedContext.from_env("cpu", timeout_minutes=0)
+    with pytest.raises(ValueError, match="distributed.threads_per_rank must be an integer >= 1 or null, got 0"):
+        DistributedContext.from_env("cpu", threads_per_rank=0)
+
+
+# ------------------------------------------------------------------------------------------ threads
+@pytest.mark.parametrize("environment, expected", [
+    ({}, None),  # not launched by torchrun or SLURM: torch's own setting stays
+    ({"TORCHELASTIC_RUN_ID": "j", "OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "4"}, 4),  # torchrun's 1 replaced
+    ({"TORCHELASTIC_RUN_ID": "j", "OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "4"}, None),  # the user's own value
+    ({"TORCHELASTIC_RUN_ID": "j", "OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2", "SLURM_JOB_ID": "7",
+      "SLURM_CPUS_PER_TASK": "8"}, 4),  # slurm/train.sbatch: one task per node, torchrun's ranks share its CPUs
+    ({"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "6", "LOCAL_WORLD_SIZE": "2"}, 6),  # srun: a task per rank
+    ({"SLURM_JOB_ID": "7", "LOCAL_WORLD_SIZE": "4"}, 4),  # no CPU count: the visible CPUs shared by the node's ranks
+    ({"SLURM_JOB_ID": "7", "OMP_NUM_THREADS": "2"}, None),
+    ({"TORCHELASTIC_RUN_ID": "j", "LOCAL_WORLD_SIZE": "32"}, 1),
+])
+def test_threads_per_rank(monkeypatch, environment, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert default_threads_per_rank(environment) == expected
+
+
+def test_from_env_sets_the_threads_of_torch_and_faiss(clean_env):
+    faiss = pytest.importorskip("faiss")
+    previous = torch.get_num_threads(), faiss.omp_get_max_threads()
+    try:
+        clean_env.setenv("TORCHELASTIC_RUN_ID", "job")
+        clean_env.setenv("OMP_NUM_THREADS", "1")
+        clean_env.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+        DistributedContext.from_env("cpu")
+        assert torch.get_num_threads() == 3 and faiss.omp_get_max_threads() == 3
+        DistributedContext.from_env("cpu", threads_per_rank=2)
+        assert torch.get_num_threads() == 2 and faiss.omp_get_max_threads() == 2
+    finally:
+        torch.set_num_threads(previous[0])
+        faiss.omp_set_num_threads(previous[1])
 
 
 # ------------------------------------------------------------------------------------ host-side flags

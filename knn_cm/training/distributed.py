@@ -4,8 +4,12 @@
   (SLURM's GPU variables, ``CUDA_VISIBLE_DEVICES``) but torch sees none (typically a torch build for a newer CUDA
   than the node's driver), it fails with torch's CUDA version and the driver instead of training on the CPU.
   Each rank takes GPU ``LOCAL_RANK`` of those it sees, or GPU 0 when it sees one (``--gpus-per-task``).
-- **Process group.** NCCL on CUDA, gloo on CPU. Flags, barriers and object gathers run on a gloo group (host
-  memory), so on CUDA they never read a device tensor back.
+- **Process group.** NCCL on CUDA, gloo on CPU, with a timeout (``distributed.timeout_minutes``): a collective
+  that waits longer for a hung or stopped rank fails, and the job ends instead of holding its allocation.
+  Flags, barriers and object gathers run on a gloo group (host memory), so on CUDA they never read a device
+  tensor back.
+- **Threads.** Under torchrun or SLURM each rank gets its share of the task's CPUs (torchrun sets
+  ``OMP_NUM_THREADS=1``, which would leave faiss index builds and CPU searches on one core).
 """
 
 from __future__ import annotations
@@ -15,12 +19,20 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+# NCCL's default is 10 minutes (gloo's 30). Ranks reach the first collective after building or loading the KNN
+# index, and a node that builds an IVF index at ImageNet-64 scale (k-means over 1.28M x 12,288) while another
+# node loads it from its cache can be tens of minutes apart; an hour covers that with room. It is also how
+# long a hung rank (stopped, deadlocked, lost node) holds the job before every rank fails: shorten it where
+# indexes are cached or small (configs/train.yaml: distributed.timeout_minutes).
+DEFAULT_TIMEOUT_MINUTES = 60.0
 
 # Variables through which SLURM (and CUDA's own convention) say that this process was given GPUs.
 GPU_ALLOCATION_VARIABLES = ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE",
@@ -46,19 +58,30 @@ class DistributedContext:
     host_group: object = None
 
     @classmethod
-    def from_env(cls, device: str = "auto") -> "DistributedContext":
-        """Join the process group (when WORLD_SIZE > 1) and pick the device.
+    def from_env(cls, device: str = "auto", timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
+                 threads_per_rank: int | None = None) -> "DistributedContext":
+        """Join the process group (when WORLD_SIZE > 1), pick the device and the CPU threads.
 
         Args:
             device: "auto" (CUDA when available, else CPU; an error when GPUs are allocated but unusable),
                 "cpu", or "cuda".
+            timeout_minutes: how long a collective waits for the other ranks (see ``DEFAULT_TIMEOUT_MINUTES``).
+            threads_per_rank: CPU threads of this rank (None: :func:`default_threads_per_rank`).
         """
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"trainer.device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        if isinstance(timeout_minutes, bool) or not isinstance(timeout_minutes, (int, float)) or timeout_minutes <= 0:
+            raise ValueError(f"distributed.timeout_minutes must be a number > 0, got {timeout_minutes!r}")
+        if threads_per_rank is not None and (isinstance(threads_per_rank, bool) or not isinstance(threads_per_rank, int)
+                                             or threads_per_rank < 1):
+            raise ValueError(f"distributed.threads_per_rank must be an integer >= 1 or null, got {threads_per_rank!r}")
         _export_submitit_environment()
         use_cuda = _use_cuda(device, os.environ)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        threads = threads_per_rank or default_threads_per_rank(os.environ)
+        if threads is not None:
+            set_cpu_threads(threads)
         if use_cuda:
             index = cuda_device_index(local_rank, torch.cuda.device_count(), os.environ)
             torch.cuda.set_device(index)
@@ -67,13 +90,15 @@ class DistributedContext:
             chosen = torch.device("cpu")
         host_group = None
         if world_size > 1 and not dist.is_initialized():
+            timeout = timedelta(minutes=timeout_minutes)
             backend = "nccl" if use_cuda else "gloo"
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=timeout)
             if backend != "gloo":
-                host_group = dist.new_group(backend="gloo")
+                host_group = dist.new_group(backend="gloo", timeout=timeout)
         if world_size > 1:
-            log.info("rank %d of %d (local rank %d), master %s:%s, device %s", rank, world_size, local_rank,
-                     os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), chosen)
+            log.info("rank %d of %d (local rank %d), master %s:%s, device %s, %d CPU threads, timeout %g min",
+                     rank, world_size, local_rank, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"),
+                     chosen, torch.get_num_threads(), timeout_minutes)
         return cls(rank, world_size, local_rank, chosen, host_group)
 
     @property
@@ -211,6 +236,43 @@ def cuda_device_index(local_rank: int, device_count: int, environ=None) -> int:
     return local_rank % device_count
 
 
+# --------------------------------------------------------------------------------------------- threads
+def default_threads_per_rank(environ) -> int | None:
+    """CPU threads for this rank under torchrun or SLURM, or None to leave torch's setting alone.
+
+    The task's CPUs (``SLURM_CPUS_PER_TASK``, else the CPUs this process may run on) divided by the ranks that
+    share them: the local ranks torchrun started in one task, or every local rank when SLURM gave no CPU count.
+    ``OMP_NUM_THREADS`` set by the user is kept; torchrun's default of 1 is not (it would leave faiss builds and
+    CPU searches on one core). Outside torchrun and SLURM nothing changes.
+    """
+    torchrun = "TORCHELASTIC_RUN_ID" in environ
+    if not torchrun and "SLURM_JOB_ID" not in environ:
+        return None
+    omp = environ.get("OMP_NUM_THREADS")
+    if omp and not (torchrun and omp == "1"):
+        return None
+    visible = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1")))
+    slurm_cpus = environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm_cpus.isdigit() and int(slurm_cpus) > 0:
+        cpus, sharing = min(int(slurm_cpus), visible), (local_ranks if torchrun else 1)
+    else:
+        cpus, sharing = visible, local_ranks
+    return max(1, cpus // sharing)
+
+
+def set_cpu_threads(threads: int) -> None:
+    """torch's intra-op threads and faiss's OpenMP threads (faiss has its own runtime, set from OMP_NUM_THREADS
+    when it was loaded: index builds and CPU searches would keep torchrun's 1)."""
+    torch.set_num_threads(threads)
+    try:
+        import faiss
+    except ImportError:  # faiss is optional (the torch index needs none)
+        return
+    faiss.omp_set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------- process group
 def _export_submitit_environment() -> None:
     """Inside a multi-task SLURM job step without torchrun's variables, export them from the SLURM job.
 

@@ -34,6 +34,7 @@ VOLATILE_KEYS = (
     "trainer.progress", "trainer.device", "trainer.preemption_signals",  # how it runs (device: same maths)
     "trainer.micro_batch_size",  # accumulation gives the same step (tests/test_training.py)
     "trainer.keep_checkpoints", "logger",  # bookkeeping
+    "distributed",  # process-group timeout and CPU threads: how ranks meet, not what they compute
 )
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
