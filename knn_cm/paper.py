@@ -8,9 +8,10 @@ counterparts on digits, among them the seeded study of ``scripts/digits_seeds.sh
 - ``knn_cm/launch/campaign.py``: one training job per run of Table 1, Table 2 and Figure 4, Figure 5's job;
 - ``knn_cm/launch/cost.py``: Table 4, the basis of every cost;
 - ``scripts/digits_seeds.py`` (``digits_seeds.sh``) and ``scripts/seeded_report.py``: the seeded sweeps, their run
-  folders and tables.
+  folders and tables;
+- ``benchmarks/bench_training.py``: Table 4's time ratios beside the measured ones.
 
-No other module spells these lists (tests/test_paper.py checks). Values of a swept setting live where Hydra reads
+None of them spells these lists (tests/test_paper.py checks). Values of a swept setting live where Hydra reads
 them: ``hydra.sweeper.params`` of the sweep's experiment file. Run folders are named by the experiment
 (``run_name`` defaults to it, configs/train.yaml): ``outputs/train/<experiment>``, and for a sweep
 ``multirun/train/<experiment>/<key>=<value>``.
@@ -170,9 +171,9 @@ class SeededSweep:
     def __post_init__(self) -> None:
         experiments = {method.experiment for method in self.methods}
         if len({tuple(o.partition("=")[0] for o in method.overrides) for method in self.methods}) > 1:
-            raise ValueError(f"seeded sweep of {sorted(experiments)}: every method overrides the same keys (a grid)")
+            raise ValueError(f"seeded sweep of {sorted(experiments)}: every method must override the same keys (a grid)")
         if self.folder is None and any(method.overrides != self.methods[0].overrides for method in self.methods):
-            raise ValueError(f"seeded sweep of {sorted(experiments)}: methods of several experiments share overrides")
+            raise ValueError(f"seeded sweep of {sorted(experiments)}: methods of several experiments must share their overrides")
         if self.folder is not None and len(experiments) != 1:
             raise ValueError(f"seeded sweep {self.folder}: one experiment per named sweep folder, got {experiments}")
         if len(self.swept()) > 1:

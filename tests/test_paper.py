@@ -141,7 +141,7 @@ def test_a_seeded_sweep_must_be_a_grid():
         paper.SeededSweep((0,), (method("a", "quickstart"), method("b", "digits_ict")), folder="f")
     with pytest.raises(ValueError, match="same keys"):
         paper.SeededSweep((0,), (method("a", "quickstart", ("estimator.k=16",)), method("b", "quickstart")), "f")
-    with pytest.raises(ValueError, match="share overrides"):
+    with pytest.raises(ValueError, match="must share their overrides"):
         paper.SeededSweep((0,), (method("a", "quickstart", ("estimator.k=16",)),
                                  method("b", "digits_ict", ("estimator.k=64",))))
 
