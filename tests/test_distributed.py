@@ -1,9 +1,13 @@
 """knn_cm.training.distributed on CPU: the CUDA device of each rank and the refusal to train on the CPU when GPUs
-are allocated (torch.cuda mocked), CPU threads per rank, and host-side flags on a gloo group."""
+are allocated (torch.cuda mocked), CPU threads per rank, host-side flags on a gloo group, and the per-start key
+namespace in torchrun's store."""
 
 from __future__ import annotations
 
 import os
+import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -181,3 +185,33 @@ def test_flags_barriers_and_gathers_stay_on_the_host(tmp_path):
     mp.spawn(_host_flag_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         assert torch.load(tmp_path / f"rank{rank}.pt") == [True, False, [{"rank": 0}, {"rank": 1}]]
+
+
+# --------------------------------------------------------------------------- torchrun's store, restarts
+def _agree(store, rank, world, results, delay=0.0):
+    time.sleep(delay)
+    results[rank] = distributed._agree_on_token(store.clone(), rank, world, timedelta(seconds=60), poll_seconds=0.01)
+
+
+@pytest.mark.parametrize("late_rank", [0, 1])
+def test_a_restarted_group_agrees_on_a_namespace_no_earlier_group_used(late_rank):
+    """torchrun's agent store still holds the previous group's keys when a restarted group starts: its token,
+    joins and welcomes. Whichever rank comes first, all ranks agree on a new token, never the stale one."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    world = 3
+    first: dict[int, str] = {}
+    threads = [threading.Thread(target=_agree, args=(store, rank, world, first)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(first.values())) == 1  # the first start agrees
+    stale = first[0]
+    restarted: dict[int, str] = {}
+    threads = [threading.Thread(target=_agree, args=(store, rank, world, restarted, 0.5 if rank == late_rank else 0))
+               for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(restarted.values())) == 1 and restarted[0] != stale

@@ -1,10 +1,12 @@
 """slurm/train.sbatch submitted with plain sbatch on a real scheduler (CPU): two processes through torchrun,
-and the USR1 requeue of a one-process job (which runs without torchrun)."""
+the USR1 requeue of a one-process job (which runs without torchrun), and torchrun's restart of a killed worker."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -68,3 +70,37 @@ def test_train_sbatch_usr1_requeues_and_resumes_in_the_same_run_folder(slurm_job
     assert resumed and 2 <= int(resumed.group(1)) < 60, "the rerun continues from the first run's checkpoint"
     assert list_checkpoints(run_dir)[-1].name == "training-000000060.pt" and _steps(run_dir)[-1] == 60
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["sbatch_usr1"]  # one run folder
+
+
+def _worker_pid(job: str, rank: int) -> int | None:
+    """The torchrun worker of ``rank`` in SLURM job ``job`` on this node (the local cluster runs here)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = set((entry / "environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if {f"SLURM_JOB_ID={job}".encode(), f"RANK={rank}".encode()} <= environ and any(
+                item.startswith(b"TORCHELASTIC_RUN_ID=") for item in environ):
+            return int(entry.name)
+    return None
+
+
+def test_train_sbatch_restarts_a_killed_worker_within_the_allocation(slurm_jobs, tmp_path):
+    """kill -9 of one of two workers: torchrun (--max-restarts from KNN_CM_MAX_RESTARTS, 3 by default) starts the
+    group again in the same allocation, it resumes from the newest checkpoint and the job completes; SLURM
+    neither fails nor requeues it."""
+    run_dir = tmp_path / "sbatch_restart"
+    job = _submit_template(slurm_jobs, tmp_path, ["trainer.max_steps=40", "trainer.checkpoint_every=2",
+                                                  "trainer.log_every=2", "run_name=sbatch_restart"],
+                           KNN_CM_NPROC_PER_NODE="2")
+    wait_until(lambda: len(list_checkpoints(run_dir)) >= 2, 180, "the second checkpoint")
+    os.kill(wait_until(lambda: _worker_pid(job, 1), 30, "rank 1's process"), signal.SIGKILL)
+    info = wait_for_state(job, "COMPLETED", timeout=240)
+    output = read_output(job)
+    assert info["Restarts"] == "0" and info["ExitCode"] == "0:0"
+    assert "up to 3 worker restarts" in output and "failed (exitcode: -9)" in output
+    resumed = re.search(r"resumed from \S+ \(step (\d+)", (run_dir / "train.log").read_text())
+    assert resumed and 2 <= int(resumed.group(1)) < 40, "the restarted workers continue from a checkpoint"
+    assert list_checkpoints(run_dir)[-1].name == "training-000000040.pt" and _steps(run_dir)[-1] == 40

@@ -7,7 +7,7 @@
 - **Process group.** NCCL on CUDA, gloo on CPU, with a timeout (``distributed.timeout_minutes``): a collective
   that waits longer for a hung or stopped rank fails, and the job ends instead of holding its allocation.
   Flags, barriers and object gathers run on a gloo group (host memory), so on CUDA they never read a device
-  tensor back.
+  tensor back. Under torchrun's agent store every start (first or restarted) uses its own key namespace.
 - **Threads.** Under torchrun or SLURM each rank gets its share of the task's CPUs (torchrun sets
   ``OMP_NUM_THREADS=1``, which would leave faiss index builds and CPU searches on one core).
 """
@@ -18,6 +18,8 @@ import logging
 import os
 import shutil
 import subprocess
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -37,6 +39,7 @@ DEFAULT_TIMEOUT_MINUTES = 60.0
 # Variables through which SLURM (and CUDA's own convention) say that this process was given GPUs.
 GPU_ALLOCATION_VARIABLES = ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE",
                             "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_GPUS")
+_ROUND_KEY = "knn_cm/round"  # the agent-store key naming the newest start's namespace
 
 
 @dataclass
@@ -92,7 +95,12 @@ class DistributedContext:
         if world_size > 1 and not dist.is_initialized():
             timeout = timedelta(minutes=timeout_minutes)
             backend = "nccl" if use_cuda else "gloo"
-            dist.init_process_group(backend=backend, timeout=timeout)
+            store = _restart_safe_store(rank, world_size, timeout)
+            if store is None:
+                dist.init_process_group(backend=backend, timeout=timeout)
+            else:
+                dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=rank,
+                                        world_size=world_size)
             if backend != "gloo":
                 host_group = dist.new_group(backend="gloo", timeout=timeout)
         if world_size > 1:
@@ -273,6 +281,53 @@ def set_cpu_threads(threads: int) -> None:
 
 
 # --------------------------------------------------------------------------------------- process group
+def _restart_safe_store(rank: int, world_size: int, timeout: timedelta):
+    """Under torchrun's agent store: a key namespace of this start alone, else None (``env://`` as usual).
+
+    torchrun (c10d rendezvous) keeps one TCPStore for the whole job and hands it to every round of workers,
+    and gloo publishes each rank's listening address under fixed keys (``default_pg/0//cpu//0/<rank>``). After a
+    worker is killed and the group restarted, a new rank that reaches ``init_process_group`` before its peer
+    has overwritten that key reads the dead process's address: ``Gloo connectFullMesh failed ... Connection
+    refused``, or both ranks wait for each other to connect (a hang that outlasted a 2-minute timeout here).
+    Restart counters cannot name the round (each node's agent keeps its own, pytorch/pytorch#135712), so rank 0
+    publishes a fresh token and every other rank proves it read this start's token: it answers with a nonce of
+    its own, and only the new rank 0, waiting under the fresh token, echoes it back. A stale token is never
+    confirmed; its reader re-reads the token until rank 0 of this start has written it.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timeout)
+    token = _agree_on_token(base, rank, world_size, timeout)
+    return dist.PrefixStore(f"knn_cm/{token}/", base)
+
+
+def _agree_on_token(store, rank: int, world_size: int, timeout: timedelta, poll_seconds: float = 0.05) -> str:
+    """A token that every rank of this start returns and no earlier start used (see :func:`_restart_safe_store`)."""
+    if rank == 0:
+        token = uuid.uuid4().hex
+        store.set(_ROUND_KEY, token)
+        joins = [f"knn_cm/{token}/join/{peer}" for peer in range(1, world_size)]
+        store.wait(joins, timeout)  # only this start's ranks write under a fresh token
+        for peer, key in enumerate(joins, start=1):
+            store.set(f"knn_cm/{token}/welcome/{peer}", store.get(key))
+        return token
+    nonce = uuid.uuid4().hex.encode()
+    deadline = time.monotonic() + timeout.total_seconds()
+    token = None
+    while time.monotonic() < deadline:
+        current = store.get(_ROUND_KEY).decode()  # waits for the first start's rank 0
+        if current != token:  # a new token (the first, or rank 0 of this start replacing an old one): join it
+            token = current
+            store.set(f"knn_cm/{token}/join/{rank}", nonce)
+        welcome = f"knn_cm/{token}/welcome/{rank}"
+        if store.check([welcome]) and store.get(welcome) == nonce:
+            return token
+        time.sleep(poll_seconds)
+    raise RuntimeError(f"rank {rank}: rank 0 of this start did not confirm the process group's key namespace "
+                       f"within {timeout} (distributed.timeout_minutes); last token read: {token}")
+
+
 def _export_submitit_environment() -> None:
     """Inside a multi-task SLURM job step without torchrun's variables, export them from the SLURM job.
 
