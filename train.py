@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from knn_cm.io import atomic_path, remove_stale_temp_files
 from knn_cm.training import EMA, DistributedContext, Trainer, trainer_config
 from knn_cm.runs.checkpoints import remove_orphan_digests
-from knn_cm.training.run_folder import RunFolder, RunFolderError
+from knn_cm.runs.binding import RunFolder, RunFolderError
+from knn_cm.runs.layout import RunLayout
 from knn_cm.training.state import refuse_restart_over_checkpoints
 
 log = logging.getLogger("train")
@@ -52,7 +53,7 @@ def run(config: DictConfig, run_dir: Path) -> Trainer:
     """Train with a composed config, writing into ``run_dir``; returns the trainer (weights, last step).
 
     Before anything is written, rank 0 validates the settings, takes the run folder's lock and checks that the
-    folder belongs to this config and dataset (``knn_cm.training.run_folder``); then it writes config.yaml.
+    folder belongs to this config and dataset (``knn_cm.runs.binding``); then it writes config.yaml.
     """
     context = DistributedContext.from_env(config.trainer.device, config.distributed.timeout_minutes,
                                           config.distributed.threads_per_rank)
@@ -79,7 +80,7 @@ def run(config: DictConfig, run_dir: Path) -> Trainer:
         invocation = None
         if context.is_main:
             folder.write_binding(binding)
-            with atomic_path(run_dir / "config.yaml") as temp:
+            with atomic_path(RunLayout(run_dir).config) as temp:
                 temp.write_text(OmegaConf.to_yaml(config, resolve=True))
             for stale in remove_stale_temp_files(run_dir):
                 log.warning("removed %s, left by a process killed while writing it", stale)
@@ -119,8 +120,9 @@ def run(config: DictConfig, run_dir: Path) -> Trainer:
 
 def _legacy_config(run_dir: Path) -> dict | None:
     """config.yaml of a run folder written before run.json existed (its binding is checked against it)."""
-    path = Path(run_dir) / "config.yaml"
-    if (Path(run_dir) / "run.json").exists() or not path.exists():
+    layout = RunLayout(run_dir)
+    path = layout.config
+    if layout.binding.exists() or not path.exists():
         return None
     return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
 

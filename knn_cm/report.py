@@ -17,7 +17,7 @@ from knn_cm.evaluation.records import settings_key
 from knn_cm.io import atomic_path, save_figure, write_csv_rows
 from knn_cm.runs.jsonl import read_json_lines
 from knn_cm.runs.layout import RunLayout
-from knn_cm.training.run_folder import invocation_seconds
+from knn_cm.runs.binding import invocation_seconds
 
 TABLE_FIELDS = ("method", "status", "best_step", "images_seen_mimg", "fid", "isc", "num_samples",
                 "feature_extractor", "training_hours", "steps_done", "steps_planned")

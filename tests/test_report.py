@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from knn_cm.report import comparable_evaluations, summarise_run
-from knn_cm.training.run_folder import INVOCATIONS_FILE, invocation_seconds
+from knn_cm.runs.binding import invocation_seconds
+from knn_cm.runs.layout import RunLayout
 
 
 def _evaluation(seed_start: int, num_samples: int, step: int, fid: float, digest: str = "d0") -> dict:
@@ -69,6 +70,6 @@ def test_training_hours_count_each_invocation_once_at_its_newest_line(tmp_path):
     lines = [{"id": "a", "seconds": 1800.0}, {"id": "a", "seconds": 3600.0}, {"id": "b", "seconds": 720.0},
              {"id": "a", "seconds": 5400.0}, {"id": "b", "seconds": 1440.0}]
     text = "".join(json.dumps(line) + "\n" for line in lines) + '{"id": "c", "seco'  # a kill mid-line
-    (folder / INVOCATIONS_FILE).write_text(text)
+    RunLayout(folder).invocations.write_text(text)
     assert invocation_seconds(folder) == 5400.0 + 1440.0
     assert summarise_run(folder)["training_hours"] == 1.9

@@ -31,7 +31,7 @@ from hydra.errors import ConfigCompositionException
 import train
 from knn_cm.training import ICTObjective, NonFiniteLossError, list_checkpoints, load_checkpoint
 from knn_cm.runs.checkpoints import save_checkpoint, verify_checkpoint
-from knn_cm.training.run_folder import RunFolderError, invocation_seconds
+from knn_cm.runs.binding import RunFolderError, invocation_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["experiment=quickstart", "dataset=digits", "model=ncsnpp_tiny", "trainer.batch_size=8",

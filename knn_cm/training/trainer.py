@@ -53,7 +53,7 @@ class Trainer:
         logger: extra logger (wandb) on rank 0; metrics.jsonl is always written.
         run_metadata: stored in checkpoints and snapshots (e.g. the resolved config).
         estimator_device: device of the estimator's random generator.
-        invocation: rank 0's wall-clock record (:class:`knn_cm.training.run_folder.Invocation`), or None.
+        invocation: rank 0's wall-clock record (:class:`knn_cm.runs.binding.Invocation`), or None.
     """
 
     def __init__(self, config: TrainerConfig, run_dir: str | Path, store: DataStore, denoiser: nn.Module, objective,

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from knn_cm.io import atomic_path
+from knn_cm.runs.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,6 @@ VOLATILE_KEYS = (
     "trainer.keep_checkpoints", "logger",  # bookkeeping
     "distributed",  # process-group timeout and CPU threads: how ranks meet, not what they compute
 )
-RUN_FILE = "run.json"
-LOCK_FILE = ".lock"
-INVOCATIONS_FILE = "invocations.jsonl"
 
 
 class RunFolderError(RuntimeError):
@@ -89,7 +87,7 @@ class RunFolder:
     def acquire(self) -> None:
         """Hold the folder's lock until :meth:`release` or the process ends; fail at once if another holds it."""
         self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path / LOCK_FILE, "a+")
+        handle = open(RunLayout(self.path).lock, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
@@ -128,7 +126,7 @@ class RunFolder:
         new = identity(config)
         current = {"identity": new, "config_digest": digest(new), "dataset_fingerprint": dataset_fingerprint,
                    "volatile_keys": list(VOLATILE_KEYS)}
-        record_path = self.path / RUN_FILE
+        record_path = RunLayout(self.path).binding
         if record_path.exists():
             record = json.loads(record_path.read_text())
         elif legacy_config is not None:
@@ -146,7 +144,7 @@ class RunFolder:
             raise RunFolderError(
                 f"run folder {self.path} belongs to a run with another config; this launch differs in:\n  {listing}\n"
                 f"Nothing was written. Start a new run with run_name=NEW_NAME, or continue this one under the new "
-                f"config on purpose with accept_config_change=true (recorded in {RUN_FILE}). Settings that may "
+                f"config on purpose with accept_config_change=true (recorded in run.json). Settings that may "
                 f"change freely: {', '.join(VOLATILE_KEYS)}.")
         log.warning("continuing %s under a changed config (accept_config_change=true):\n  %s", self.path,
                     "\n  ".join(changed))
@@ -155,12 +153,12 @@ class RunFolder:
 
     def write_binding(self, record: dict | None) -> None:
         if record is not None:
-            with atomic_path(self.path / RUN_FILE) as temp:
+            with atomic_path(RunLayout(self.path).binding) as temp:
                 temp.write_text(json.dumps(record, indent=1, default=str) + "\n")
 
     # --------------------------------------------------------------------------------- invocations
     def start_invocation(self, details: Mapping) -> "Invocation":
-        return Invocation(self.path / INVOCATIONS_FILE, details)
+        return Invocation(RunLayout(self.path).invocations, details)
 
 
 class Invocation:
@@ -180,7 +178,7 @@ class Invocation:
 
 def invocation_seconds(run_dir: str | Path) -> float | None:
     """Total wall-clock seconds of every invocation of a run (None when the folder has no invocation record)."""
-    path = Path(run_dir) / INVOCATIONS_FILE
+    path = RunLayout(run_dir).invocations
     if not path.exists():
         return None
     newest: dict[str, float] = {}
