@@ -26,11 +26,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from knn_cm.data.from_config import store_from_config
 from knn_cm.device import as_device
-from knn_cm.evaluation.estimator_error import build_estimators
+from knn_cm.estimators import build_estimator_set
 from knn_cm.evaluation.run_evaluation import evaluate_run, prepare_metrics
 from knn_cm.evaluation.tswitch import tswitch_sweep, write_tswitch
 from knn_cm.models import load_network
-from knn_cm.runs.layout import RunLayout
 from knn_cm.settings import boolean, non_negative_int, positive_int
 
 log = logging.getLogger("evaluate")
@@ -39,7 +38,7 @@ TASKS = ("checkpoints", "tswitch")
 
 def run_dataset_config(run_dir: Path) -> dict | None:
     """The ``dataset.store`` section of a run folder's config.yaml (plain data), or None without one."""
-    path = RunLayout(run_dir).config
+    path = Path(run_dir) / "config.yaml"
     if not path.exists():
         return None
     try:
@@ -90,8 +89,8 @@ def run(config: DictConfig, output_dir: Path) -> list[dict]:
         raise ValueError("task=tswitch needs tswitch.network=<pretrained EDM network file>")
     store = training_store(config)
     network = load_network(config.tswitch.network, map_location=device)
-    estimators = build_estimators(OmegaConf.to_container(config.tswitch.estimators, resolve=True), store,
-                                  device=device)
+    estimators = build_estimator_set(OmegaConf.to_container(config.tswitch.estimators, resolve=True), store, device,
+                                     setting="tswitch.estimators")
     schedule = {key: sampler[key] for key in ("num_steps", "sigma_min", "sigma_max", "rho")}
     rows = tswitch_sweep(network, store, estimators, list(config.tswitch.t_switch), metrics, num_samples,
                          include_forward=config.tswitch.include_forward, schedule=schedule,

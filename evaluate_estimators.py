@@ -17,7 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from knn_cm.evaluation import build_estimators, estimator_error_study, markdown_table, plot_study, write_csv
+from knn_cm.estimators import build_estimator_set
+from knn_cm.evaluation import estimator_error_study, markdown_table, plot_study, write_csv
 from knn_cm.evaluation.estimator_error import METRICS, TARGETS
 from knn_cm.evaluation.velocity_error import VELOCITY_TARGETS, plot_velocity_study, velocity_error_study
 
@@ -32,7 +33,7 @@ def run(config: DictConfig, run_dir: Path) -> list[dict]:
     study = config.study
     store = instantiate(config.dataset.store)
     log.info("dataset %s: N=%d, d=%d", store.name, len(store), store.dim)
-    estimators = build_estimators(OmegaConf.to_container(config.estimators, resolve=True), store, device=study.device)
+    estimators = build_estimator_set(OmegaConf.to_container(config.estimators, resolve=True), store, study.device)
     process = study.get("process", "ve")
     if process not in PROCESSES:
         raise ValueError(f"study.process must be one of {', '.join(PROCESSES)}, got {process!r}")

@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from knn_cm.data import float_to_uint8
 from knn_cm.data.from_config import store_from_config
-from knn_cm.evaluation.estimator_error import build_estimators
 from knn_cm.device import as_device
+from knn_cm.estimators import build_estimator
 from knn_cm.runs.layout import resolve_network_path
 from knn_cm.io import atomic_path
 from knn_cm.models import load_network
@@ -53,8 +53,7 @@ def run(config: DictConfig, run_dir: Path) -> torch.Tensor:
         log.info("network %s (%s)", path, type(network).__name__)
     estimator = None
     if config.sampler.kind in USES_ESTIMATOR:
-        spec = OmegaConf.to_container(config.estimator, resolve=True)
-        estimator = build_estimators({"estimator": spec}, store, device=device)["estimator"]
+        estimator = build_estimator(OmegaConf.to_container(config.estimator, resolve=True), store, device)
     sampler = make_sampler(network=network, estimator=estimator, store=store,
                            **OmegaConf.to_container(config.sampler, resolve=True))
     seeds = list(range(seed_start, seed_start + num_samples))

@@ -99,7 +99,7 @@ def test_study_experiments_compose(experiment):
 def test_study_with_a_network_checkpoint_and_approximate_index(tmp_path):
     """The study's optional network estimator (as the paper's EDM) and an IVF-backed KNN from specs."""
     from knn_cm.data import load_digits
-    from knn_cm.evaluation import build_estimators
+    from knn_cm.estimators import build_estimator_set
     from knn_cm.models import EDMPrecond, SongUNet, save_network
 
     torch.manual_seed(0)
@@ -107,7 +107,7 @@ def test_study_with_a_network_checkpoint_and_approximate_index(tmp_path):
                                   channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]))
     save_network(tmp_path / "net.pt", network)
     store = load_digits()
-    estimators = build_estimators({"edm": {"name": "network", "checkpoint": str(tmp_path / "net.pt")},
+    estimators = build_estimator_set({"edm": {"name": "network", "checkpoint": str(tmp_path / "net.pt")},
                                    "knn_ivf": {"name": "knn", "k": 64, "n": 16,
                                                "index": {"kind": "ivf", "nlist": 16, "nprobe": 4}}}, store)
     rows = estimator_error_study(store, estimators, [0.5, 5.0], num_sources=16, repeats=4, progress=False)
@@ -115,4 +115,4 @@ def test_study_with_a_network_checkpoint_and_approximate_index(tmp_path):
     assert value[("edm", 5.0, "variance")] == 0.0, "a network is deterministic"
     assert value[("edm", 5.0, "mse")] > 0 and value[("knn_ivf", 5.0, "variance")] > 0
     with pytest.raises(ValueError, match="checkpoint"):
-        build_estimators({"edm": {"name": "network"}}, store)
+        build_estimator_set({"edm": {"name": "network"}}, store)

@@ -123,6 +123,7 @@ class Estimator:
     name = "base"
     needs_source = False  # True when the estimator requires the clean source x
     uses_rows = True  # False for estimators that never read the store's rows (single, network)
+    needs_index = False  # True when the estimator searches an index (knn; see knn_cm.estimators.factory)
 
     def __init__(self, store: DataStore | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, storage: str = "auto", sync_free: bool | None = None,

@@ -55,6 +55,7 @@ class KNN(Estimator):
     """
 
     name = "knn"
+    needs_index = True
 
     def __init__(self, store, index=None, k: int = 2048, n: int = 256, refine_proposal: bool = False, **kwargs):
         super().__init__(store, **kwargs)

@@ -8,7 +8,7 @@ import importlib
 
 _EXPORTS = {
     "InceptionWeightsUnavailable": "feature_extractors", "register_extractor": "feature_extractors",
-    "build_estimators": "estimator_error", "estimator_error_study": "estimator_error",
+    "estimator_error_study": "estimator_error",
     "read_csv": "estimator_error", "write_csv": "estimator_error", "compute_fidelity": "fidelity",
     "memorisation": "memorisation", "evaluate_run": "run_evaluation", "evaluate_samples": "run_evaluation",
     "markdown_table": "study_plot", "plot_study": "study_plot", "tswitch_sweep": "tswitch",

@@ -27,7 +27,6 @@ import torch
 
 from knn_cm.data import DataStore
 from knn_cm.estimators import Estimator, make_estimator
-from knn_cm.index import build_index
 from knn_cm.io import write_csv_rows
 
 METRICS = ("mse", "bias2", "variance")
@@ -105,37 +104,6 @@ def estimator_error_study(store: DataStore, estimators: Mapping[str, Estimator],
             rows.extend(errors[name].rows(name, float(t), repeats))
     bar.close()
     return rows
-
-
-def build_estimators(specs: Mapping[str, Mapping], store: DataStore, device: str | torch.device = "cpu") -> dict:
-    """Estimators from plain specs, e.g. ``{"knn": {"name": "knn", "k": 2048, "n": 256, "index": {"kind": "flat"}}}``.
-
-    ``index`` (knn only) holds build_index keyword arguments; equal index specs share one index.
-    ``checkpoint`` (network only) is a network file from ``scripts/convert_edm_checkpoint.py`` or training.
-    A spec of None drops that label (experiments use it to remove an estimator from a set).
-    """
-    indexes: dict[tuple, object] = {}
-    built = {}
-    for label, spec in specs.items():
-        if spec is None:
-            continue
-        spec = dict(spec)
-        name = spec.pop("name", label)
-        if name == "knn":
-            index_spec = dict(spec.pop("index", None) or {"kind": "flat"})
-            key = tuple(sorted(index_spec.items()))
-            if key not in indexes:
-                indexes[key] = build_index(store, **index_spec)
-            spec["index"] = indexes[key]
-        if name == "network":
-            from knn_cm.models import load_network
-
-            checkpoint = spec.pop("checkpoint", None)
-            if checkpoint is None:
-                raise ValueError(f"estimator {label!r}: a network estimator needs checkpoint=PATH")
-            spec["denoiser"] = load_network(checkpoint, map_location=device)
-        built[label] = make_estimator(name, store, device=device, **spec)
-    return built
 
 
 def write_csv(rows: Sequence[Mapping], path: str | Path) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from knn_cm.data import DataStore
+from knn_cm.estimators import build_estimator
 from knn_cm.evaluation.memorisation import memorisation
 from knn_cm.evaluation.records import KEY_FIELDS, record_key, write_evaluation_table
 from knn_cm.index import Index, build_index
@@ -105,13 +106,11 @@ def evaluate_run(run_dir: str | Path, store: DataStore, sampler: Mapping, metric
         metrics: ``feature_extractor`` ("inception" or "digits"), ``inception_weights``, ``fid``, ``isc``,
             ``memorisation``.
         num_samples: samples per snapshot (the paper: 50,000); sample i uses seed seed_start + i.
-        estimator: the estimator spec (``build_estimators`` form) for the pf_ode and hybrid samplers.
+        estimator: the estimator spec (``knn_cm.estimators.factory`` schema) for the pf_ode and hybrid samplers.
 
     Returns:
         This evaluation's record of every snapshot, oldest first.
     """
-    from knn_cm.evaluation.estimator_error import build_estimators
-
     run_dir = Path(run_dir)
     num_samples = positive_int(num_samples, "num_samples")
     batch_size = positive_int(batch_size, "batch_size")
@@ -148,7 +147,7 @@ def evaluate_run(run_dir: str | Path, store: DataStore, sampler: Mapping, metric
         network = network_from_payload(payload, device, source=str(path))
         index = index or memorisation_index(store, metrics)
         if uses_estimator and built_estimator is None:
-            built_estimator = build_estimators({"estimator": estimator}, store, device=device)["estimator"]
+            built_estimator = build_estimator(estimator, store, device)
         started = time.perf_counter()
         make = dict(sampler) | {"kind": kind}
         samples = generate(make_sampler(network=network, estimator=built_estimator, store=store, **make), seeds,

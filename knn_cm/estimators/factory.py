@@ -1,0 +1,113 @@
+"""Building estimators: by name from Python objects (:func:`make_estimator`), and from configs (one schema).
+
+A config spec is a plain mapping (configs/estimator/*.yaml, each entry of configs/estimator_set/*.yaml, the
+``estimator`` block of sample.yaml and evaluate.yaml), read by every app and the study through
+:func:`build_estimator`::
+
+    name: knn               # single | exact | mc | uniform | stf | knn | network (:data:`ESTIMATORS`)
+    k: 2048                 # the estimator's own arguments
+    n: 256
+    index: {kind: flat}     # estimators that search (knn): build_index arguments (default {kind: flat});
+                            # index device: cpu (default) | cuda[:i] | null (where the estimator computes)
+    checkpoint: PATH        # network only: a network file (training snapshot, converted EDM checkpoint)
+
+train.py keeps the index in its own config group (``index=ivf``) and passes it as the spec's ``index``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from knn_cm.device import as_device
+from knn_cm.estimators.base import Estimator
+from knn_cm.estimators.exact import ExactPosterior, PosteriorMC
+from knn_cm.estimators.knn import KNN
+from knn_cm.estimators.network import NetworkEstimator
+from knn_cm.estimators.single import SingleSample
+from knn_cm.estimators.stf import STF
+from knn_cm.estimators.uniform import UniformSNIS
+
+ESTIMATORS: dict[str, type[Estimator]] = {
+    "single": SingleSample,
+    "exact": ExactPosterior,
+    "mc": PosteriorMC,
+    "uniform": UniformSNIS,
+    "stf": STF,
+    "knn": KNN,
+    "network": NetworkEstimator,
+}
+DEFAULT_INDEX = {"kind": "flat"}
+
+
+def make_estimator(name: str, store=None, **kwargs) -> Estimator:
+    """Build an estimator by name: "single" "exact" "mc" "uniform" "stf" "knn" "network".
+
+    Keyword arguments go to the estimator: ``n`` (mc, uniform, stf, knn), ``k`` and ``index`` (knn),
+    ``variant`` (stf), ``denoiser`` (network), and ``device`` / ``dtype`` (all).
+    """
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; allowed: {', '.join(ESTIMATORS)}")
+    if name == "network":
+        return NetworkEstimator(store=store, **kwargs)
+    if store is None and name != "single":
+        raise ValueError(f"the {name!r} estimator needs a DataStore: make_estimator({name!r}, store, ...)")
+    return ESTIMATORS[name](store, **kwargs)
+
+
+def build_estimator(spec: Mapping, store, device: str | torch.device = "cpu", *, indexes: dict | None = None,
+                    setting: str = "estimator") -> Estimator:
+    """The estimator a config spec describes (the module docstring), computing on ``device``.
+
+    Args:
+        spec: ``name``, the estimator's arguments, ``index`` (estimators that search), ``checkpoint`` (network).
+        store: the :class:`~knn_cm.data.DataStore` the estimator averages over (and the index searches).
+        device: where the estimator computes ("auto", "cpu", "cuda[:i]"); an index with ``device: null``
+            searches there too.
+        indexes: a dict shared across calls so that equal index specs build one index (estimator sets).
+        setting: the config path of ``spec``, named in errors (e.g. ``estimators.knn``).
+    """
+    arguments = dict(spec)
+    name = arguments.pop("name", None)
+    if name not in ESTIMATORS:
+        raise ValueError(f"{setting}.name must be one of {', '.join(ESTIMATORS)}, got {name!r}")
+    index_spec = arguments.pop("index", None)
+    checkpoint = arguments.pop("checkpoint", None)
+    device = as_device(device, f"{setting} device")
+    if ESTIMATORS[name].needs_index:  # the others ignore an index (train.py's index group is always there)
+        arguments["index"] = _index(dict(index_spec or DEFAULT_INDEX), store, device, indexes)
+    if name == "network":
+        if checkpoint is None:
+            raise ValueError(f"{setting}: a network estimator needs checkpoint=PATH (a network file)")
+        from knn_cm.models import load_network
+
+        arguments["denoiser"] = load_network(checkpoint, map_location=device)
+    return make_estimator(name, store, device=device, **arguments)
+
+
+def build_estimator_set(specs: Mapping[str, Mapping | None], store, device: str | torch.device = "cpu",
+                        setting: str = "estimators") -> dict[str, Estimator]:
+    """label -> estimator for label -> spec (an estimator set, e.g. configs/estimator_set/figure3.yaml).
+
+    A spec's ``name`` defaults to its label; a spec of None drops the label (experiments remove an estimator
+    from a set that way); equal index specs share one index.
+    """
+    indexes: dict = {}
+    return {label: build_estimator({"name": label, **spec}, store, device, indexes=indexes,
+                                   setting=f"{setting}.{label}")
+            for label, spec in specs.items() if spec is not None}
+
+
+def _index(index_spec: dict, store, device: torch.device, indexes: dict | None):
+    """The index ``index_spec`` describes (from ``indexes`` when an equal spec was built before)."""
+    from knn_cm.index import build_index
+
+    if "device" in index_spec and index_spec["device"] is None:  # null: search where the estimator computes
+        index_spec["device"] = device
+    if indexes is None:
+        return build_index(store, **index_spec)
+    key = tuple(sorted(index_spec.items()))
+    if key not in indexes:
+        indexes[key] = build_index(store, **index_spec)
+    return indexes[key]
