@@ -30,6 +30,7 @@ from knn_cm.estimators import build_estimator_set
 from knn_cm.evaluation.run_evaluation import evaluate_run, prepare_metrics
 from knn_cm.evaluation.tswitch import tswitch_sweep, write_tswitch
 from knn_cm.models import load_network
+from knn_cm.runs.layout import RunLayout
 from knn_cm.settings import boolean, non_negative_int, positive_int
 
 log = logging.getLogger("evaluate")
@@ -38,7 +39,7 @@ TASKS = ("checkpoints", "tswitch")
 
 def run_dataset_config(run_dir: Path) -> dict | None:
     """The ``dataset.store`` section of a run folder's config.yaml (plain data), or None without one."""
-    path = Path(run_dir) / "config.yaml"
+    path = RunLayout(run_dir).config
     if not path.exists():
         return None
     try:
