@@ -37,7 +37,7 @@ def build_estimator(config: DictConfig, store, context: DistributedContext):
 
     Every rank builds or loads its index at once, without a collective: cached kinds are built by the first
     process to take the cache entry's lock (one per node with a node-local cache, one per cluster with a shared
-    one) while the others wait on the lock and then load the entry (``knn_cm.index.build_index``); a flat index
+    one) while the others wait on the lock and then load the entry (``knn_cm.search.build_index``); a flat index
     is a copy of the data that each rank makes.
     """
     kwargs = {}

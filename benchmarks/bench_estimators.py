@@ -34,7 +34,7 @@ from common import interleaved_seconds, machine, matmul_peak, peak_rss_gb  # noq
 
 from knn_cm.data import DataStore, load_image_folder  # noqa: E402
 from knn_cm.estimators import make_estimator  # noqa: E402
-from knn_cm.index import build_index  # noqa: E402
+from knn_cm.search import build_index  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 DEFAULT_METHODS = ["ivf:1024:4", "ivf:1024:16", "pca:64:512", "ivfpca:64:1024:16:512", "ivfpca:64:1024:64:512"]

@@ -52,7 +52,7 @@ def run_one(args) -> dict:
     from common import interleaved_seconds, machine, peak_rss_gb
 
     from knn_cm.estimators import make_estimator
-    from knn_cm.index import build_index
+    from knn_cm.search import build_index
 
     import faiss
 
@@ -110,7 +110,7 @@ def run_search_only(args) -> dict:
     from common import peak_rss_gb
 
     from knn_cm.estimators import make_estimator
-    from knn_cm.index import build_index
+    from knn_cm.search import build_index
 
     _, store = _mapped_store(args)
     index = build_index(store, "torch")

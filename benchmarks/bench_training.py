@@ -26,7 +26,7 @@ import torch
 
 from knn_cm.data import DataStore, load_image_folder
 from knn_cm.estimators import make_estimator
-from knn_cm.index import build_index
+from knn_cm.search import build_index
 from knn_cm.models import CMPrecond, SongUNet
 from knn_cm.paper import TABLE4
 from knn_cm.training import ICTObjective, Trainer, TrainerConfig

@@ -29,7 +29,7 @@ import torch
 from knn_cm.data import load_image_folder
 from knn_cm.estimators import make_estimator
 from knn_cm.estimators.augmented import augmented_target
-from knn_cm.index import build_index
+from knn_cm.search import build_index
 from knn_cm.training.augment import EDM_CIFAR10, AugmentPipe, Augmentation
 
 TIMES = (1.0, 2.0, 5.0, 10.0, 20.0, 40.0)

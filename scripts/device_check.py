@@ -184,7 +184,7 @@ def small_ict_knn(device: str, run_dir: Path, *, precision: str = "fp32", max_st
 
     from knn_cm.data import DataStore
     from knn_cm.estimators import make_estimator
-    from knn_cm.index import build_index
+    from knn_cm.search import build_index
     from knn_cm.models import CMPrecond, SongUNet
     from knn_cm.training import DistributedContext, ICTObjective, Trainer, TrainerConfig
 
@@ -359,7 +359,7 @@ def part_training(ctx: PartContext) -> dict:
 
     from knn_cm.data import DataStore, load_image_folder
     from knn_cm.estimators import make_estimator
-    from knn_cm.index import build_index
+    from knn_cm.search import build_index
     from knn_cm.training import DistributedContext, ICTObjective, Trainer, TrainerConfig
 
     device = torch.device(ctx.device)
@@ -479,7 +479,7 @@ def part_store(ctx: PartContext) -> dict:
 
     from knn_cm.data import DataStore
     from knn_cm.estimators import make_estimator
-    from knn_cm.index import build_index
+    from knn_cm.search import build_index
 
     device = torch.device(ctx.device)
     cuda = device.type == "cuda"

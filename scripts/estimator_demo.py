@@ -16,7 +16,7 @@ import torch
 
 from knn_cm.data import load_digits
 from knn_cm.estimators import make_estimator
-from knn_cm.index import build_index
+from knn_cm.search import build_index
 
 SIGMAS = (0.002, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0)
 

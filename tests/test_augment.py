@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from knn_cm.data import load_digits
 from knn_cm.estimators import make_estimator
 from knn_cm.estimators.augmented import augmented_target
-from knn_cm.index import build_index
+from knn_cm.search import build_index
 from knn_cm.models import EDMPrecond, SongUNet
 from knn_cm.training import EDMObjective
 from knn_cm.training.augment import EDM_CIFAR10, AugmentPipe

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from knn_cm.estimators import KNN, build_estimator, build_estimator_set, make_estimator
-from knn_cm.index import build_index
+from knn_cm.search import build_index
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -74,11 +74,11 @@ def test_equal_index_specs_share_one_index_and_a_missing_index_is_flat(clustered
 
 
 def test_a_null_index_device_searches_where_the_estimator_computes(clustered_store, monkeypatch):
-    import knn_cm.index
+    import knn_cm.search
 
     seen = []
-    original = knn_cm.index.build_index
-    monkeypatch.setattr(knn_cm.index, "build_index", lambda store, **kwargs: seen.append(kwargs) or original(store, **kwargs))
+    original = knn_cm.search.build_index
+    monkeypatch.setattr(knn_cm.search, "build_index", lambda store, **kwargs: seen.append(kwargs) or original(store, **kwargs))
     build_estimator({"name": "knn", "k": 8, "n": 4, "index": {"kind": "torch", "device": None}}, clustered_store, "cpu")
     build_estimator({"name": "knn", "k": 8, "n": 4, "index": {"kind": "torch"}}, clustered_store, "cpu")
     assert seen == [{"kind": "torch", "device": torch.device("cpu")}, {"kind": "torch"}]

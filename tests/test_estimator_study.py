@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from knn_cm.estimators import make_estimator
 from knn_cm.evaluation import estimator_error_study, read_csv
-from knn_cm.index import build_index
+from knn_cm.search import build_index
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

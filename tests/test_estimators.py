@@ -14,7 +14,7 @@ from knn_cm.estimators import ESTIMATORS, make_estimator
 from knn_cm.estimators.distances import gemm_is_accurate
 from knn_cm.estimators.draws import combine_duplicates
 from knn_cm.estimators.snis import snis_mean
-from knn_cm.index import build_index
+from knn_cm.search import build_index
 
 SIGMAS = [0.002, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0]
 F64 = torch.float64

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from knn_cm.data import DataStore
 from knn_cm.diffusion import FlowMatchingProcess, VEProcess
 from knn_cm.estimators import make_estimator
-from knn_cm.index import build_index
+from knn_cm.search import build_index
 from knn_cm.models import FMPrecond, SongUNet, build_denoiser, load_network, save_network
 from knn_cm.sampling import estimator_velocity, flow_hybrid_sample, flow_sample, make_sampler, noise_for_seeds
 from knn_cm.sampling.flow import data_mean, flow_nfe, flow_times

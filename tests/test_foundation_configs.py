@@ -39,7 +39,7 @@ def test_index_configs(clustered_store, kind):
 def test_estimator_configs(random_store, name):
     config = OmegaConf.load(CONFIGS / "estimator" / f"{name}.yaml")
     if name == "knn":
-        from knn_cm.index import build_index
+        from knn_cm.search import build_index
 
         estimator = instantiate(config)(store=random_store, index=build_index(random_store, "flat"))
     else:

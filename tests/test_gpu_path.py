@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 
 from knn_cm.data import DataStore
 from knn_cm.estimators import make_estimator
-from knn_cm.index import build_index
+from knn_cm.search import build_index
 from knn_cm.training import EMA, EDMObjective, ICTObjective, Trainer, TrainerConfig
 from knn_cm.training.distributed import DistributedContext
 

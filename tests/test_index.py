@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from knn_cm.data import DataStore
-from knn_cm.index import IndexSpec, build_index
+from knn_cm.search import IndexSpec, build_index
 
 
 def _true_neighbours(store, queries):

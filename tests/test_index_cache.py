@@ -10,9 +10,10 @@ import time
 import pytest
 import torch
 
-import knn_cm.index as index_module
-import knn_cm.torch_index as torch_index_module
-from knn_cm.index import CacheEntry, build_index
+import knn_cm.search.build as index_module
+import knn_cm.search.two_stage as two_stage_module
+from knn_cm.search import build_index
+from knn_cm.search.cache import CacheEntry
 
 pytest.importorskip("faiss")
 
@@ -40,38 +41,38 @@ def test_concurrent_builders_of_one_entry_build_it_once(clustered_store, tmp_pat
     """Four ranks of a node asking for one IVF index at once: the first builds it under the entry's lock, the
     others wait for the lock and load what it wrote (before: every rank built its own, or rank 0 built while
     the others waited in a collective under the process-group timeout)."""
-    builds = _count_calls(monkeypatch, index_module, "_build_cpu", pause=1.0)
+    builds = _count_calls(monkeypatch, index_module, "build_faiss_cpu", pause=1.0)
     results = {}
 
     def rank(number):
         results[number] = build_index(clustered_store, "ivf", nlist=16, cache=True, cache_folder=tmp_path)
 
-    with caplog.at_level("INFO", logger="knn_cm.index"):
+    with caplog.at_level("INFO", logger="knn_cm.search"):
         threads = [threading.Thread(target=rank, args=(number,)) for number in range(4)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-    assert builds == ["_build_cpu"] and len(results) == 4
+    assert builds == ["build_faiss_cpu"] and len(results) == 4
     assert "is being built by PID" in caplog.text  # the waiting ranks say whom they wait for
     for number in range(1, 4):
         _same_results(results[0], results[number], clustered_store)
 
 
 def test_projected_faiss_indexes_are_cached_with_their_projection(clustered_store, tmp_path, monkeypatch):
-    fits = _count_calls(monkeypatch, torch_index_module.Projection, "fit")
-    builds = _count_calls(monkeypatch, index_module, "_build_cpu")
+    fits = _count_calls(monkeypatch, two_stage_module.Projection, "fit")
+    builds = _count_calls(monkeypatch, index_module, "build_faiss_cpu")
     kwargs = dict(kind="ivf", nlist=16, nprobe=16, project_dim=8, rerank=64, cache_folder=tmp_path)
     first = build_index(clustered_store, **kwargs)
     again = build_index(clustered_store, **kwargs | {"rerank": 32})  # a search setting: the same entry
-    assert fits == ["fit"] and builds == ["_build_cpu"], "a requeued job loads the projected index"
+    assert fits == ["fit"] and builds == ["build_faiss_cpu"], "a requeued job loads the projected index"
     assert torch.equal(again.projection.basis, first.projection.basis) and again.spec.rerank == 32
     _same_results(first, build_index(clustered_store, **kwargs), clustered_store)
     assert sorted(path.suffix for path in tmp_path.iterdir()) == [".faiss", ".json", ".lock", ".pt"]
 
 
 def test_projected_torch_indexes_cache_their_projection(clustered_store, tmp_path, monkeypatch):
-    fits = _count_calls(monkeypatch, torch_index_module.Projection, "fit")
+    fits = _count_calls(monkeypatch, two_stage_module.Projection, "fit")
     first = build_index(clustered_store, "torch", project_dim=8, rerank=64, cache_folder=tmp_path)
     second = build_index(clustered_store, "torch", project_dim=8, rerank=64, precision="float16",
                          cache_folder=tmp_path)
@@ -81,7 +82,7 @@ def test_projected_torch_indexes_cache_their_projection(clustered_store, tmp_pat
 
 
 def test_a_damaged_projection_is_rebuilt(clustered_store, tmp_path, monkeypatch, caplog):
-    fits = _count_calls(monkeypatch, torch_index_module.Projection, "fit")
+    fits = _count_calls(monkeypatch, two_stage_module.Projection, "fit")
     build_index(clustered_store, "ivf", nlist=16, project_dim=8, cache_folder=tmp_path)
     entry = CacheEntry(next(tmp_path.glob("*.json")).with_suffix(""))
     entry.projection_path.write_bytes(entry.projection_path.read_bytes()[:-4] + b"oops")

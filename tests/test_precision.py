@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import knn_cm.estimators.distances as distances
-import knn_cm.torch_index as torch_index
+import knn_cm.search.torch_index as torch_index
 from knn_cm.data import DataStore
 from knn_cm.estimators import make_estimator
-from knn_cm.estimators.base import _matmul_precision_settings
-from knn_cm.index import build_index
+from knn_cm.numerics import _matmul_precision_settings
+from knn_cm.search import build_index
 
 ESTIMATORS = {"exact": {}, "mc": {"n": 8}, "uniform": {"n": 8}, "stf": {"n": 8},
               "stf_shared": {"n": 16, "variant": "shared"}, "knn": {"k": 32, "n": 8}}

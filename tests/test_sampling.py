@@ -12,7 +12,7 @@ import torch
 from knn_cm.data import DataStore
 from knn_cm.diffusion import karras_sigmas
 from knn_cm.estimators import make_estimator
-from knn_cm.index import build_index
+from knn_cm.search import build_index
 from knn_cm.models import CMPrecond, EDMPrecond, SongUNet
 from knn_cm.sampling import (
     consistency_sample,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from knn_cm.sorting import sort_rows, sorted_rows
+from knn_cm.search.sorting import sort_rows, sorted_rows
 
 
 def test_sort_rows_matches_torch_sort():

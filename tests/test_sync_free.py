@@ -11,7 +11,7 @@ import torch
 
 from knn_cm.data import DataStore
 from knn_cm.estimators import make_estimator
-from knn_cm.index import build_index
+from knn_cm.search import build_index
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run `make device-check` on a GPU machine)")

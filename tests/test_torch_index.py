@@ -9,7 +9,7 @@ import torch
 from knn_cm.data import DataStore
 from knn_cm.data.resident import resolve_storage
 from knn_cm.estimators import make_estimator
-from knn_cm.index import IndexSpec, build_index
+from knn_cm.search import IndexSpec, build_index
 from tests.conftest import clustered_images_store
 
 

@@ -14,7 +14,7 @@ from knn_cm.data import DataStore
 from knn_cm.data.pixels import uint8_to_float
 from knn_cm.data.resident import ResidentRows
 from knn_cm.estimators import make_estimator
-from knn_cm.index import build_index
+from knn_cm.search import build_index
 
 ESTIMATORS = {"exact": {}, "mc": {"n": 8}, "uniform": {"n": 8}, "stf": {"n": 8},
               "stf_shared": {"n": 16, "variant": "shared"}, "knn": {"k": 32, "n": 8},

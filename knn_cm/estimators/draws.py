@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from knn_cm.sorting import sorted_rows
+from knn_cm.search.sorting import sorted_rows
 
 
 def sample_categorical(logits: torch.Tensor, num_draws: int, generator: torch.Generator | None) -> torch.Tensor:

@@ -101,7 +101,7 @@ def build_estimator_set(specs: Mapping[str, Mapping | None], store, device: str 
 
 def _index(index_spec: dict, store, device: torch.device, indexes: dict | None):
     """The index ``index_spec`` describes (from ``indexes`` when an equal spec was built before)."""
-    from knn_cm.index import build_index
+    from knn_cm.search import build_index
 
     if "device" in index_spec and index_spec["device"] is None:  # null: search where the estimator computes
         index_spec["device"] = device

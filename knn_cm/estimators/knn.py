@@ -45,7 +45,7 @@ class KNN(Estimator):
 
     Args:
         store: the dataset D.
-        index: a :class:`~knn_cm.index.Index` built from ``store`` (checked by fingerprint).
+        index: a :class:`~knn_cm.search.Index` built from ``store`` (checked by fingerprint).
         k: neighbours searched (clamped to N; k = N makes the proposal equal the posterior).
         n: draws from the proposal.
         refine_proposal: recompute the k neighbours' distances exactly before building the proposal

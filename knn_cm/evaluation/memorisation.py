@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from knn_cm.data import DataStore
-from knn_cm.index import Index, build_index
+from knn_cm.search import FaissIndex, build_index
 
 
-def memorisation(samples: torch.Tensor, store: DataStore, index: Index | None = None, ratio_threshold: float = 1 / 3,
+def memorisation(samples: torch.Tensor, store: DataStore, index: FaissIndex | None = None, ratio_threshold: float = 1 / 3,
                  batch_size: int = 1024) -> dict:
     """Memorisation statistics of samples [M, C, H, W] (float in [-1, 1]) against the training set.
 

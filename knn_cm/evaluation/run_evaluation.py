@@ -23,7 +23,7 @@ from knn_cm.data import DataStore
 from knn_cm.estimators import build_estimator
 from knn_cm.evaluation.memorisation import memorisation
 from knn_cm.evaluation.records import KEY_FIELDS, record_key, write_evaluation_table
-from knn_cm.index import Index, build_index
+from knn_cm.search import FaissIndex, build_index
 from knn_cm.models import load_network_file, network_from_payload
 from knn_cm.sampling import generate, make_sampler, resolve_kind
 from knn_cm.sampling.generate import USES_ESTIMATOR, sampler_settings
@@ -72,7 +72,7 @@ def prepare_metrics(metrics: Mapping, num_samples: int) -> dict:
 
 
 def evaluate_samples(samples: torch.Tensor, store: DataStore, metrics: Mapping, device="cpu",
-                     index: Index | None = None) -> dict:
+                     index: FaissIndex | None = None) -> dict:
     """FID / IS (``metrics``: feature_extractor, inception_weights, fid, isc) and memorisation of
     samples [M, C, H, W] in [-1, 1] against the training set ``store`` (``index``: a flat index of it,
     built here when not given; callers evaluating many sample sets pass one)."""
@@ -90,7 +90,7 @@ def evaluate_samples(samples: torch.Tensor, store: DataStore, metrics: Mapping, 
     return record
 
 
-def memorisation_index(store: DataStore, metrics: Mapping) -> Index | None:
+def memorisation_index(store: DataStore, metrics: Mapping) -> FaissIndex | None:
     """The flat index memorisation searches, built once per store (None when memorisation is off)."""
     return build_index(store, "flat") if metrics.get("memorisation", True) else None
 

@@ -60,6 +60,17 @@ def identity(config: Mapping, volatile_keys=VOLATILE_KEYS) -> dict:
             if not any(key == v or key.startswith(v + ".") for v in volatile_keys)}
 
 
+# ``_target_`` values of configs bound by an older knn-cm that name code which has moved since (issue 20).
+RENAMED_TARGETS = {"knn_cm.index.build_index": "knn_cm.search.build_index"}
+
+
+def upgrade_identity(identity_items: Mapping) -> dict:
+    """A folder's recorded identity in today's terms: :data:`RENAMED_TARGETS` renamed (so a folder bound before
+    a move resumes under the same command)."""
+    return {key: RENAMED_TARGETS.get(value, value) if key.endswith("._target_") and isinstance(value, str) else value
+            for key, value in identity_items.items()}
+
+
 def digest(identity_items: Mapping) -> str:
     canonical = json.dumps(identity_items, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
@@ -133,7 +144,7 @@ class RunFolder:
             record = {"identity": identity(legacy_config), "dataset_fingerprint": None, "history": []}
         else:
             return current | {"created": time.time(), "history": []}
-        changed = differences(record["identity"], new)
+        changed = differences(upgrade_identity(record["identity"]), new)
         if record.get("dataset_fingerprint") not in (None, dataset_fingerprint):
             changed.append(f"dataset fingerprint: {record['dataset_fingerprint']} (run) -> {dataset_fingerprint} "
                            f"(this launch: the training data differ)")
