@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from knn_cm.data import DataStore
 from knn_cm.estimators import make_estimator
 from knn_cm.search import build_index
-from knn_cm.training import EMA, EDMObjective, ICTObjective, Trainer, TrainerConfig
+from knn_cm.training import EMA, EDMObjective, FlowMatchingObjective, ICTObjective, Trainer, TrainerConfig
 from knn_cm.training.distributed import DistributedContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,17 +36,18 @@ def store() -> DataStore:
     return DataStore.from_array(images, name="gpu_path")
 
 
-def tiny_network(kind: str = "ncsnpp_tiny", dropout: float = 0.0):
+def tiny_network(kind: str = "ncsnpp_tiny", dropout: float = 0.0, *overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        config = compose("train", overrides=["dataset=digits", f"model={kind}", f"model.network.dropout={dropout}"])
+        config = compose("train", overrides=["dataset=digits", f"model={kind}", f"model.network.dropout={dropout}",
+                                             *overrides])
     torch.manual_seed(0)
     return instantiate(config.model)
 
 
-def make_trainer(run_dir, store, objective, context=None, **settings) -> Trainer:
+def make_trainer(run_dir, store, objective, context=None, network=None, **settings) -> Trainer:
     config = TrainerConfig(**({"max_steps": 6, "batch_size": 8, "progress": False, "num_sample_images": 0,
                                "device": "cpu", "checkpoint_every": 3, "log_every": 1} | settings))
-    return Trainer(config, run_dir, store, tiny_network(), objective,
+    return Trainer(config, run_dir, store, network or tiny_network(), objective,
                    lambda params: torch.optim.RAdam(params, lr=1e-3), ema_factory=lambda m: EMA(m, decay=0.9),
                    context=context)
 
@@ -127,7 +128,7 @@ class HostReads:
 
 
 @pytest.mark.parametrize("estimator, solver", [("single", "euler"), ("single", "heun"), ("knn", "heun"),
-                                               ("edm_single", None), ("edm_stf", None)])
+                                               ("edm_single", None), ("edm_stf", None), ("fm_knn", None)])
 def test_a_step_that_neither_logs_nor_writes_reads_nothing_back(tmp_path, store, monkeypatch, estimator, solver):
     """Item 9: no host read on a step that neither logs nor checkpoints (was about ten per step).
 
@@ -135,12 +136,19 @@ def test_a_step_that_neither_logs_nor_writes_reads_nothing_back(tmp_path, store,
     """
     if estimator == "knn":
         built = make_estimator("knn", store, index=build_index(store, "torch"), k=32, n=8, sync_free=True)
+    elif estimator == "fm_knn":
+        built = make_estimator("knn", store, index=build_index(store, "torch"), k=32, n=8, sync_free=True)
     else:
         built = make_estimator(estimator.removeprefix("edm_"), store, sync_free=True, **(
             {"n": 8} if estimator.endswith("stf") else {}))
-    objective = EDMObjective(built) if estimator.startswith("edm") else ICTObjective(built, total_steps=6,
-                                                                                        solver=solver)
-    trainer = make_trainer(tmp_path, store, objective, log_every=6, checkpoint_every=6, grad_clip=1.0)
+    if estimator.startswith("edm"):
+        objective = EDMObjective(built)
+    elif estimator.startswith("fm"):
+        objective = FlowMatchingObjective(built)
+    else:
+        objective = ICTObjective(built, total_steps=6, solver=solver)
+    network = tiny_network("ncsnpp_tiny", 0.0, "model.precond=fm", "~model.precond_kwargs.sigma_min", "~model.precond_kwargs.sigma_max") if estimator.startswith("fm") else None
+    trainer = make_trainer(tmp_path, store, objective, network=network, log_every=6, checkpoint_every=6, grad_clip=1.0)
     marks = []
     original = trainer.train_step
 
