@@ -173,7 +173,7 @@ def tiny_overrides(experiment: str = "quickstart", steps: int = 2) -> list[str]:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_trains_two_steps(experiment, tmp_path):
     paper = compose_train([f"experiment={experiment}", "run_name=x"])
-    if experiment in ("ict", "ict_knn", "ict_stf", "edm", "edm_stf", "edm_knn"):  # the paper's (Table 3, FACTS.md)
+    if experiment in ("ict", "ict_knn", "ict_stf", "edm", "edm_stf", "edm_knn"):  # the paper's (Table 3, docs/hyperparameters.md)
         assert paper.dataset.name == "cifar10" and paper.trainer.batch_size in (1024, 512)
         if experiment.startswith("ict"):
             assert paper.trainer.max_steps == 400_000 and paper.trainer.ema.decay == 0.99993

@@ -1,6 +1,6 @@
 """Stable Target Field (Xu et al. 2023): SNIS with uniform draws plus the sample's own source.
 
-Two variants (FACTS.md):
+Two variants (docs/hyperparameters.md#stf):
 - ``per_sample`` (the paper's Section 4.2 baseline): for each z, n - 1 uniform draws plus its own
   source x, weights softmax_j(-||z - y_j||^2 / (2 sigma^2)); the deterministic inclusion of x is not
   corrected for, which is STF's bias.

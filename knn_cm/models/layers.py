@@ -2,7 +2,7 @@
 
 Every layer keeps its parameters under the names EDM uses (``weight`` [out, in, ...], ``bias``
 [out]) and registers the fixed resampling filter as a buffer called ``resample_filter``, so that
-EDM checkpoints load by name (layout facts: ``/work/shared/reference/README.md``).
+EDM checkpoints load by name (their layouts: ``tests/fixtures/edm_cifar10_{ddpmpp,ncsnpp}.json``).
 
 Initialisation follows EDM's convention: every weight is drawn from one of four variance-scaling
 schemes (Glorot & Bengio 2010; He et al. 2015) and multiplied by ``init_weight``; biases use the same

@@ -6,7 +6,7 @@
 The re-injected noise has variance sigma^2 - sigma_min^2 because f's boundary is sigma_min, not 0.
 Each denoised estimate x is clamped to the data range [-1, 1] before noise is added again, as the
 consistency-model reference sampler does (its ``clip_denoised``); ``clip_denoised=False`` turns that off.
-iCT on CIFAR-10 (FACTS.md): one step from 80, or two steps with the intermediate sigma 0.821.
+iCT on CIFAR-10 (docs/hyperparameters.md#ict): one step from 80, or two steps with the intermediate sigma 0.821.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ order; a transform with multiplier 0 contributes no label):
 | ``translate_frac`` | (w0 W std, w1 H std) pixels, w ~ N(0, 1)^2 | [w0, w1] |
 
 Labels are 0 where a transform was not applied, so zero labels mean "not augmented". EDM's CIFAR-10 setting
-(FACTS.md) is :data:`EDM_CIFAR10`: p 0.12, x-flips always drawn (multiplier 1e8, so half the images are
+(docs/hyperparameters.md#edm) is :data:`EDM_CIFAR10`: p 0.12, x-flips always drawn (multiplier 1e8, so half the images are
 mirrored), y-flip, scale, fractional rotation, anisotropy and fractional translation at multiplier 1: 9 labels.
 
 Geometry: x to the right and y upwards (so positive ty and positive angles move content up and

@@ -2,7 +2,7 @@
 
 The standard loss regresses D(x + n, sigma) onto the clean source x, the single-sample estimate of
 E[x | z, sigma] (Eq. 6); here the target is any estimator's estimate: single (EDM), stf (STF), knn (ours).
-ln sigma ~ N(P_mean, P_std^2), weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (FACTS.md).
+ln sigma ~ N(P_mean, P_std^2), weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (docs/hyperparameters.md#edm).
 
 With ``augment`` (EDM's CIFAR-10 recipe: p 0.12, 9 labels), the sources are augmented first, the network
 gets the augmentation labels (``augment_dim``), and the target is the estimator's estimate of the posterior

@@ -4,7 +4,7 @@ The consistency loss (Eq. 7) compares the student f(z_{i+1}, sigma_{i+1}) with t
 f(z_i, sigma_i), where z_i comes from one step of the PF-ODE (Eq. 3) from sigma_{i+1} down to sigma_i using
 the configured estimator's score (Eq. 5) and solver. With the single-sample estimator and Euler that step
 is exactly iCT's z_i = x + sigma_i * eps (Appendix A.5); with KNN or STF and Heun it is the paper's method.
-Settings (FACTS.md): Karras noise levels with rho 7, exponential discretisation curriculum, discrete
+Settings (docs/hyperparameters.md#ict): Karras noise levels with rho 7, exponential discretisation curriculum, discrete
 lognormal noise-level sampling, lambda = 1 / (sigma_{i+1} - sigma_i), pseudo-Huber distance, and a
 teacher that is the student under stop-gradient with the same dropout masks.
 """
@@ -155,7 +155,7 @@ class ICTObjective:
 
     def samplers(self) -> dict:
         """Sample-grid samplers for a trained consistency function: one step from sigma_max, and two steps
-        through sigma 0.821 (FACTS.md)."""
+        through sigma 0.821 (docs/hyperparameters.md#ict)."""
         from knn_cm.sampling import consistency_sample
 
         def sampler(sigmas):
