@@ -15,7 +15,7 @@ def _is_integer(value) -> bool:
 def positive_int(value, setting: str) -> int:
     """``value`` as an int >= 1; a ValueError naming ``setting``, the value and what is allowed otherwise."""
     if not _is_integer(value) or value < 1:
-        raise ValueError(f"{setting} must be a positive integer (1, 2, ...), got {value!r}")
+        raise ValueError(f"{setting} must be an integer >= 1, got {value!r}")
     return int(value)
 
 

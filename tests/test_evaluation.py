@@ -247,10 +247,10 @@ def test_a_crafted_run_config_runs_no_code(run_copy, tmp_path, kind):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("num_samples=0", "num_samples must be a positive integer"), ("num_samples=-5", "num_samples must be a positive"),
-    ("num_samples=1.5", "num_samples must be a positive integer .* got 1.5"),
-    ("num_samples=abc", "num_samples must be a positive integer .* got 'abc'"),
-    ("batch_size=0", "batch_size must be a positive integer"), ("seed_start=-1", "seed_start must be an integer >= 0"),
+    ("num_samples=0", "num_samples must be an integer >= 1"), ("num_samples=-5", "num_samples must be an integer >= 1"),
+    ("num_samples=1.5", "num_samples must be an integer >= 1, got 1.5"),
+    ("num_samples=abc", "num_samples must be an integer >= 1, got 'abc'"),
+    ("batch_size=0", "batch_size must be an integer >= 1"), ("seed_start=-1", "seed_start must be an integer >= 0"),
     ("metrics.fid=maybe", "metrics.fid must be true or false"),
     ("metrics.feature_extractor=vgg", "metrics.feature_extractor: unknown feature_extractor 'vgg'"),
     ("num_samples=5", "num_samples must be >= 10 for metrics.isc=true")])
@@ -261,9 +261,9 @@ def test_bad_evaluation_values_name_the_setting(run_copy, no_sampling, override,
 
 
 @pytest.mark.parametrize("override, message", [
-    ("num_samples=0", "num_samples must be a positive integer"), ("num_samples=2.5", "num_samples must be a positive"),
-    ("num_samples=abc", "num_samples must be a positive integer"), ("batch_size=0", "batch_size must be a positive"),
-    ("batch_size=-2", "batch_size must be a positive"), ("grid_images=-1", "grid_images must be an integer >= 0")])
+    ("num_samples=0", "num_samples must be an integer >= 1"), ("num_samples=2.5", "num_samples must be an integer >= 1"),
+    ("num_samples=abc", "num_samples must be an integer >= 1"), ("batch_size=0", "batch_size must be an integer >= 1"),
+    ("batch_size=-2", "batch_size must be an integer >= 1"), ("grid_images=-1", "grid_images must be an integer >= 0")])
 def test_bad_sample_values_name_the_setting(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         sample.run(_compose("sample", ["sampler.kind=pf_ode", override]), tmp_path / "out")

@@ -19,14 +19,7 @@ from knn_cm.data.resident import resolve_storage
 from knn_cm.data.store import DataStore
 from knn_cm.device import as_device
 from knn_cm.numerics import isolated_numerics
-
-
-def check_positive_int(name: str, value) -> int:
-    """Return ``value`` as int, or raise ValueError naming it unless it is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
+from knn_cm.settings import positive_int
 
 # Value checks on tensors that live on a GPU: "async" uses a device-side assertion (no host
 # synchronisation; a failure aborts the CUDA context at a later kernel launch, with the message),
@@ -116,7 +109,7 @@ class Estimator:
         Estimators override :meth:`repeated_posterior_mean` to share per-query work (the KNN search,
         the exact posterior) across repeats; the estimates have the same distribution as R calls.
         """
-        repeats = check_positive_int("repeats", repeats)
+        repeats = positive_int(repeats, "repeats")
         z_flat, sigma, x_flat = self._validate(z, sigma, x)
         with self._computing():
             x_hat = self.repeated_posterior_mean(z_flat, sigma, x_flat, repeats, generator)

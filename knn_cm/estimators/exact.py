@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from knn_cm.estimators.base import Estimator, check_positive_int
+from knn_cm.estimators.base import Estimator
 from knn_cm.estimators.distances import exact_log_likelihoods
 from knn_cm.estimators.draws import combine_duplicates, sample_categorical
 from knn_cm.estimators.snis import normalised_weights, weighted_mean, weights_times_rows
+from knn_cm.settings import positive_int
 
 # Bytes allowed for one [B_chunk, N] block of log-weights; queries are processed in chunks below it.
 _LOGITS_BUDGET = 256 << 20
@@ -54,7 +55,7 @@ class PosteriorMC(Estimator):
 
     def __init__(self, store, n: int = 256, **kwargs):
         super().__init__(store, **kwargs)
-        self.n = check_positive_int("n", n)
+        self.n = positive_int(n, "n")
 
     def posterior_mean(self, z, sigma, x, generator):
         return self.repeated_posterior_mean(z, sigma, x, 1, generator)[0]

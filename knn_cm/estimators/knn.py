@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from knn_cm.estimators.base import Estimator, check_positive_int
+from knn_cm.estimators.base import Estimator
 from knn_cm.estimators.distances import log_likelihood, sq_norms
 from knn_cm.estimators.draws import combine_duplicates, sample_categorical, uniform_outside
 from knn_cm.estimators.snis import snis_mean
+from knn_cm.settings import positive_int
 
 
 @dataclass
@@ -63,8 +64,8 @@ class KNN(Estimator):
             raise ValueError("the 'knn' estimator needs an index: make_estimator('knn', store, index=build_index(store))")
         index.check_data(store)
         self.index = index
-        self.k = check_positive_int("k", k)
-        self.n = check_positive_int("n", n)
+        self.k = positive_int(k, "k")
+        self.n = positive_int(n, "n")
         self.refine_proposal = bool(refine_proposal)
 
     def proposal(self, z: torch.Tensor, sigma) -> KNNProposal:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from knn_cm.estimators.base import Estimator, check_positive_int
+from knn_cm.estimators.base import Estimator
+from knn_cm.settings import positive_int
 
 
 class NetworkEstimator(Estimator):
@@ -31,5 +32,5 @@ class NetworkEstimator(Estimator):
 
     def repeated(self, z, sigma, repeats, x=None, generator=None):
         """A network is deterministic: one evaluation, repeated R times [R, B, C, H, W]."""
-        repeats = check_positive_int("repeats", repeats)
+        repeats = positive_int(repeats, "repeats")
         return self(z, sigma).unsqueeze(0).expand(repeats, *z.shape)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from knn_cm.estimators.base import Estimator, check_positive_int
+from knn_cm.estimators.base import Estimator
 from knn_cm.estimators.distances import log_likelihood, reference_log_likelihoods, reference_sq_dists, sq_norms
 from knn_cm.estimators.draws import draw_uniform_rows
+from knn_cm.settings import positive_int
 
 STF_VARIANTS = ("per_sample", "shared")
 
@@ -27,7 +28,7 @@ class STF(Estimator):
 
     def __init__(self, store, n: int = 256, variant: str = "per_sample", **kwargs):
         super().__init__(store, **kwargs)
-        self.n = check_positive_int("n", n)
+        self.n = positive_int(n, "n")
         if variant not in STF_VARIANTS:
             raise ValueError(f"unknown STF variant {variant!r}; allowed: {', '.join(STF_VARIANTS)}")
         self.variant = variant

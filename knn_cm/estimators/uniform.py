@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from knn_cm.estimators.base import Estimator, check_positive_int
+from knn_cm.estimators.base import Estimator
 from knn_cm.estimators.distances import reference_log_likelihoods
 from knn_cm.estimators.draws import draw_uniform_rows
+from knn_cm.settings import positive_int
 
 
 class UniformSNIS(Estimator):
@@ -21,7 +22,7 @@ class UniformSNIS(Estimator):
 
     def __init__(self, store, n: int = 256, **kwargs):
         super().__init__(store, **kwargs)
-        self.n = check_positive_int("n", n)
+        self.n = positive_int(n, "n")
 
     def posterior_mean(self, z, sigma, x, generator):
         reference = draw_uniform_rows(self.rows, self.n, generator, self.sync_free)

@@ -27,9 +27,9 @@ import torch
 
 from knn_cm.data import uint8_to_float
 from knn_cm.diffusion import ODE_SOLVERS, FlowMatchingProcess
-from knn_cm.estimators.base import check_positive_int
 from knn_cm.sampling.hybrid import switch_schedule
 from knn_cm.sampling.ode import check_noise
+from knn_cm.settings import positive_int
 
 # v(x_t [B, C, H, W] float32, t [B] float32) -> velocity [B, C, H, W]
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,7 +49,7 @@ def _check_t_max(t_max) -> float:
 
 def flow_times(num_steps: int, t_max: float = 1.0, device: str | torch.device | None = None) -> torch.Tensor:
     """The uniform grid t_i = t_max (1 - i / S), i = 0..S [S + 1], float64, from t_max down to exactly 0."""
-    num_steps = check_positive_int("num_steps", num_steps)
+    num_steps = positive_int(num_steps, "num_steps")
     t_max = _check_t_max(t_max)
     steps = torch.arange(num_steps + 1, dtype=torch.float64, device=device)
     return t_max * (num_steps - steps) / num_steps
@@ -202,7 +202,7 @@ def flow_hybrid_sample(estimator, network: Velocity, noise: torch.Tensor, t_swit
 
 def flow_nfe(num_steps: int, solver: str, defined_at_zero: bool = True) -> int:
     """Velocity evaluations of :func:`flow_sample` with S steps: S (Euler), 2 S (Heun), 2 S - 1 (Heun, estimator)."""
-    num_steps = check_positive_int("num_steps", num_steps)
+    num_steps = positive_int(num_steps, "num_steps")
     if _check_solver(solver) == "euler":
         return num_steps
     return 2 * num_steps - (0 if defined_at_zero else 1)

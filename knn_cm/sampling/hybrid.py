@@ -21,8 +21,8 @@ import numbers
 import torch
 
 from knn_cm.diffusion import karras_sigmas
-from knn_cm.estimators.base import check_positive_int
 from knn_cm.sampling.ode import Denoiser, check_noise, estimator_denoiser, solve_pf_ode
+from knn_cm.settings import positive_int
 
 
 def _check_t_switch(t_switch) -> float:
@@ -115,7 +115,7 @@ def forward_process_sample(store, network: Denoiser, t_switch: float, num_sample
     t_switch = _check_t_switch(t_switch)
     if not math.isfinite(t_switch):
         raise ValueError(f"t_switch must be finite for forward-process sampling, got {t_switch!r}")
-    num_samples = check_positive_int("num_samples", num_samples)
+    num_samples = positive_int(num_samples, "num_samples")
     if not callable(network):
         raise ValueError(f"network must be callable as D(z, sigma), got {type(network).__name__}")
     if device is None:
