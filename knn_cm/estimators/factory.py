@@ -16,7 +16,10 @@ train.py keeps the index in its own config group (``index=ivf``) and passes it a
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Mapping
+from contextlib import contextmanager
 
 import torch
 
@@ -57,7 +60,7 @@ def make_estimator(name: str, store=None, **kwargs) -> Estimator:
 
 
 def build_estimator(spec: Mapping, store, device: str | torch.device = "cpu", *, indexes: dict | None = None,
-                    setting: str = "estimator") -> Estimator:
+                    setting: str = "estimator", index_setting: str | None = None) -> Estimator:
     """The estimator a config spec describes (the module docstring), computing on ``device``.
 
     Args:
@@ -66,7 +69,9 @@ def build_estimator(spec: Mapping, store, device: str | torch.device = "cpu", *,
         device: where the estimator computes ("auto", "cpu", "cuda[:i]"); an index with ``device: null``
             searches there too.
         indexes: a dict shared across calls so that equal index specs build one index (estimator sets).
-        setting: the config path of ``spec``, named in errors (e.g. ``estimators.knn``).
+        setting: the config path of ``spec``, named in errors (e.g. ``estimators.knn``): a bad argument is
+            refused as ``<setting>.<argument>`` (``estimator.k must be an integer >= 1, got 0``).
+        index_setting: the config path of the index spec (default ``<setting>.index``; train.py's ``index`` group).
     """
     arguments = dict(spec)
     name = arguments.pop("name", None)
@@ -74,16 +79,57 @@ def build_estimator(spec: Mapping, store, device: str | torch.device = "cpu", *,
         raise ValueError(f"{setting}.name must be one of {', '.join(ESTIMATORS)}, got {name!r}")
     index_spec = arguments.pop("index", None)
     checkpoint = arguments.pop("checkpoint", None)
+    index_setting = index_setting or f"{setting}.index"
+    _refuse_unknown(arguments, _parameters(ESTIMATORS[name]), setting, f"the {name!r} estimator")
     device = as_device(device, f"{setting} device")
     if ESTIMATORS[name].needs_index:  # the others ignore an index (train.py's index group is always there)
-        arguments["index"] = _index(dict(index_spec or DEFAULT_INDEX), store, device, indexes)
+        index_spec = dict(index_spec or DEFAULT_INDEX)
+        from knn_cm.search import build_index
+
+        parameters = inspect.signature(build_index).parameters
+        if not any(parameter.kind == parameter.VAR_KEYWORD for parameter in parameters.values()):
+            _refuse_unknown(index_spec, set(parameters) - {"store"}, index_setting, "an index")
+        with _naming(index_setting, index_spec):
+            arguments["index"] = _index(index_spec, store, device, indexes)
     if name == "network":
         if checkpoint is None:
             raise ValueError(f"{setting}: a network estimator needs checkpoint=PATH (a network file)")
         from knn_cm.models import load_network
 
         arguments["denoiser"] = load_network(checkpoint, map_location=device)
-    return make_estimator(name, store, device=device, **arguments)
+    with _naming(setting, arguments):
+        return make_estimator(name, store, device=device, **arguments)
+
+
+def _parameters(cls: type) -> set[str]:
+    """The keyword arguments an estimator class takes (its own and those it passes on to its bases)."""
+    names = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass) and klass is not object:
+            names |= {name for name, parameter in inspect.signature(klass.__init__).parameters.items()
+                      if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL)}
+    return names - {"self", "store", "index", "denoiser"}
+
+
+def _refuse_unknown(arguments: Mapping, allowed: set[str], setting: str, what: str) -> None:
+    unknown = sorted(set(arguments) - allowed)
+    if unknown:
+        raise ValueError(f"{setting}.{unknown[0]} is not a setting of {what}; allowed: {', '.join(sorted(allowed))}")
+
+
+@contextmanager
+def _naming(setting: str, arguments: Mapping):
+    """Re-raise a ValueError about one of ``arguments`` ("k must be ...", "nlist=5000 exceeds ...") with its full
+    config key ("estimator.k must be ..."), any other with the setting in front ("index: unknown index kind"), so
+    the message says what to change on the command line."""
+    try:
+        yield
+    except ValueError as error:
+        message = str(error)
+        if type(error) is not ValueError or message.startswith(setting):
+            raise
+        named = next((key for key in arguments if re.match(rf"{re.escape(key)}\b", message)), None)
+        raise ValueError(f"{setting}.{message}" if named else f"{setting}: {message}") from error
 
 
 def build_estimator_set(specs: Mapping[str, Mapping | None], store, device: str | torch.device = "cpu",
