@@ -11,7 +11,6 @@ Everything the run writes lands in its stable run folder: the resolved config, c
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from knn_cm.estimators import build_estimator
 from knn_cm.io import atomic_path, remove_stale_temp_files
 from knn_cm.training import EMA, DistributedContext, Trainer, trainer_config
 from knn_cm.runs.checkpoints import remove_orphan_digests
@@ -32,21 +32,16 @@ from knn_cm.training.state import refuse_restart_over_checkpoints
 log = logging.getLogger("train")
 
 
-def build_estimator(config: DictConfig, store, context: DistributedContext):
-    """The configured estimator on the training device; KNN gets its index.
+def estimator_spec(config: DictConfig) -> dict:
+    """The estimator group with the index group as its ``index`` (knn_cm.estimators.factory's schema).
 
     Every rank builds or loads its index at once, without a collective: cached kinds are built by the first
     process to take the cache entry's lock (one per node with a node-local cache, one per cluster with a shared
     one) while the others wait on the lock and then load the entry (``knn_cm.search.build_index``); a flat index
-    is a copy of the data that each rank makes.
+    is a copy of the data that each rank makes. ``index.device: null`` searches on this rank's device.
     """
-    kwargs = {}
-    if config.estimator.name == "knn":
-        build = instantiate(config.index)
-        if config.index.get("device", "cpu") is None:  # null: search where this rank's estimator computes
-            build = functools.partial(build, device=context.device)
-        kwargs["index"] = build(store)
-    return instantiate(config.estimator)(store=store, device=context.device, **kwargs)
+    return {**OmegaConf.to_container(config.estimator, resolve=True),
+            "index": OmegaConf.to_container(config.index, resolve=True)}
 
 
 def run(config: DictConfig, run_dir: Path) -> Trainer:
@@ -88,7 +83,7 @@ def run(config: DictConfig, run_dir: Path) -> Trainer:
             invocation = folder.start_invocation({"overrides": _overrides(), "world_size": context.world_size,
                                                   "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
             log.info("dataset %s: N=%d, shape %s; run folder %s", store.name, len(store), store.shape, run_dir)
-        estimator = build_estimator(config, store, context)
+        estimator = build_estimator(estimator_spec(config), store, context.device, index_setting="index")
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         denoiser = instantiate(config.model)
         objective = instantiate(config.trainer.objective)(estimator=estimator)

@@ -99,3 +99,44 @@ def test_estimators_that_do_not_search_ignore_the_index(clustered_store):
 def test_bad_specs_name_the_setting(clustered_store, spec, setting, message):
     with pytest.raises(ValueError, match=message):
         build_estimator(spec, clustered_store, setting=setting)
+
+
+def _compose_train(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_train_configs_are_specs_of_the_same_schema(clustered_store):
+    """train.py's estimator group plus its index group is the spec an estimator set would hold; the documented
+    overrides (estimator.k, index=...) keep working."""
+    import train
+
+    config = _compose_train(["experiment=ict_knn", "estimator.k=64", "estimator.n=8", "index=torch"])
+    spec = train.estimator_spec(config)
+    assert spec["name"] == "knn" and spec["k"] == 64 and spec["index"]["kind"] == "torch"
+    from_train = build_estimator(spec, clustered_store)
+    from_set = build_estimator_set({"knn": {"name": "knn", "k": 64, "n": 8, "index": {"kind": "torch"}}},
+                                   clustered_store)["knn"]
+    assert torch.equal(_estimate(from_train, clustered_store), _estimate(from_set, clustered_store))
+    for name in ("single", "stf"):
+        spec = train.estimator_spec(_compose_train([f"estimator={name}"]))
+        assert build_estimator(spec, clustered_store).name == name
+
+
+def test_a_run_folder_bound_before_the_factory_resumes(tmp_path):
+    """Folders bound while the estimator and index groups carried Hydra's _target_ / _partial_ keys resume; any
+    other change is still refused."""
+    from knn_cm.runs.binding import RunFolder, RunFolderError
+
+    config = OmegaConf.to_container(_compose_train(["experiment=quickstart"]), resolve=False)
+    before = {**config, "estimator": {"_target_": "knn_cm.estimators.make_estimator", "_partial_": True,
+                                      **config["estimator"]},
+              "index": {"_target_": "knn_cm.index.build_index", "_partial_": True, **config["index"]}}
+    folder = RunFolder(tmp_path)
+    folder.write_binding(folder.check_binding(before, "fingerprint"))
+    assert folder.check_binding(config, "fingerprint") is None  # nothing changed
+    changed = {**config, "estimator": {**config["estimator"], "k": 7}}
+    with pytest.raises(RunFolderError, match=r"estimator.k: 256 \(run\) -> 7"):
+        folder.check_binding(changed, "fingerprint")

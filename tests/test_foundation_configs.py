@@ -1,4 +1,5 @@
-"""The dataset, index and estimator config groups instantiate the library objects they describe."""
+"""The dataset, index and estimator config groups build the library objects they describe (the estimator and index
+groups through knn_cm.estimators.factory)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+
+from knn_cm.estimators import build_estimator
+from knn_cm.search import build_index
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -31,20 +35,16 @@ def test_index_configs(clustered_store, kind):
     config = OmegaConf.load(CONFIGS / "index" / f"{kind}.yaml")
     if kind.startswith("ivf"):
         config.nlist, config.nprobe = 20, 4
-    index = instantiate(config)(clustered_store)
+    index = build_index(clustered_store, **OmegaConf.to_container(config))
     assert index.kind == kind and index.size == len(clustered_store)
 
 
 @pytest.mark.parametrize("name", ["single", "exact", "mc", "uniform", "stf", "knn"])
 def test_estimator_configs(random_store, name):
-    config = OmegaConf.load(CONFIGS / "estimator" / f"{name}.yaml")
-    if name == "knn":
-        from knn_cm.search import build_index
-
-        estimator = instantiate(config)(store=random_store, index=build_index(random_store, "flat"))
-    else:
-        estimator = instantiate(config)(store=random_store)
-    assert estimator.name == name
+    spec = OmegaConf.to_container(OmegaConf.load(CONFIGS / "estimator" / f"{name}.yaml"))
+    estimator = build_estimator({**spec, "index": OmegaConf.to_container(OmegaConf.load(CONFIGS / "index" / "flat.yaml"))},
+                                random_store)
+    assert estimator.name == name and (name != "knn" or estimator.index.kind == "flat")
     x = random_store.float([0, 1])
     out = estimator(x + 0.5 * torch.randn_like(x), 0.5, x=x)
     assert out.shape == x.shape and bool(torch.isfinite(out).all())

@@ -179,13 +179,12 @@ def test_spec_of_projected_kinds():
 def test_index_configs_build(cifar_sized_store, name, kind):
     from pathlib import Path
 
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     config = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "index" / f"{name}.yaml")
     if name == "approximate":
         config.nlist = 30  # 4 sqrt(N) would leave too few elements per cell for k-means on 3,000
-    index = instantiate(config)(cifar_sized_store)
+    index = build_index(cifar_sized_store, **OmegaConf.to_container(config))
     assert index.kind == kind and index.size == len(cifar_sized_store)
     if name == "approximate":
         assert index.projection is not None and index.spec.rerank == 512

@@ -37,6 +37,10 @@ VOLATILE_KEYS = (
     "trainer.keep_checkpoints", "logger",  # bookkeeping
     "distributed",  # process-group timeout and CPU threads: how ranks meet, not what they compute
 )
+# Keys configs once had and no longer have, left out when a folder's record is compared, so a folder bound with
+# them resumes: Hydra's instantiation keys of the estimator and index groups, which named the code that built
+# them before knn_cm/estimators/factory.py did (issue 20); they never said what a run computes.
+RETIRED_KEYS = ("estimator._target_", "estimator._partial_", "index._target_", "index._partial_")
 
 
 class RunFolderError(RuntimeError):
@@ -65,10 +69,10 @@ RENAMED_TARGETS = {"knn_cm.index.build_index": "knn_cm.search.build_index"}
 
 
 def upgrade_identity(identity_items: Mapping) -> dict:
-    """A folder's recorded identity in today's terms: :data:`RENAMED_TARGETS` renamed (so a folder bound before
-    a move resumes under the same command)."""
+    """A folder's recorded identity in today's terms: :data:`RETIRED_KEYS` left out, :data:`RENAMED_TARGETS`
+    renamed (so a folder bound before a move resumes under the same command)."""
     return {key: RENAMED_TARGETS.get(value, value) if key.endswith("._target_") and isinstance(value, str) else value
-            for key, value in identity_items.items()}
+            for key, value in identity_items.items() if key not in RETIRED_KEYS}
 
 
 def digest(identity_items: Mapping) -> str:
