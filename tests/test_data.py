@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tarfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +194,138 @@ def test_corrupt_dataset_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch, 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # rebuilt: the next load is clean
         assert load_image_folder(tmp_path / "images", progress=False).fingerprint == first.fingerprint
+
+
+# ------------------------------------------------------------------ issue 21, item 5: names, paths, one cache entry
+def _write_jpegs(folder, count: int = 4) -> list:
+    """Tiny real JPEGs in two class folders, like the CIFAR-10 JPEG archive's train/<class>/NNNN.jpg."""
+    files = []
+    for i in range(count):
+        sub = folder / f"class{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        array = np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(array).save(sub / f"{i:04d}.jpg", quality=90)
+        files.append(sub / f"{i:04d}.jpg")
+    return files
+
+
+def _tar_gz(folder, archive, arcname="train", test_folder=None):
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=arcname)
+        if test_folder is not None:
+            tar.add(test_folder, arcname="test")
+    return archive
+
+
+@pytest.mark.parametrize("damage", ["not_an_image", "truncated_jpeg"])
+def test_a_corrupt_image_in_a_folder_names_its_file(tmp_path, damage):
+    files = _write_jpegs(tmp_path / "images")
+    bad = files[2]
+    data = bad.read_bytes()
+    bad.write_bytes(b"this is not a JPEG" if damage == "not_an_image" else data[: len(data) // 2])
+    with pytest.raises(sources.UnreadableDataError) as caught:
+        load_image_folder(tmp_path / "images", use_cache=False, progress=False)
+    message = str(caught.value)
+    assert message.startswith(f"{bad.resolve()} is not a readable image (")
+    assert "BytesIO" not in message and "\n" not in message
+
+
+def test_a_corrupt_image_in_an_archive_names_the_member_and_the_archive(tmp_path):
+    files = _write_jpegs(tmp_path / "images")
+    files[1].write_bytes(b"\xff\xd8\xff garbage")
+    archive = _tar_gz(tmp_path / "images", tmp_path / "data.tar.gz")
+    with pytest.raises(sources.UnreadableDataError,
+                       match=f"^train/{files[1].parent.name}/{files[1].name} in archive {archive.resolve()} is not "
+                             f"a readable image"):
+        load_image_folder(archive, subfolder="train", use_cache=False, progress=False)
+
+
+def test_a_damaged_archive_is_named(tmp_path):
+    _write_jpegs(tmp_path / "images", count=40)
+    archive = _tar_gz(tmp_path / "images", tmp_path / "data.tar.gz")
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])  # a download cut short
+    with pytest.raises(sources.UnreadableDataError, match=f"^archive {archive.resolve()} is damaged"):
+        load_image_folder(archive, use_cache=False, progress=False)
+
+
+def test_two_names_of_the_same_archive_decode_once(tmp_path, monkeypatch):
+    """The cache is keyed by the archive's content: a copy under another file name, loaded under another
+    dataset name (dataset=cifar10_jpeg vs dataset=image_folder), and at resolution null or at the images' own
+    size (which crops and resizes nothing), all read the one entry decoded first."""
+    monkeypatch.setenv("KNN_CM_CACHE", str(tmp_path / "cache"))
+    _write_jpegs(tmp_path / "images")
+    _write_jpegs(tmp_path / "test_images", count=2)
+    first = _tar_gz(tmp_path / "images", tmp_path / "cifar10-jpeg.tar.gz", test_folder=tmp_path / "test_images")
+    copy = tmp_path / "elsewhere" / "my-copy.tar.gz"
+    copy.parent.mkdir()
+    copy.write_bytes(first.read_bytes())
+    decoded = load_image_folder(first, subfolder="train", name="cifar10_jpeg", progress=False)
+    assert len(list((tmp_path / "cache" / "datasets").glob("*.npy"))) == 1
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded a second time")
+
+    monkeypatch.setattr(sources, "_decode", no_decoding)
+    for path, name, resolution in [(copy, "image_folder", None), (copy, None, 8), (first, "cifar10_jpeg", 8)]:
+        again = load_image_folder(path, subfolder="train", name=name, resolution=resolution, progress=False)
+        assert np.array_equal(again.images, decoded.images)
+    assert len(list((tmp_path / "cache" / "datasets").glob("*.npy"))) == 1
+    with pytest.raises(AssertionError, match="decoded a second time"):  # other content or options: a new entry
+        load_image_folder(copy, subfolder="train", resolution=4, progress=False)
+
+
+def test_the_first_resize_free_decode_is_stored_as_the_native_one(tmp_path, monkeypatch):
+    """Decoded first at resolution 8 (the images' own size), then read at resolution null: one entry."""
+    monkeypatch.setenv("KNN_CM_CACHE", str(tmp_path / "cache"))
+    _write_jpegs(tmp_path / "images")
+    sized = load_image_folder(tmp_path / "images", resolution=8, progress=False)
+    monkeypatch.setattr(sources, "_decode", lambda *a, **k: pytest.fail("decoded a second time"))
+    assert np.array_equal(load_image_folder(tmp_path / "images", progress=False).images, sized.images)
+    assert len(list((tmp_path / "cache" / "datasets").glob("*.npy"))) == 1
+
+
+def test_missing_sources_show_absolute_paths_and_the_cifar10_jpeg_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+    with pytest.raises(FileNotFoundError) as caught:
+        load_image_folder("../shared/data/cifar10-jpeg.tar.gz", subfolder="train", name="cifar10_jpeg")
+    message = str(caught.value)
+    assert message.startswith(f"image folder or archive {missing.resolve()} (given as "
+                              f"../shared/data/cifar10-jpeg.tar.gz) does not exist")
+    assert "dataset=cifar10_jpeg dataset.path=" in message
+    with pytest.raises(FileNotFoundError, match=f"^image folder or archive {tmp_path / 'photos'} \\(given as photos\\) "
+                                                f"does not exist$"):
+        load_image_folder("photos")  # not CIFAR-10: no CIFAR-10 hint
+    with pytest.raises(FileNotFoundError, match=f"^array file {tmp_path / 'a.npy'} \\(given as a.npy\\)"):
+        load_array("a.npy")
+    with pytest.raises(FileNotFoundError) as caught:
+        load_cifar10("nowhere", download=False)
+    assert str(caught.value).startswith(f"CIFAR-10 not found in {tmp_path / 'nowhere'} (given as nowhere).")
+    assert "dataset=cifar10_jpeg" in str(caught.value) and "dataset=image_folder" not in str(caught.value)
+
+
+def test_the_cifar10_jpeg_config_names_its_missing_archive(tmp_path, monkeypatch):
+    """dataset=cifar10_jpeg from another folder: the error names the absolute path it looked at."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from knn_cm.data.from_config import store_from_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs / "dataset"), version_base=None):
+        config = compose(config_name="cifar10_jpeg")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as caught:
+        store_from_config(OmegaConf.to_container(config.store, resolve=True))
+    expected = (tmp_path / config.path).resolve()
+    assert str(caught.value).startswith(f"image folder or archive {expected} (given as {config.path}) does not exist")
+    assert "dataset=cifar10_jpeg dataset.path=" in str(caught.value)
+
+
+def test_an_archive_of_the_subfolder_alone_reads_it(tmp_path):
+    """An archive holding only train/ (its common top folder) and subfolder=train: the images, not "no images"."""
+    _write_jpegs(tmp_path / "images")
+    archive = _tar_gz(tmp_path / "images", tmp_path / "train-only.tar.gz")
+    store = load_image_folder(archive, subfolder="train", use_cache=False, progress=False)
+    assert len(store) == 4 and store.labels.tolist() == [0, 0, 1, 1]

@@ -2,14 +2,22 @@
 
 Every loader is usable as a Hydra ``_target_`` (see ``configs/dataset/``; ``knn_cm.data.from_config`` builds
 them from configs without running other code). Decoded image folders are cached as ``.npy`` files so a
-second run skips decoding: the cache is keyed by the source's content (every image file's bytes, or the
-archive's bytes, plus ``subfolder``, ``resolution`` and ``channels``), so an image edited in place is decoded
-again; it is written durably (temporary file, fsync, rename) with a sidecar ``.json`` holding its shape and
-digest, and a cache that does not match them is rebuilt with a warning naming it. Memory-mapped when large.
+second run skips decoding. The cache file is named by content alone: a digest of the source's bytes (every
+image file's relative name and bytes for a folder, the archive's bytes for an archive) and of the decode
+options (``subfolder``, ``channels``, ``resolution``), never by the dataset's or the archive's name, so two
+copies or two names of the same bytes share one entry, and an image edited in place is decoded again. A
+decode whose ``resolution`` crops and resizes nothing (every image already square at that size) equals the
+decode at the images' own size and is stored as that one. Written durably (temporary file, fsync, rename)
+with a sidecar ``.json`` holding its shape and digest; a cache that does not match them is rebuilt with a
+warning naming it. Memory-mapped when large.
+
+Errors name resolved absolute paths, and an image that does not decode is named by its file (and archive).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import io
 import json
@@ -17,18 +25,24 @@ import os
 import tarfile
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from knn_cm.data.store import DataStore
-from knn_cm.io import atomic_path, cache_dir, file_digest
+from knn_cm.io import atomic_path, cache_dir, file_digest, fsync_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 MEMMAP_BYTES = 1 << 30  # decoded datasets larger than this stay on disk, memory-mapped
-CACHE_FORMAT = "knn_cm.decoded_images.v2"  # v2: keyed by content (v1 was keyed by names, sizes and mtime)
-_HASH_CHUNK = 16 << 20
+CACHE_FORMAT = "knn_cm.decoded_images.v3"  # v3: named by content alone (v2 prefixed the dataset name; v1 keyed
+#                                            by names, sizes and mtime)
+NATIVE = "native"  # the resolution option of a decode that crops and resizes nothing
+
+
+class UnreadableDataError(ValueError):
+    """An image file, an archive member or an archive that does not read; the message names the file."""
 
 
 def load_digits(xflip: bool = False) -> DataStore:
@@ -52,18 +66,18 @@ def load_cifar10(root: str | os.PathLike | None = None, train: bool = True, down
     """
     import torchvision
 
-    root = Path(root) if root is not None else cache_dir() / "cifar10"
+    root = Path(root).expanduser() if root is not None else cache_dir() / "cifar10"
     try:
         dataset = torchvision.datasets.CIFAR10(root=str(root), train=train, download=download)
     except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
         raise FileNotFoundError(
-            f"CIFAR-10 not found in {root}. Pass download=True (dataset.download=true) to fetch it, or "
-            f"load an image folder or archive of it with load_image_folder (dataset=image_folder)."
+            f"CIFAR-10 not found in {shown_path(root)}. Pass download=True (dataset.download=true) to fetch "
+            f"it, or, offline, {CIFAR10_JPEG_HINT}"
         ) from error
     except OSError as error:  # URLError and socket errors when offline
         raise ConnectionError(
-            f"Downloading CIFAR-10 into {root} failed ({error}). This machine may be offline: copy the "
-            f"'cifar-10-batches-py' folder into {root}, or use an image folder or archive instead."
+            f"Downloading CIFAR-10 into {shown_path(root)} failed ({error}). This machine may be offline: copy "
+            f"the 'cifar-10-batches-py' folder into {root.resolve()}, or {CIFAR10_JPEG_HINT}"
         ) from error
     images = np.ascontiguousarray(dataset.data.transpose(0, 3, 1, 2))  # [N, 32, 32, 3] -> [N, 3, 32, 32]
     return DataStore(images, name="cifar10" if train else "cifar10-test", labels=dataset.targets, xflip=xflip)
@@ -79,9 +93,9 @@ def load_array(path: str | os.PathLike, key: str | None = None, value_range: tup
         channels_last: force the layout; by default [N, H, W, C] is assumed when the last axis has
             at most 4 entries and the second more.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"array file {path} does not exist")
+        raise FileNotFoundError(f"array file {shown_path(path)} does not exist")
     if path.suffix == ".npz":
         with np.load(path) as archive:
             if key is None:
@@ -129,21 +143,31 @@ def load_image_folder(path: str | os.PathLike, subfolder: str | None = None, res
             ImageNet-64); None keeps the images' own size, which must then be the same for all.
         channels: 3 (RGB) or 1 (grey).
         use_cache: decode once and keep an ``.npy`` copy in the cache folder, keyed by the source's
-            content (file names and bytes) and by ``subfolder``, ``resolution`` and ``channels``; a
-            corrupt copy is rebuilt with a warning.
+            content alone (an archive's bytes; a folder's relative file names and bytes) and by
+            ``subfolder``, ``resolution`` and ``channels``, never by ``path`` or ``name``; a corrupt copy
+            is rebuilt with a warning.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (the message shows it resolved to an absolute path).
+        UnreadableDataError: an image does not decode, or the archive is damaged (the message names it).
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"image folder or archive {path} does not exist")
+        hint = f"; {CIFAR10_JPEG_HINT}" if "cifar" in f"{name} {path.name}".lower() else ""
+        raise FileNotFoundError(f"image folder or archive {shown_path(path)} does not exist{hint}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     entries = _list_images(path)
     if subfolder is not None:
         prefix = subfolder.strip("/") + "/"
-        entries = _strip_common_prefix([(e[len(prefix):], size, member) for e, size, member in entries
-                                        if e.startswith(prefix)])
+        # The subfolder below the archive's common top folders, or (an archive of that folder alone, whose
+        # common top folder is the subfolder itself) from the archive's root.
+        chosen = [(e[len(prefix):], size, member) for e, size, member in entries if e.startswith(prefix)] or \
+                 [(m.removeprefix("./")[len(prefix):], size, m) for _, size, m in entries
+                  if m.removeprefix("./").startswith(prefix)]
+        entries = _strip_common_prefix(chosen)
     if not entries:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {path}"
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {shown_path(path)}"
                          + (f" under {subfolder!r}" if subfolder else ""))
     name = name or path.name.split(".")[0] + (f"-{subfolder.strip('/')}" if subfolder else "")
     class_names = sorted({entry.rsplit("/", 1)[0] for entry, _, _ in entries if "/" in entry})
@@ -153,35 +177,47 @@ def load_image_folder(path: str | os.PathLike, subfolder: str | None = None, res
         labels = np.array([label_of.get(entry.rsplit("/", 1)[0], -1) if "/" in entry else -1
                            for entry, _, _ in entries], dtype=np.int64)
 
-    key = _content_key(path, entries, (subfolder, resolution, channels))
-    cached = cache_dir() / "datasets" / f"{name}-{key}.npy"
-    if use_cache and cached.exists():
-        images = _read_cache(cached, (len(entries), channels) + ((resolution, resolution) if resolution else ()))
-        if images is not None:
-            return DataStore(images, name=name, labels=labels, xflip=xflip)
+    content = _content_digest(path, entries)
+    native = cache_dir() / "datasets" / f"{_cache_key(content, subfolder, channels, NATIVE)}.npy"
+    resized = cache_dir() / "datasets" / f"{_cache_key(content, subfolder, channels, resolution)}.npy"
+    if use_cache:
+        for cached in dict.fromkeys((native, resized)):  # the native decode serves any resolution it equals
+            if cached.exists() and (resolution is None or _recorded_square_side(cached) in (resolution, None)):
+                images = _read_cache(cached, (len(entries), channels)
+                                     + ((resolution, resolution) if resolution else ()))
+                if images is not None:
+                    return DataStore(images, name=name, labels=labels, xflip=xflip)
 
     iterator = _iter_images(path, entries)
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, total=len(entries), desc=f"decoding {name}", leave=False)
-    target = cached if use_cache else cache_dir() / "datasets" / f".scratch-{key}.npy"
+    target = (native if resolution is None else resized) if use_cache else \
+        cache_dir() / "datasets" / f".scratch-{resized.stem}-{os.getpid()}.npy"
+    unchanged = True  # no image cropped or resized: the decode equals the native one
     with atomic_path(target) as temp:
         images = None
         for i, (member, data) in enumerate(iterator):
-            image = _decode(data, resolution, channels)
+            image, same = _decode(data, resolution, channels, _member_label(path, member))
+            unchanged &= same
             if images is None:
                 first_member, first_shape = member, image.shape
                 images = np.lib.format.open_memmap(temp, mode="w+", dtype=np.uint8,
                                                    shape=(len(entries),) + first_shape)
             if image.shape != first_shape:
-                raise ValueError(f"{member} decodes to shape {image.shape} but {first_member} to "
-                                 f"{first_shape}; pass resolution= to resize all images to one size")
+                raise ValueError(f"{_member_label(path, member)} decodes to shape {image.shape} but "
+                                 f"{first_member} to {first_shape}; pass resolution= to resize all images "
+                                 f"to one size")
             images[i] = image
         images.flush()
         del images
+    if use_cache and unchanged and target != native:
+        os.replace(target, native)  # stored once, under the decode it equals
+        fsync_path(native.parent)
+        target = native
     if use_cache:
-        _write_sidecar(cached)
+        _write_sidecar(target)
     result = np.load(target, mmap_mode="r")
     if result.nbytes <= MEMMAP_BYTES or not use_cache:
         result = np.array(result)
@@ -200,16 +236,46 @@ def _is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _content_key(path: Path, entries: list[tuple[str, int, str]], options: tuple) -> str:
-    """blake2b over the images' names and bytes (a folder) or the archive's bytes, and the decode options."""
-    digest = hashlib.blake2b(digest_size=10)
-    digest.update(repr((CACHE_FORMAT, options, [(name, size, member) for name, size, member in entries])).encode())
-    files = [path / member for _, _, member in entries] if path.is_dir() else [path]
-    for file in files:
-        with open(file, "rb") as handle:
-            while block := handle.read(_HASH_CHUNK):
-                digest.update(block)
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` resolved to an absolute path for messages, with the spelling it was given when relative."""
+    path = Path(path).expanduser()
+    return str(path.resolve()) if path.is_absolute() else f"{path.resolve()} (given as {path})"
+
+
+CIFAR10_JPEG_HINT = ("read a CIFAR-10 JPEG archive or folder (train/<class>/*.jpg) with dataset=cifar10_jpeg "
+                     "dataset.path=<archive or folder>")
+
+
+def _content_digest(path: Path, entries: list[tuple[str, int, str]]) -> str:
+    """What the source holds, whatever it is called: the archive's bytes (``file_digest``), or each image
+    file's name relative to the folder and its bytes. The listing (entries) depends only on these too."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr([(name, size) for name, size, _ in entries]).encode())
+    files = [(member, path / member) for _, _, member in entries] if path.is_dir() else [("", path)]
+    for member, file in files:
+        digest.update(f"{member}:{file_digest(file)};".encode())
     return digest.hexdigest()
+
+
+def _cache_key(content: str, subfolder: str | None, channels: int, resolution: int | str | None) -> str:
+    """The cache file's name: the content digest and the decode options, nothing else."""
+    options = (CACHE_FORMAT, content, subfolder.strip("/") if subfolder else None, channels, resolution or NATIVE)
+    return hashlib.blake2b(repr(options).encode(), digest_size=10).hexdigest()
+
+
+def _recorded_square_side(cached: Path) -> int | None:
+    """The side of the images a cache file records when they are square; None when unknown (the full check
+    in :func:`_read_cache` then decides), -1 when they are not square."""
+    try:
+        shape = json.loads(_sidecar(cached).read_text())["shape"]
+        return shape[2] if shape[2] == shape[3] else -1
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _member_label(path: Path, member: str) -> str:
+    """An image's name in messages: its file, or the archive and the member inside it."""
+    return str((path / member).resolve()) if path.is_dir() else f"{member} in archive {path.resolve()}"
 
 
 def _sidecar(cached: Path) -> Path:
@@ -248,6 +314,24 @@ def _read_cache(cached: Path, expected_prefix: tuple) -> np.ndarray | None:
 
 def _list_images(path: Path) -> list[tuple[str, int, str]]:
     """Sorted (name relative to the root, size in bytes, member name in the source) of every image."""
+    with _archive_errors(path):
+        return _list_images_unchecked(path)
+
+
+@contextlib.contextmanager
+def _archive_errors(path: Path):
+    """Turn a damaged archive's errors (bad header, truncated gzip stream) into one naming the archive."""
+    try:
+        yield
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile) as error:
+        if path.is_dir():
+            raise
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise UnreadableDataError(f"archive {path.resolve()} is damaged or not a {', '.join(ARCHIVE_SUFFIXES)} "
+                                  f"archive ({type(error).__name__}: {reason})") from error
+
+
+def _list_images_unchecked(path: Path) -> list[tuple[str, int, str]]:
     if path.is_dir():
         found = [(p.relative_to(path).as_posix(), p.stat().st_size, p.relative_to(path).as_posix())
                  for p in path.rglob("*") if p.is_file() and _is_image(p.relative_to(path).as_posix())]
@@ -278,38 +362,51 @@ def _strip_common_prefix(found: list[tuple[str, int, str]]) -> list[tuple[str, i
 
 
 def _iter_images(path: Path, entries: list[tuple[str, int, str]]):
-    """Yield (name, bytes) in the order of ``entries``."""
+    """Yield (member name in the source, bytes) in the order of ``entries``."""
     if path.is_dir():
-        for name, _, member in entries:
-            yield name, (path / member).read_bytes()
+        for _, _, member in entries:
+            yield member, (path / member).read_bytes()
     elif path.name.lower().endswith(".zip"):
-        with zipfile.ZipFile(path) as archive:
-            for name, _, member in entries:
-                yield name, archive.read(member)
+        with _archive_errors(path), zipfile.ZipFile(path) as archive:
+            for _, _, member in entries:
+                yield member, archive.read(member)
     else:
         # tar: stream once (gzip is not seekable cheaply), then emit in sorted order.
         position = {member: i for i, (_, _, member) in enumerate(entries)}
         blobs: list[bytes | None] = [None] * len(entries)
-        with tarfile.open(path) as archive:
+        with _archive_errors(path), tarfile.open(path) as archive:
             for info in archive:
                 if info.isfile() and info.name in position:
                     blobs[position[info.name]] = archive.extractfile(info).read()
-        for (name, _, _), blob in zip(entries, blobs):
-            yield name, blob
+        for (_, _, member), blob in zip(entries, blobs):
+            yield member, blob
 
 
-def _decode(data: bytes, resolution: int | None, channels: int) -> np.ndarray:
-    """Decode image bytes to uint8 [C, H, W], center-cropped and resized when ``resolution`` is set."""
-    from PIL import Image
+def _decode(data: bytes, resolution: int | None, channels: int, label: str) -> tuple[np.ndarray, bool]:
+    """Decode image bytes to uint8 [C, H, W], center-cropped and resized when ``resolution`` is set.
 
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB" if channels == 3 else "L")
-        if resolution is not None:
-            width, height = image.size
-            side = min(width, height)
-            left, top = (width - side) // 2, (height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            if side != resolution:
-                image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
-        array = np.asarray(image, dtype=np.uint8)
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    Returns the image and whether it is the image at its own size (nothing cropped or resized). An image
+    that does not decode raises :class:`UnreadableDataError` naming ``label`` (its file or archive member).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB" if channels == 3 else "L")  # loads every pixel: truncation shows here
+            unchanged = True
+            if resolution is not None:
+                width, height = image.size
+                side = min(width, height)
+                if (width, height) != (side, side):
+                    left, top = (width - side) // 2, (height - side) // 2
+                    image = image.crop((left, top, left + side, top + side))
+                    unchanged = False
+                if side != resolution:
+                    image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+                    unchanged = False
+            array = np.asarray(image, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:  # SyntaxError: PIL's bad PNG
+        reason = ("not an image format PIL recognises" if isinstance(error, UnidentifiedImageError)
+                  else (str(error).splitlines() or [type(error).__name__])[0])  # PIL names a BytesIO, not the file
+        raise UnreadableDataError(f"{label} is not a readable image ({reason})") from error
+    return (array[None] if array.ndim == 2 else array.transpose(2, 0, 1)), unchanged
