@@ -116,3 +116,81 @@ def test_study_with_a_network_checkpoint_and_approximate_index(tmp_path):
     assert value[("edm", 5.0, "mse")] > 0 and value[("knn_ivf", 5.0, "variance")] > 0
     with pytest.raises(ValueError, match="checkpoint"):
         build_estimator_set({"edm": {"name": "network"}}, store)
+
+
+# ------------------------------------------------------------------ issue 21, item 7: exact zeros are zeros
+def _study_rows(targets, times, zero):
+    """Rows for two estimators, every value positive except ``zero`` = (estimator, target, metric, t)."""
+    from knn_cm.evaluation.estimator_error import METRICS
+
+    rows = []
+    for e, estimator in enumerate(("exact", "knn")):
+        for target in targets:
+            for metric in METRICS:
+                for i, t in enumerate(times):
+                    value = 0.0 if (estimator, target, metric, t) == zero else 10.0 ** (-3 - i - e)
+                    rows.append({"estimator": estimator, "target": target, "metric": metric, "t": t,
+                                 "value": value, "ci_low": value / 2, "ci_high": value * 2 if value else 0.0})
+    return rows
+
+
+def _drawn_figure(monkeypatch, module, plot, rows, tmp_path):
+    captured = []
+    monkeypatch.setattr(module, "save_figure", lambda figure, path: captured.append(figure))
+    plot(rows, tmp_path / "plot.png")
+    return captured[0]
+
+
+@pytest.mark.parametrize("study", ["ve", "flow_matching"])
+def test_an_exact_zero_is_drawn_as_the_zero_marker_not_at_a_floor(monkeypatch, tmp_path, study):
+    """A variance of exactly 0 in the rows: the estimator's line has a gap there (no made-up value), and a hollow
+    marker sits on the t axis (y = 0 in axis coordinates) at that t; the legend says what the marker means."""
+    import numpy as np
+
+    from knn_cm.evaluation import study_plot, velocity_error
+
+    if study == "ve":
+        module, plot, targets, times = study_plot, study_plot.plot_study, ("posterior_mean", "score"), [0.01, 1.0, 40.0]
+    else:
+        module, plot, targets, times = (velocity_error, velocity_error.plot_velocity_study,
+                                        ("posterior_mean", "velocity"), [0.1, 0.5, 0.9])
+    zero_t = times[0]
+    figure = _drawn_figure(monkeypatch, module, plot,
+                           _study_rows(targets, times, ("knn", "posterior_mean", "variance", zero_t)), tmp_path)
+    axes = figure.axes
+    panel = next(a for a in axes if a.get_title() == "posterior mean variance")
+    knn_line = next(line for line in panel.get_lines() if line.get_label() == "knn")
+    knn_y = dict(zip(knn_line.get_xdata(), knn_line.get_ydata()))
+    assert np.isnan(knn_y[zero_t]) and all(v > 0 for t, v in knn_y.items() if t != zero_t)
+    (marks,) = [line for line in panel.get_lines() if line.get_gid() == study_plot.ZERO_GID]
+    assert list(marks.get_xdata()) == [zero_t] and list(marks.get_ydata()) == [0.0]
+    # y in axis coordinates: the marker's centre is on the bottom edge of the panel whatever its y limits.
+    x_pixels, y_pixels = marks.get_transform().transform((zero_t, 0.0))
+    assert y_pixels == pytest.approx(panel.transAxes.transform((0.0, 0.0))[1])
+    assert x_pixels == pytest.approx(panel.transData.transform((zero_t, 1.0))[0])
+    assert marks.get_markerfacecolor() == "none" and marks.get_color() == knn_line.get_color()
+    # No estimator's line holds a value below the smallest positive value in the rows (no floor point).
+    drawn = [y for line in panel.get_lines() if line.get_label() in ("exact", "knn")
+             for y in np.asarray(line.get_ydata(), dtype=float) if np.isfinite(y)]
+    positive = [r["value"] for r in _study_rows(targets, times, None)
+                if r["target"] == "posterior_mean" and r["metric"] == "variance"]
+    assert min(drawn) == min(positive)
+    # Only the panel with the zero has a zero marker; the legend explains it.
+    assert sum(line.get_gid() == study_plot.ZERO_GID for a in axes for line in a.get_lines()) == 1
+    legend = axes[0].get_legend()
+    assert study_plot.ZERO_LABEL in [text.get_text() for text in legend.get_texts()]
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def test_no_zero_no_zero_note(monkeypatch, tmp_path):
+    from knn_cm.evaluation import study_plot
+
+    figure = _drawn_figure(monkeypatch, study_plot, study_plot.plot_study,
+                           _study_rows(("posterior_mean", "score"), [0.01, 1.0], None), tmp_path)
+    assert study_plot.ZERO_LABEL not in [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert not [line for a in figure.axes for line in a.get_lines() if line.get_gid() == study_plot.ZERO_GID]
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)

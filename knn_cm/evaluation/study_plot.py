@@ -24,12 +24,69 @@ def estimator_names(rows: Sequence[Mapping]) -> list[str]:
     return list(dict.fromkeys(r["estimator"] for r in rows))
 
 
+ZERO_GID = "exact_zero"  # the gid of the artists that mark exact zeros (tests find them by it)
+ZERO_LABEL = "exact 0 (marker on the t axis)"
+
+
+def draw_error_series(axis, series: Sequence[tuple[str, str, Sequence[float], Sequence[float], Sequence[float],
+                                                   Sequence[float]]]) -> bool:
+    """Draw errors on a log y axis: one line per (label, colour, times, values, ci_lows, ci_highs).
+
+    Call after every other line of the panel is drawn (it fixes the y limits). A log axis has no place for 0,
+    so a value of exactly 0 (every estimator is exact where the posterior is a point mass) is never drawn as
+    a number: its line has a gap there, and a hollow marker sits on the t axis itself (x at t, y at the
+    bottom of the panel, in axis coordinates, gid :data:`ZERO_GID`; one ring size per line, so that the
+    estimators exact at the same t all show). The shaded band is the 95% interval;
+    where its lower end is 0 (or below) it reaches the bottom of the panel, i.e. extends off the scale.
+    Returns whether any exact zero was marked.
+    """
+    import matplotlib.transforms as transforms
+    import numpy as np
+
+    drawn = []
+    for label, colour, times, values, lows, highs in series:
+        shown = [v if v > 0 else np.nan for v in values]
+        axis.plot(times, shown, "-o", color=colour, markersize=3, label=label)
+        tops = [(t, h) for t, h in zip(times, highs) if h > 0]
+        if tops:  # the bands' upper ends count towards the y limits
+            axis.update_datalim(tops, updatex=False)
+        drawn.append((colour, times, values, lows, highs))
+    axis.autoscale_view()
+    bottom, top = axis.get_ylim()
+    any_zero = False
+    for index, (colour, times, values, lows, highs) in enumerate(drawn):
+        axis.fill_between(times, [low if low > 0 else bottom for low in lows], [max(h, bottom) for h in highs],
+                          where=[h > 0 for h in highs], color=colour, alpha=0.15, linewidth=0)
+        zeros = [t for t, v in zip(times, values) if v == 0]
+        if zeros:
+            any_zero = True
+            size = max(3.0, 10.0 - 2.5 * index)  # concentric rings: estimators exact at the same t all show
+            marks, = axis.plot(zeros, [0.0] * len(zeros), "o", markerfacecolor="none", color=colour, markersize=size,
+                               transform=transforms.blended_transform_factory(axis.transData, axis.transAxes),
+                               clip_on=False, zorder=5)
+            marks.set_gid(ZERO_GID)
+    axis.set_ylim(bottom, top)
+    return any_zero
+
+
+def legend_with_zero_note(axis, any_zero: bool, fontsize: int = 8) -> None:
+    """The panel's legend, with a note on the exact-zero marker when the figure has one."""
+    from matplotlib.lines import Line2D
+
+    handles, labels = axis.get_legend_handles_labels()
+    if any_zero:
+        handles.append(Line2D([], [], marker="o", markerfacecolor="none", color="black", linestyle="none"))
+        labels.append(ZERO_LABEL)
+    axis.legend(handles, labels, fontsize=fontsize)
+
+
 def plot_study(rows: Sequence[Mapping], path: str | Path, title: str = "") -> None:
     """PNG with one panel per target x metric (log-log error against t), one line per estimator.
 
     Values of exactly zero (every estimator is exact where the posterior is a point mass) cannot be drawn
-    on a log axis: they are shown as hollow markers on the panel's floor. A dashed line marks float32
-    resolution, (eps_32)^2 per pixel (divided by t^4 for the score): errors near it are rounding.
+    on a log axis: they are marked on the t axis (:func:`draw_error_series`), never at a made-up value. A
+    dashed line marks float32 resolution, (eps_32)^2 per pixel (divided by t^4 for the score): errors near
+    it are rounding.
     """
     import matplotlib
 
@@ -40,34 +97,23 @@ def plot_study(rows: Sequence[Mapping], path: str | Path, title: str = "") -> No
     figure, axes = plt.subplots(len(TARGETS), len(METRICS), figsize=(4.2 * len(METRICS), 3.4 * len(TARGETS)),
                                 squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    any_zero = False
     for row_index, target in enumerate(TARGETS):
         for column, metric in enumerate(METRICS):
             axis = axes[row_index][column]
-            positive = [v for r in rows if r["target"] == target and r["metric"] == metric for v in [r["value"]] if v > 0]
-            floor = min(positive) / 10 if positive else 1e-12
-            for i, name in enumerate(names):
-                times, values, lows, highs = _series(rows, name, target, metric)
-                if not times:
-                    continue
-                colour = colours[i % len(colours)]
-                shown = [max(v, floor) for v in values]
-                axis.plot(times, shown, "-o", color=colour, markersize=3, label=name)
-                # Shade the 95% interval where it lies above zero (a log axis cannot show the rest).
-                axis.fill_between(times, [max(low if low > 0 else v, floor) for low, v in zip(lows, values)],
-                                  [max(v, floor) for v in highs], color=colour, alpha=0.15, linewidth=0)
-                zeros = [(t, floor) for t, v in zip(times, values) if v <= 0]
-                if zeros:
-                    axis.plot(*zip(*zeros), "o", markerfacecolor="none", color=colour, markersize=5)
+            axis.set_xscale("log")
+            axis.set_yscale("log")
             all_times = sorted({r["t"] for r in rows})
             resolution = [FLOAT32_EPS**2 * (1.0 if target == "posterior_mean" else t**-4) for t in all_times]
             axis.plot(all_times, resolution, "--", color="grey", linewidth=0.8,
                       label="float32 resolution" if row_index == column == 0 else None)
-            axis.set_xscale("log")
-            axis.set_yscale("log")
+            series = [(name, colours[i % len(colours)], *_series(rows, name, target, metric))
+                      for i, name in enumerate(names)]
+            any_zero |= draw_error_series(axis, [line for line in series if line[2]])
             axis.set_xlabel("t")
             axis.set_title(f"{TARGET_LABELS[target]} {METRIC_LABELS[metric]}")
             axis.grid(True, which="major", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    legend_with_zero_note(axes[0][0], any_zero)
     if title:
         figure.suptitle(title)
     figure.tight_layout()

@@ -28,7 +28,7 @@ from knn_cm.data import DataStore
 from knn_cm.diffusion import FlowMatchingProcess
 from knn_cm.estimators import Estimator, make_estimator
 from knn_cm.evaluation.estimator_error import METRICS, LevelErrors, _progress
-from knn_cm.evaluation.study_plot import FLOAT32_EPS, METRIC_LABELS
+from knn_cm.evaluation.study_plot import FLOAT32_EPS, METRIC_LABELS, draw_error_series, legend_with_zero_note
 from knn_cm.io import save_figure
 
 VELOCITY_TARGETS = ("posterior_mean", "velocity")
@@ -94,9 +94,10 @@ def velocity_error_study(store: DataStore, estimators: Mapping[str, Estimator], 
 def plot_velocity_study(rows: Sequence[Mapping], path: str | Path, title: str = "") -> None:
     """PNG: posterior-mean and velocity MSE / squared bias / variance against t (logit axis), one line per estimator.
 
-    Zeros (every estimator is exact where the posterior is a point mass) are drawn as hollow markers on the
-    panel's floor; the shaded band is the 95% interval over sources where it lies above zero; the dashed line is
-    float32 resolution, (eps_32)^2 per pixel (divided by t^2 for velocities): errors near it are rounding.
+    Exact zeros (every estimator is exact where the posterior is a point mass) are marked on the t axis, never
+    drawn at a made-up value (:func:`knn_cm.evaluation.study_plot.draw_error_series`); the shaded band is the
+    95% interval over sources; the dashed line is float32 resolution, (eps_32)^2 per pixel (divided by t^2 for
+    velocities): errors near it are rounding.
     """
     import matplotlib
 
@@ -107,35 +108,29 @@ def plot_velocity_study(rows: Sequence[Mapping], path: str | Path, title: str = 
     labels = {"posterior_mean": "posterior mean", "velocity": "velocity target"}
     figure, axes = plt.subplots(2, len(METRICS), figsize=(4.2 * len(METRICS), 6.8), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    any_zero = False
     for row_index, target in enumerate(VELOCITY_TARGETS):
         for column, metric in enumerate(METRICS):
             axis = axes[row_index][column]
-            chosen = [r for r in rows if r["target"] == target and r["metric"] == metric]
-            positive = [r["value"] for r in chosen if r["value"] > 0]
-            floor = min(positive) / 10 if positive else 1e-12
-            for i, name in enumerate(names):
-                series = sorted((r for r in chosen if r["estimator"] == name), key=lambda r: r["t"])
-                if not series:
-                    continue
-                colour = colours[i % len(colours)]
-                times = [r["t"] for r in series]
-                axis.plot(times, [max(r["value"], floor) for r in series], "-o", color=colour, markersize=3,
-                          label=name)
-                axis.fill_between(times, [max(r["ci_low"] if r["ci_low"] > 0 else r["value"], floor) for r in series],
-                                  [max(r["ci_high"], floor) for r in series], color=colour, alpha=0.15, linewidth=0)
-                zeros = [(r["t"], floor) for r in series if r["value"] <= 0]
-                if zeros:
-                    axis.plot(*zip(*zeros), "o", markerfacecolor="none", color=colour, markersize=5)
+            axis.set_xscale("logit")
+            axis.set_yscale("log")
             all_times = sorted({r["t"] for r in rows})
             resolution = [FLOAT32_EPS**2 * (1.0 if target == "posterior_mean" else t**-2) for t in all_times]
             axis.plot(all_times, resolution, "--", color="grey", linewidth=0.8,
                       label="float32 resolution" if row_index == column == 0 else None)
-            axis.set_xscale("logit")
-            axis.set_yscale("log")
+            chosen = [r for r in rows if r["target"] == target and r["metric"] == metric]
+            series = []
+            for i, name in enumerate(names):
+                line = sorted((r for r in chosen if r["estimator"] == name), key=lambda r: r["t"])
+                if line:
+                    series.append((name, colours[i % len(colours)], [r["t"] for r in line],
+                                   [r["value"] for r in line], [r["ci_low"] for r in line],
+                                   [r["ci_high"] for r in line]))
+            any_zero |= draw_error_series(axis, series)
             axis.set_xlabel("t (flow matching; 1 = noise)")
             axis.set_title(f"{labels[target]} {METRIC_LABELS[metric]}")
             axis.grid(True, which="major", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    legend_with_zero_note(axes[0][0], any_zero)
     if title:
         figure.suptitle(title)
     figure.tight_layout()
