@@ -78,7 +78,12 @@ def test_a_null_index_device_searches_where_the_estimator_computes(clustered_sto
 
     seen = []
     original = knn_cm.search.build_index
-    monkeypatch.setattr(knn_cm.search, "build_index", lambda store, **kwargs: seen.append(kwargs) or original(store, **kwargs))
+
+    def recording(store, **kwargs):
+        seen.append(kwargs)
+        return original(store, **kwargs)
+
+    monkeypatch.setattr(knn_cm.search, "build_index", recording)
     build_estimator({"name": "knn", "k": 8, "n": 4, "index": {"kind": "torch", "device": None}}, clustered_store, "cpu")
     build_estimator({"name": "knn", "k": 8, "n": 4, "index": {"kind": "torch"}}, clustered_store, "cpu")
     assert seen == [{"kind": "torch", "device": torch.device("cpu")}, {"kind": "torch"}]

@@ -6,6 +6,10 @@
 3. Draw n elements from q (a neighbour by its weight, or the tail: uniform over the N - k others).
 4. Self-normalised weights w_i = p(z | x_i) / q(x_i) (Eq. 11), with p from exact distances of the
    drawn elements (the index's distances only shape the proposal); duplicates are combined.
+
+Steps 1-2 are :meth:`KNN.proposal`, step 3 :meth:`KNN.draws`, step 4 :meth:`KNN.estimate_from_draws`; a call does
+all four. ``knn_cm.estimators.reference`` writes the same algorithm plainly in float64; tests/test_reference.py
+checks this fast path against it.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ class KNN(Estimator):
     def __init__(self, store, index=None, k: int = 2048, n: int = 256, refine_proposal: bool = False, **kwargs):
         super().__init__(store, **kwargs)
         if index is None:
-            raise ValueError("the 'knn' estimator needs an index: make_estimator('knn', store, index=build_index(store))")
+            raise ValueError("the 'knn' estimator needs an index: "
+                             "make_estimator('knn', store, index=build_index(store))")
         index.check_data(store)
         self.index = index
         self.k = positive_int(k, "k")
@@ -102,12 +107,30 @@ class KNN(Estimator):
         proposal = self._proposal(z, sigma)  # one search serves every repeat
         return torch.stack([self._draw_estimate(z, sigma, proposal, generator) for _ in range(repeats)])
 
+    def draws(self, z: torch.Tensor, sigma, generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 3 for z [B, C, H, W]: n draws from the proposal, dataset indices [B, n] and their log q [B, n]."""
+        z_flat, sigma, _ = self._validate(z, sigma, None)
+        with self._computing():
+            return self._draw(self._proposal(z_flat, sigma), generator)
+
+    def estimate_from_draws(self, z: torch.Tensor, sigma, drawn: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+        """Step 4 for z [B, C, H, W] and given draws (as :meth:`draws` returns): the SNIS mean (Eq. 11), shape of z."""
+        z_flat, sigma, _ = self._validate(z, sigma, None)
+        with self._computing():
+            x_hat = self._snis(z_flat, sigma, drawn.to(self.device), log_q.to(device=self.device, dtype=self.dtype))
+        return x_hat.reshape(z.shape).to(device=z.device, dtype=z.dtype)
+
     def _draw_estimate(self, z: torch.Tensor, sigma: torch.Tensor, proposal: KNNProposal,
                        generator: torch.Generator | None) -> torch.Tensor:
         """Steps 3-4 of Algorithm 1 for a given proposal: n draws, exact weights, SNIS mean [B, d]."""
+        return self._snis(z, sigma, *self._draw(proposal, generator))
+
+    def _draw(self, proposal: KNNProposal, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """n draws from q (Eq. 13): dataset indices [B, n] and log q of each [B, n]."""
         k_found = proposal.indices.shape[1]
         # Category k_found is "the tail": pick it with its total mass, then an element uniformly.
-        log_tail_mass = proposal.log_q_tail + proposal.tail_size.to(z.dtype).clamp(min=1).log()
+        log_tail_mass = proposal.log_q_tail + proposal.tail_size.to(proposal.log_q_tail.dtype).clamp(min=1).log()
         categories = sample_categorical(torch.cat([proposal.log_q_neighbours, log_tail_mass.unsqueeze(1)], 1),
                                         self.n, generator)
         from_tail = categories == k_found
@@ -119,7 +142,9 @@ class KNN(Estimator):
         tail_draws = uniform_outside(proposal.indices, proposal.tail_size, self.n, generator)
         drawn = torch.where(from_tail, tail_draws, drawn)
         log_q = torch.where(from_tail, proposal.log_q_tail.unsqueeze(1), log_q)
-        # log w = log p(z | x) - log q(x) (Eq. 11); snis_mean adds the exact log-likelihood.
+        return drawn, log_q
+
+    def _snis(self, z: torch.Tensor, sigma: torch.Tensor, drawn: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+        """Eq. 11 over the draws: log w = log p(z | x) - log q(x); snis_mean adds the exact log-likelihood."""
         indices, log_weights = combine_duplicates(drawn, -log_q)
         return snis_mean(z, sigma, self.rows, indices, log_weights, fixed_shapes=self.sync_free)
-
