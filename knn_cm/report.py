@@ -2,7 +2,9 @@
 
 Everything is read from run folders (``config.yaml``, ``metrics.jsonl``, ``evaluation.jsonl``,
 ``tswitch.csv``), never from memory. A run that does not exist is reported as missing, one that has not
-finished (fewer steps than configured, or not evaluated yet) as partial; nothing is filled in.
+finished as partial (fewer steps than configured) or not evaluated yet; nothing is filled in. Each row that
+is not complete carries its reason (``reason``: the folder looked for, the steps done, the command that
+evaluates it), and :func:`report_summary` says what was written and why each missing piece is missing.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from pathlib import Path
 from knn_cm import paper
 from knn_cm.evaluation.records import settings_key
 from knn_cm.io import atomic_path, save_figure, write_csv_rows
+from knn_cm.runs.binding import invocation_seconds
 from knn_cm.runs.jsonl import read_json_lines
 from knn_cm.runs.layout import RunLayout
-from knn_cm.runs.binding import invocation_seconds
 
 TABLE_FIELDS = ("method", "status", "best_step", "images_seen_mimg", "fid", "isc", "num_samples",
                 "feature_extractor", "training_hours", "steps_done", "steps_planned")
@@ -75,7 +77,7 @@ def summarise_run(run_dir: str | Path, label: str | None = None) -> dict:
     run_dir = Path(run_dir)
     row = {"method": label or run_dir.name, "run": str(run_dir)}
     if not run_dir.is_dir():
-        return row | {"status": "missing"}
+        return row | {"status": "missing", "reason": f"no run folder at {run_dir.resolve()}"}
     metrics = read_json_lines(RunLayout(run_dir).metrics)
     steps_done = metrics[-1]["step"] if metrics else 0
     planned = _planned_steps(run_dir)
@@ -92,8 +94,14 @@ def summarise_run(run_dir: str | Path, label: str | None = None) -> dict:
                 "images_seen_mimg": None if images is None else round(images / 1e6, 3)}
     finished = planned is not None and steps_done >= planned
     row["status"] = "complete" if finished and evaluations else (
-        "partial: not evaluated" if finished else f"partial: {steps_done} of {planned} steps"
+        "not evaluated yet" if finished else f"partial: {steps_done} of {planned} steps"
         + ("" if evaluations else ", not evaluated"))
+    evaluate = f"python evaluate.py run_dir={run_dir.resolve()}"
+    if not finished:
+        row["reason"] = (f"partial: {steps_done} of {planned} steps at {run_dir.resolve()} (its train.py command, "
+                         f"run again, continues)" + ("" if evaluations else f", then {evaluate}"))
+    elif not evaluations:
+        row["reason"] = f"not evaluated yet: {evaluate}"
     return row
 
 
@@ -108,7 +116,7 @@ def table(rows: Sequence[Mapping], title: str) -> str:
         lines.append(f"| {row['method']} | {fid} | {isc} | {row.get('num_samples') or '-'} "
                      f"({row.get('feature_extractor') or '-'}) | {row.get('images_seen_mimg', '-')} | "
                      f"{row.get('training_hours', '-')} | {row['status']} | "
-                     f"{'%.2f / %.2f' % (reported.fid, reported.isc) if reported else '-'} |")
+                     f"{f'{reported.fid:.2f} / {reported.isc:.2f}' if reported else '-'} |")
     return "\n".join(lines)
 
 
@@ -207,3 +215,48 @@ def build_report(train_root: str | Path, out: str | Path, multirun_root: str | P
         else:
             result[paper.FIGURE5.name] = "missing"
     return result
+
+
+def report_summary(result: Mapping, out: str | Path, train_root: str | Path, multirun_root: str | Path | None = None,
+                   tswitch_dir: str | Path | None = None, scale: str = "paper") -> list[str]:
+    """What :func:`build_report` wrote (absolute paths) and why each missing row or figure is missing.
+
+    Lines to print after a report: ``wrote FOLDER: files``, one line per row or figure that is not complete
+    (``<table> <method>: <reason>``), and, when every paper-scale run is missing but digits runs exist,
+    the ``--scale digits`` command that reports them.
+    """
+    out, train_root = Path(out).resolve(), Path(train_root)
+    written, problems = [], []
+    for spec in (*paper.TABLES, paper.TABLE1_DIGITS):
+        rows = result.get(spec.name)
+        if not isinstance(rows, list) or f"{spec.name}.md" in written:
+            continue
+        written += [f"{spec.name}.md", f"{spec.name}.csv"]
+        problems += [f"{spec.name} {row['method']}: {row['reason']}" for row in rows if row.get("reason")]
+    for panel in paper.FIGURE4.panels:
+        if panel.experiment not in result:
+            continue
+        written.append(f"{panel.experiment}.png")
+        sweep = Path(multirun_root) / panel.experiment
+        if not sweep_runs(sweep):
+            problems.append(f"{panel.experiment}: " + (f"no run folders in {sweep.resolve()}" if sweep.is_dir()
+                                                         else f"no sweep folder at {sweep.resolve()}"))
+    figure5 = result.get(paper.FIGURE5.name)
+    if isinstance(figure5, list):
+        written += [f"{paper.FIGURE5.name}.png", RunLayout(out).tswitch_table.name]
+    elif figure5 == "missing":
+        problems.append(f"{paper.FIGURE5.name}: no {RunLayout(tswitch_dir).tswitch_table.name} at "
+                        f"{RunLayout(tswitch_dir).tswitch_table.resolve()}")
+    elif tswitch_dir is None:
+        problems.append(f"{paper.FIGURE5.name}: not drawn; pass --tswitch <output folder of evaluate.py "
+                        f"experiment={paper.FIGURE5.experiment}>")
+    lines = [f"wrote {out}: {', '.join(written)}"]
+    if problems:
+        lines += ["not complete:"] + [f"  {problem}" for problem in problems]
+    paper_rows = [row for spec in paper.TABLES for row in result.get(spec.name) or [] if isinstance(row, dict)]
+    digits_runs = [m.experiment for m in paper.TABLE1_DIGITS.methods if (train_root / m.experiment).is_dir()]
+    if scale == "paper" and paper_rows and all(row["status"] == "missing" for row in paper_rows) and digits_runs:
+        train = "" if train_root == Path("outputs/train") else f" --train {train_root}"
+        lines.append(f"no paper-scale run folder exists in {train_root.resolve()}, but digits runs do "
+                     f"({', '.join(digits_runs)}): python scripts/report.py --scale digits{train}")
+    return lines

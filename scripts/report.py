@@ -5,7 +5,9 @@
 Writes table1.md/.csv (Table 1: iCT, iCT + STF, iCT + KNN), table2.md/.csv (Table 2: EDM, STF, EDM + KNN),
 figure4_k.png / figure4_n.png (FID against training images for the ablation sweeps) and figure5.png (FID
 against t_switch, from evaluate.py experiment=tswitch_sweep's folder). Runs that are missing or unfinished
-are marked so, never filled in. Each row is the run's minimum-FID evaluated checkpoint (evaluate.py).
+are marked so, never filled in. Each row is the run's minimum-FID evaluated checkpoint (evaluate.py). Ends
+with the files written and, for each missing row or figure, why (no run folder at PATH, partial: N of M
+steps, not evaluated yet and the evaluate.py command).
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import argparse
 from pathlib import Path
 
 from knn_cm import paper
-from knn_cm.report import SCALES, build_report
+from knn_cm.report import SCALES, build_report, report_summary
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", default="outputs/train", help="folder of training run folders (run_name = experiment)")
+    parser.add_argument("--train", default="outputs/train",
+                        help="folder of training run folders (run_name = experiment)")
     parser.add_argument("--multirun", default="multirun/train",
                         help=f"folder of sweep folders ({', '.join(p.experiment for p in paper.FIGURE4.panels)}); "
                              "\"\" to skip Figure 4")
@@ -33,8 +36,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     result = build_report(args.train, args.out, args.multirun or None, args.tswitch, scale=args.scale)
     for name in dict.fromkeys(table.name for table in (*paper.TABLES, paper.TABLE1_DIGITS)):
-        if (Path(args.out) / f"{name}.md").exists():
+        if name in result and (Path(args.out) / f"{name}.md").exists():
             print((Path(args.out) / f"{name}.md").read_text())
+    # Last: what was written and why each missing piece is missing (with the next command where one helps).
+    print("\n".join(report_summary(result, args.out, args.train, args.multirun or None, args.tswitch,
+                                   scale=args.scale)))
     return result
 
 

@@ -73,3 +73,57 @@ def test_training_hours_count_each_invocation_once_at_its_newest_line(tmp_path):
     RunLayout(folder).invocations.write_text(text)
     assert invocation_seconds(folder) == 5400.0 + 1440.0
     assert summarise_run(folder)["training_hours"] == 1.9
+
+
+# ------------------------------------------------------------------ issue 21, item 3: the report says what it made
+def _report_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("report_script", Path(__file__).resolve().parents[1]
+                                                  / "scripts" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _training_run(folder: Path, max_steps: int, steps_done: int, fid: float | None) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"trainer:\n  max_steps: {max_steps}\n")
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": steps_done, "seconds_per_step": 1.0}) + "\n")
+    if fid is not None:
+        (folder / "evaluation.jsonl").write_text(json.dumps(_evaluation(0, 1000, steps_done, fid)) + "\n")
+
+
+def test_the_report_ends_with_what_it_wrote_and_why_rows_are_missing(tmp_path, monkeypatch, capsys):
+    """Run from a fresh folder beside a quickstart run: the last lines name the report folder and its files,
+    each missing row's reason (the folder looked for, N of M steps, the evaluate.py command), Figure 5's
+    missing --tswitch, and the --scale digits command (paper-scale runs all missing, a digits run present)."""
+    monkeypatch.chdir(tmp_path)
+    _training_run(tmp_path / "outputs" / "train" / "quickstart", 1600, 1600, 14.6)
+    _report_main()([])
+    lines = capsys.readouterr().out.splitlines()
+    train, report = tmp_path / "outputs" / "train", tmp_path / "report"
+    summary = lines[lines.index(f"wrote {report}: table1.md, table1.csv, table2.md, table2.csv, figure4_k.png, "
+                                "figure4_n.png"):]
+    assert f"  table1 iCT (reimplemented): no run folder at {train / 'ict'}" in summary
+    assert f"  table2 EDM + KNN (ours): no run folder at {train / 'edm_knn'}" in summary
+    assert f"  figure4_k: no sweep folder at {tmp_path / 'multirun' / 'train' / 'figure4_k'}" in summary
+    assert any(line.startswith("  figure5: not drawn; pass --tswitch") for line in summary)
+    assert summary[-1] == (f"no paper-scale run folder exists in {train}, but digits runs do (quickstart): "
+                           "python scripts/report.py --scale digits")
+    assert all(path.exists() for path in (report / "table1.md", report / "figure4_n.png"))
+
+    # At digits scale: the quickstart row is complete, a partial run and a finished, unevaluated one say why.
+    _training_run(train / "digits_ict", 1600, 800, 20.0)
+    _training_run(train / "digits_ict_stf", 1600, 1600, None)
+    _report_main()(["--scale", "digits", "--multirun", "", "--out", "small"])
+    lines = capsys.readouterr().out.splitlines()
+    summary = lines[lines.index(f"wrote {tmp_path / 'small'}: table1.md, table1.csv"):]
+    assert summary[1:] == [
+        "not complete:",
+        f"  table1 iCT: partial: 800 of 1600 steps at {train / 'digits_ict'} (its train.py command, run again, "
+        "continues)",
+        f"  table1 iCT + STF: not evaluated yet: python evaluate.py run_dir={train / 'digits_ict_stf'}",
+        "  figure5: not drawn; pass --tswitch <output folder of evaluate.py experiment=tswitch_sweep>"]
+    assert "--scale digits" not in "\n".join(summary)
+    assert "| iCT + STF | - | - |" in "\n".join(lines) and "not evaluated yet |" in "\n".join(lines)
