@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 
 
 class WandbLogger:
     """Weights & Biases logging that resumes the same run after a restart.
 
     The run id is stored in ``<run>/wandb_id.txt`` so a requeued job continues the same wandb run.
-    ``mode`` "offline" (the default unless configured) writes locally under ``<run>/wandb``; sync later
-    with ``wandb sync``. Only rank 0 logs.
+    ``mode`` "offline" (the default unless configured) writes locally under ``<run>/wandb``, one
+    ``offline-run-<time>-<id>`` folder per invocation, and says so once when it starts, with the
+    ``wandb sync`` command that uploads every invocation of the run. Only rank 0 logs (the apps make the
+    logger there only).
     """
 
     def __init__(self, run_dir: str | Path, config: dict, project: str = "knn-cm", entity: str | None = None,
@@ -27,6 +31,8 @@ class WandbLogger:
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(project=project, entity=entity, mode=mode, id=run_id, resume="allow",
                               dir=str(run_dir), config=config, name=name or run_dir.name, tags=tags)
+        if mode == "offline":
+            log.info(offline_message(Path(self.run.dir).parent, run_id))
 
     def log(self, record: dict) -> None:
         self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
@@ -38,6 +44,14 @@ class WandbLogger:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def offline_message(offline_run: Path, run_id: str) -> str:
+    """Where an offline wandb run is and how to upload it: every invocation's ``offline-run-*-<id>`` folder
+    beside ``offline_run`` belongs to the same wandb run, so one ``wandb sync`` of the glob sends them all."""
+    offline_run = offline_run.resolve()
+    return (f"wandb (offline): run {run_id} logs into {offline_run}; upload this run (every invocation) with: "
+            f"wandb sync {offline_run.parent}/offline-run-*-{run_id}")
 
 
 class NullLogger:
