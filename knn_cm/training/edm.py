@@ -6,7 +6,7 @@ ln sigma ~ N(P_mean, P_std^2), weight lambda(sigma) = (sigma^2 + sd^2) / (sigma 
 
 With ``augment`` (EDM's CIFAR-10 recipe: p 0.12, 9 labels), the sources are augmented first, the network
 gets the augmentation labels (``augment_dim``), and the target is the estimator's estimate of the posterior
-mean over the augmented distribution (``knn_cm.training.augment_targets``).
+mean over the augmented distribution (``knn_cm.estimators.augmented``).
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from knn_cm.estimators.augmented import augmented_target
 from knn_cm.models.dropout import active_dropout_seed
 from knn_cm.training.augment import AugmentPipe
-from knn_cm.estimators.augmented import augmented_target
 from knn_cm.training.stage_timer import StageTimer
-
 
 # Distinguishes the augmentation's stream from the dropout masks drawn under the same micro-step seed.
 _AUGMENT_STREAM = 0x5DEECE66D
