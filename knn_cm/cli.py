@@ -1,0 +1,215 @@
+"""The apps' command-line edge: one-line errors, no folder left by a failed call, experiments kept to their app.
+
+    if __name__ == "__main__":
+        run_app(main, __file__)          # train.py, sample.py, evaluate.py, evaluate_estimators.py
+
+An error of a known kind prints ``error: <message>`` and at most one ``hint: <what to do>`` line on stderr and
+exits with status 1. Known kinds are the ones raised on purpose with a message for the user: ``ValueError``
+(bad settings, unreadable files), ``OSError`` (missing files), every exception class the project defines (a
+refused run folder, a diverged loss, unavailable Inception weights, a failed sweep, ...), and Hydra's and
+OmegaConf's errors of a config that does not compose (a typed setting of the wrong type, an unknown config).
+Anything else is a bug and keeps its traceback; ``HYDRA_FULL_ERROR=1`` keeps every traceback. An exception's
+first note (``error.add_note(...)``) is its hint.
+
+Two pieces, because Hydra reports errors in two places: :func:`run_app` wraps the whole app (a config that does not
+compose, an experiment of another app, a sweep that is refused or fails), and :func:`one_line_errors` wraps the
+task inside ``@hydra.main`` (Hydra would otherwise print its own line before the task's exception reaches the
+app). So that Hydra hands exceptions over instead of printing them, :func:`run_app` sets ``HYDRA_FULL_ERROR=1``
+for the process and marks that it did (``KNN_CM_SHORT_ERRORS``, inherited by the processes a launcher starts,
+which then still print one line).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+from hydra.errors import CompactHydraException, InstantiationException, MissingConfigException
+from omegaconf.errors import OmegaConfBaseException
+
+FULL_ERROR = "HYDRA_FULL_ERROR"
+SHORT_ERRORS = "KNN_CM_SHORT_ERRORS"  # set by the edge, not by the user: HYDRA_FULL_ERROR=1 is the edge's own
+KNOWN_ERRORS = (ValueError, OSError, CompactHydraException, OmegaConfBaseException)
+APPS = ("train.py", "evaluate.py", "evaluate_estimators.py")  # the apps with an experiment group
+
+
+def is_known(error: BaseException) -> bool:
+    """Whether ``error`` was raised on purpose with a message for the user (the module docstring)."""
+    module = type(error).__module__
+    ours = module.split(".")[0] == "knn_cm" or module.startswith("hydra_plugins.knn_cm")
+    return isinstance(error, KNOWN_ERRORS) or ours
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+
+def describe(error: BaseException) -> tuple[str, str | None]:
+    """(the one-line message, a hint or None) for a known error."""
+    notes = getattr(error, "__notes__", None) or []
+    hint = _first_line(notes[0]) if notes else None
+    cause = error.__cause__
+    if isinstance(error, MissingConfigException) and error.options:
+        return _first_line(error), hint or f"available: {', '.join(sorted(error.options))}"
+    if isinstance(error, InstantiationException) and cause is not None:
+        key = next((line.split(":", 1)[1].strip() for line in str(error).splitlines() if "full_key:" in line), None)
+        message, cause_hint = describe(cause)
+        return (f"{key}: {message}" if key else message), hint or cause_hint
+    if isinstance(error, CompactHydraException) and isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None)  # a typed setting refused while the override was merged
+        return f"{key or _first_line(error)}: {_first_line(cause)}", hint
+    if isinstance(error, OmegaConfBaseException) and getattr(error, "full_key", None):
+        return f"{error.full_key}: {_first_line(error)}", hint
+    return _first_line(error) or type(error).__name__, hint
+
+
+def report(error: BaseException, stream=None) -> None:
+    """Write ``error: <message>`` (and ``hint: ...``) to ``stream`` (stderr)."""
+    stream = stream or sys.stderr
+    message, hint = describe(error)
+    stream.write(f"error: {message}\n" + (f"hint: {hint}\n" if hint else ""))
+    stream.flush()
+
+
+def tracebacks_wanted() -> bool:
+    """Whether the user asked for full tracebacks (HYDRA_FULL_ERROR=1 set by them, not by the edge)."""
+    return os.environ.get(FULL_ERROR) == "1" and os.environ.get(SHORT_ERRORS) != "1"
+
+
+def run_app(main: Callable[[], object], app_file: str, argv: list[str] | None = None) -> None:
+    """Run an app's ``@hydra.main`` function with the edge's error handling (the module docstring)."""
+    app_file = Path(app_file)
+    argv = sys.argv[1:] if argv is None else argv
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build faiss loaded is no news to a user
+    if tracebacks_wanted():
+        check_experiment_app(app_file.name, app_file.parent / "configs", argv)
+        main()
+        return
+    os.environ[FULL_ERROR] = os.environ[SHORT_ERRORS] = "1"
+    try:
+        check_experiment_app(app_file.name, app_file.parent / "configs", argv)
+        main()
+    except Exception as error:
+        if not is_known(error):
+            raise
+        report(error)
+        sys.exit(1)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Inside a Hydra task: report a known error in one line and exit with status 1. In a sweep the error is left
+    to the sweeper, which lists every job's outcome; with HYDRA_FULL_ERROR=1 (the user's) it keeps its traceback."""
+    try:
+        yield
+    except Exception as error:
+        if not is_known(error) or tracebacks_wanted() or _in_sweep():
+            raise
+        report(error)
+        sys.exit(1)
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+# ------------------------------------------------------------------------------------------------ experiments
+def experiment_app(configs: Path, name: str) -> str | None:
+    """The app an experiment belongs to (None when ``configs/experiment/<name>.yaml`` does not exist).
+
+    Study experiments live under ``experiment/estimators/`` (evaluate_estimators.py); evaluation experiments set
+    ``task`` (evaluate.py); training experiments configure ``trainer``, ``model`` or ``estimator`` (train.py), or
+    extend one that does.
+    """
+    path = configs / "experiment" / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    if name.startswith("estimators/"):
+        return "evaluate_estimators.py"
+    data = yaml.safe_load(path.read_text()) or {}
+    if "task" in data:
+        return "evaluate.py"
+    for parent in data.get("defaults") or []:  # an experiment extending another of the same group
+        if isinstance(parent, str) and parent != "_self_" and not parent.startswith("/"):
+            owner = experiment_app(configs, parent)
+            if owner is not None:
+                return owner
+    return "train.py"
+
+
+def _experiment_values(argv: list[str]) -> list[str]:
+    """The experiments named on a command line (``experiment=a`` or a sweep ``experiment=a,b``)."""
+    values = []
+    for argument in argv:
+        key, _, value = argument.partition("=")
+        if key.lstrip("+") == "experiment" and value and "(" not in value:
+            values += [part.strip().strip("'\"") for part in value.split(",") if part.strip()]
+    return values
+
+
+def check_experiment_app(app: str, configs: Path, argv: list[str]) -> None:
+    """Refuse an experiment of another app before Hydra composes it (a ValueError naming the right command)."""
+    if app not in APPS:
+        return
+    for name in _experiment_values(argv):
+        owner = experiment_app(configs, name)
+        if owner is not None and owner != app:
+            why = {"evaluate.py": "it sets task", "evaluate_estimators.py": "it lives under experiment/estimators/",
+                   "train.py": "it configures training"}[owner]
+            error = ValueError(f"experiment={name} is an experiment of {owner} ({why}), not of {app}")
+            error.add_note(f"python {owner} experiment={name}")
+            raise error
+
+
+# ------------------------------------------------------------------------------------------------ output folders
+def _holds_only_hydra_files(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but what Hydra wrote before the task started (its job log, .hydra/)."""
+    return all(entry.name == ".hydra" or (entry.suffix == ".log" and entry.is_file()) for entry in folder.iterdir())
+
+
+@contextmanager
+def removed_on_failure(folder: str | Path) -> Iterator[Path]:
+    """Remove ``folder`` (and the empty folders above it, up to the working directory) when the body fails and
+    the folder is this call's own: absent, or holding only Hydra's job log when the body started. A folder that
+    held anything else (a run folder, a folder the user named) is left as it is."""
+    folder = Path(folder).absolute()
+    fresh = not folder.exists() or (folder.is_dir() and _holds_only_hydra_files(folder))
+    try:
+        yield folder
+    except BaseException:
+        if fresh and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            _remove_empty_parents(folder)
+        raise
+
+
+def _remove_empty_parents(folder: Path) -> None:
+    """rmdir the empty folders above ``folder`` that lie inside the working directory (outputs/sample/...)."""
+    cwd = Path.cwd().absolute()
+    parent = folder.parent
+    while parent != cwd and cwd in parent.parents:
+        try:
+            parent.rmdir()
+        except OSError:  # not empty (or not ours to remove)
+            return
+        parent = parent.parent
+
+
+def given_on_command_line(key: str) -> bool:
+    """Whether this invocation's overrides set ``key`` or a key under it (``dataset=cifar10``,
+    ``dataset.path=...``); False outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    names = (override.split("=", 1)[0].lstrip("+~") for override in HydraConfig.get().overrides.task)
+    return any(name == key or name.startswith(key + ".") for name in names)
