@@ -110,7 +110,7 @@ def test_evaluation_configs_compose():
     config = _compose("evaluate", ["experiment=tswitch_sweep"])
     assert config.task == "tswitch" and config.num_samples == 50000 and config.dataset.name == "cifar10"
     assert set(config.tswitch.estimators) == {"knn", "stf"} and config.tswitch.include_forward
-    assert _compose("evaluate", []).metrics.feature_extractor == "inception"
+    assert _compose("evaluate", []).metrics.feature_extractor == "auto"  # digits features for digits, else Inception
     with pytest.raises(ValueError, match="unknown task"):
         evaluate.run(_compose("evaluate", ["task=nope"]), Path("/tmp/unused"))
 
@@ -197,7 +197,8 @@ def no_sampling(monkeypatch):
 def test_missing_inception_weights_fail_before_any_sample(run_copy, tmp_path, no_sampling):
     """`python evaluate.py run_dir=... metrics.inception_weights=PATH` (default: 50,000 samples) with no file."""
     with pytest.raises(InceptionWeightsUnavailable) as error:
-        _evaluate(run_copy, f"metrics.inception_weights={tmp_path / 'absent.pth'}", fast=False)
+        _evaluate(run_copy, "metrics.feature_extractor=inception",
+                  f"metrics.inception_weights={tmp_path / 'absent.pth'}", fast=False)
     assert "metrics.inception_weights=PATH" in str(error.value) and "download it once" in str(error.value)
     assert not (run_copy / "evaluation.jsonl").exists()
 
@@ -206,7 +207,7 @@ def test_offline_inception_download_fails_before_any_sample(run_copy, tmp_path, 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setattr(feature_extractors, "INCEPTION_URL", f"http://127.0.0.1:9/{INCEPTION_FILENAME}")
     with pytest.raises(InceptionWeightsUnavailable) as error:
-        _evaluate(run_copy, fast=False)
+        _evaluate(run_copy, "metrics.feature_extractor=inception", fast=False)
     assert "metrics.inception_weights=PATH" in str(error.value) and "downloading it failed" in str(error.value)
     assert not (run_copy / "evaluation.jsonl").exists()
 
