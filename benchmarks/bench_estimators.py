@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_seconds, machine, matmul_peak, peak_rss_gb  # noqa: E402
+from common import interleaved_seconds, machine, matmul_peak, peak_rss_gb
 
-from knn_cm.data import DataStore, load_image_folder  # noqa: E402
-from knn_cm.estimators import make_estimator  # noqa: E402
-from knn_cm.search import build_index  # noqa: E402
+from knn_cm.data import DataStore, load_image_folder
+from knn_cm.estimators import make_estimator
+from knn_cm.search import build_index
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 DEFAULT_METHODS = ["ivf:1024:4", "ivf:1024:16", "pca:64:512", "ivfpca:64:1024:16:512", "ivfpca:64:1024:64:512"]
@@ -54,7 +54,8 @@ def build_method(store, method: str, device):
         dim, nlist, nprobe, rerank = values
         nlist = min(nlist, len(store) // 39)
         return (f"ivfpca{dim}_n{nlist}_p{nprobe}_r{rerank}",
-                build_index(store, "ivf", nlist=nlist, nprobe=min(nprobe, nlist), project_dim=dim, rerank=rerank or None))
+                build_index(store, "ivf", nlist=nlist, nprobe=min(nprobe, nlist), project_dim=dim,
+                            rerank=rerank or None))
     raise ValueError(f"unknown method {method!r}: use ivf:NLIST:NPROBE, pca:M:RERANK or ivfpca:M:NLIST:NPROBE:RERANK")
 
 
@@ -109,7 +110,7 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         flat = build_index(store, "torch", device=device)
         flats = {"torch": flat}
-        if faiss_gpu := hasattr(faiss, "StandardGpuResources"):
+        if hasattr(faiss, "StandardGpuResources"):  # machine() records which
             flats["faiss_gpu"] = build_index(store, "flat", device=device)
         flats["faiss_cpu"] = build_index(store, "flat", device="cpu")
     else:
@@ -146,9 +147,11 @@ def main(argv=None) -> dict:
         z = x + t * eps
         zf = z.reshape(batch, -1)
         reference = exact(z, t)
-        functions = {f"search_{name}": (lambda index=index: index.search(zf, args.k)) for name, index in flats.items()}
-        functions |= {name: (lambda est=est: est(z, t, x=x, generator=generator)) for name, est in estimators.items()}
-        functions["exact"] = lambda: exact(z, t)
+        functions = {f"search_{name}": (lambda index=index, zf=zf: index.search(zf, args.k))
+                     for name, index in flats.items()}
+        functions |= {name: (lambda est=est, z=z, t=t: est(z, t, x=x, generator=generator))
+                      for name, est in estimators.items()}
+        functions["exact"] = lambda z=z, t=t: exact(z, t)
         seconds = interleaved_seconds(functions, args.repeats, device)
         search_name = "search_torch" if device.type == "cuda" else "search_faiss_cpu"
         entry = {name: rate(value, batch, 4 * batch * size * dim if name == "exact" else None, peak["gflops"])
@@ -167,7 +170,8 @@ def main(argv=None) -> dict:
             method["speedup_vs_knn_flat"] = seconds["knn_flat"] / seconds[f"knn_{name}"]
             # Both are exact to rounding (~1e-15) where the posterior is a point mass: floor the divisor.
             method["mse_vs_knn_flat_mse"] = method["mse_vs_exact"] / max(flat_mse, 1e-12)
-        entry["stf"]["mse_vs_exact"] = (estimators["stf"](z, t, x=x, generator=generator) - reference).square().mean().item()
+        stf_estimate = estimators["stf"](z, t, x=x, generator=generator)
+        entry["stf"]["mse_vs_exact"] = (stf_estimate - reference).square().mean().item()
         result["per_t"][f"{t:g}"] = entry
         print(f"t={t:g}: knn/search {knn_flat['cost_vs_flat_search']:.3f}", file=sys.stderr, flush=True)
 
@@ -180,7 +184,8 @@ def main(argv=None) -> dict:
                                                    for t, e in per_t.items() if "knn_torch" in e},
         "exact_fraction_of_peak_min": min(e["exact"]["fraction_of_peak"] for e in per_t.values()),
         "approximate_front_speedup_and_mse_ratio_per_t": {
-            name: {t: [round(e[f"knn_{name}"]["speedup_vs_knn_flat"], 2), round(e[f"knn_{name}"]["mse_vs_knn_flat_mse"], 2)]
+            name: {t: [round(e[f"knn_{name}"]["speedup_vs_knn_flat"], 2),
+                       round(e[f"knn_{name}"]["mse_vs_knn_flat_mse"], 2)]
                    for t, e in per_t.items()} for name in methods},
     }
     result["peak_rss_gb"] = peak_rss_gb()

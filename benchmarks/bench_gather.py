@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_seconds, machine  # noqa: E402
+from common import best_seconds, machine
 
-from knn_cm.data import DataStore  # noqa: E402
-from knn_cm.estimators.snis import snis_mean  # noqa: E402
+from knn_cm.data import DataStore
+from knn_cm.estimators.snis import snis_mean
 
 
 def main(argv=None) -> dict:

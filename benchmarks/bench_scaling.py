@@ -47,14 +47,12 @@ def _mapped_store(args):
 
 def run_one(args) -> dict:
     """One N, in this process: the measurements of the module docstring."""
+    import faiss
     import torch
-
     from common import interleaved_seconds, machine, peak_rss_gb
 
     from knn_cm.estimators import make_estimator
     from knn_cm.search import build_index
-
-    import faiss
 
     faiss.omp_set_num_threads(args.threads)
     images, store = _mapped_store(args)
@@ -79,7 +77,8 @@ def run_one(args) -> dict:
         indexes[name] = index
         out[f"{name}_build_s"] = time.perf_counter() - started
         out[f"{name}_nlist"] = index.spec.nlist
-    estimators = {name: make_estimator("knn", store, index=index, k=args.k, n=args.n) for name, index in indexes.items()}
+    estimators = {name: make_estimator("knn", store, index=index, k=args.k, n=args.n)
+                  for name, index in indexes.items()}
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, len(store), (args.batch,), generator=generator)
     x = store.float(ids)
@@ -106,7 +105,6 @@ def run_one(args) -> dict:
 def run_search_only(args) -> dict:
     """One N, in this process: the store (memory-mapped) and the flat torch index only, one ``knn`` call."""
     import torch
-
     from common import peak_rss_gb
 
     from knn_cm.estimators import make_estimator
@@ -165,7 +163,8 @@ def plot(result: dict, path: Path) -> None:
         axis.loglog(sizes, values, "o-", label=f"knn {name} (N^{result['exponents'][name]:.2f})")
     axis.set_xlabel("N (elements)")
     axis.set_ylabel("ms per query")
-    axis.set_title(f"knn per-query cost, k {result['settings']['k']}, n {result['settings']['n']}, t {result['settings']['timing_t']:g}")
+    settings = result["settings"]
+    axis.set_title(f"knn per-query cost, k {settings['k']}, n {settings['n']}, t {settings['timing_t']:g}")
     axis.legend(fontsize=7)
     axis.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
@@ -178,8 +177,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 100_000, 200_000, 500_000, 1_000_000])
     parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS,
-                        help="ivfpca:M:NLIST:NPROBE:RERANK (faiss IVF over M components; NLIST or NPROBE 0: the defaults "
-                             "4 sqrt(N) and NLIST / 16) or pca:M:RERANK (torch)")
+                        help="ivfpca:M:NLIST:NPROBE:RERANK (faiss IVF over M components; NLIST or NPROBE 0: "
+                             "the defaults 4 sqrt(N) and NLIST / 16) or pca:M:RERANK (torch)")
     parser.add_argument("--images", default="/tmp/knn_cm_scaling_images.npy", help="generated data (reused if present)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128)
@@ -249,7 +248,8 @@ def main(argv=None) -> dict:
             name: {t: round(v[name] / max(v["flat"], 1e-12), 2) for t, v in largest_mse["mse_vs_exact"].items()}
             for name in names if name != "flat"},
         "approximate_exponent (target <= 0.5)": {n: e for n, e in result.get("exponents", {}).items() if n != "flat"},
-        "search_only_peak_rss_gb (target: a 1M x 3072 store searches within 6 GB)": largest["search_only"]["peak_rss_gb"],
+        "search_only_peak_rss_gb (target: a 1M x 3072 store searches within 6 GB)":
+            largest["search_only"]["peak_rss_gb"],
         "whole_benchmark_peak_rss_gb (approximate indexes and exact reference included)": largest["peak_rss_gb"],
     }
     if args.plot and len(sizes) > 1:

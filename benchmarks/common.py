@@ -57,7 +57,7 @@ def matmul_peak(device="cpu", shapes=None, repeats: int = 3, dtype=torch.float32
     for m, k, n in shapes:
         a = torch.randn(m, k, device=device, dtype=dtype)
         b = torch.randn(n, k, device=device, dtype=dtype).T  # rows-major data, as the estimators use it
-        seconds = best_seconds(lambda: a @ b, repeats, device)
+        seconds = best_seconds(lambda a=a, b=b: a @ b, repeats, device)
         per_shape[f"{m}x{k}x{n}"] = 2 * m * k * n / seconds / 1e9
     return {"gflops": max(per_shape.values()), "per_shape": per_shape}
 

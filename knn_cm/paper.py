@@ -171,9 +171,11 @@ class SeededSweep:
     def __post_init__(self) -> None:
         experiments = {method.experiment for method in self.methods}
         if len({tuple(o.partition("=")[0] for o in method.overrides) for method in self.methods}) > 1:
-            raise ValueError(f"seeded sweep of {sorted(experiments)}: every method must override the same keys (a grid)")
+            raise ValueError(f"seeded sweep of {sorted(experiments)}: every method must override the same keys "
+                             "(a grid)")
         if self.folder is None and any(method.overrides != self.methods[0].overrides for method in self.methods):
-            raise ValueError(f"seeded sweep of {sorted(experiments)}: methods of several experiments must share their overrides")
+            raise ValueError(f"seeded sweep of {sorted(experiments)}: methods of several experiments must share "
+                             "their overrides")
         if self.folder is not None and len(experiments) != 1:
             raise ValueError(f"seeded sweep {self.folder}: one experiment per named sweep folder, got {experiments}")
         if len(self.swept()) > 1:

@@ -30,7 +30,7 @@ from knn_cm.data import load_image_folder
 from knn_cm.estimators import make_estimator
 from knn_cm.estimators.augmented import augmented_target
 from knn_cm.search import build_index
-from knn_cm.training.augment import EDM_CIFAR10, AugmentPipe, Augmentation
+from knn_cm.training.augment import EDM_CIFAR10, Augmentation, AugmentPipe
 
 TIMES = (1.0, 2.0, 5.0, 10.0, 20.0, 40.0)
 
@@ -67,7 +67,6 @@ def main(argv=None) -> None:
 
     store = load_image_folder(args.data, subfolder="train", channels=3, name="cifar10_jpeg")
     data = store.float(torch.arange(len(store)))                       # [N, 3, 32, 32]
-    rows = data.reshape(len(store), -1)
     knn = make_estimator("knn", store, index=build_index(store, "flat"), k=2048, n=256)
     log(f"data and index ready ({time.perf_counter() - started:.0f} s)")
     pipe = AugmentPipe(**EDM_CIFAR10)
@@ -87,11 +86,13 @@ def main(argv=None) -> None:
         errors = {"orthogonal": {"rule": [], "unaugmented": []},
                   "resampled": {"rule": [], "unaugmented": [], "knn_ignoring_resampling": []}}
         # Flipped (or untouched) images: the data transformed by each of the flip combinations present.
-        for flips in {(bool(a), bool(b)) for a, b in zip(augmentation.xflip[orthogonal], augmentation.yflip[orthogonal])}:
+        flip_pairs = zip(augmentation.xflip[orthogonal], augmentation.yflip[orthogonal])
+        for flips in {(bool(a), bool(b)) for a, b in flip_pairs}:
             chosen = orthogonal & (augmentation.xflip == flips[0]) & (augmentation.yflip == flips[1])
             transformed = data.flip(3) if flips[0] else data
             transformed = transformed.flip(2) if flips[1] else transformed
-            reference = posterior_mean(z[chosen].reshape(int(chosen.sum()), -1), t, transformed.reshape(len(store), -1))
+            reference = posterior_mean(z[chosen].reshape(int(chosen.sum()), -1), t,
+                                       transformed.reshape(len(store), -1))
             for name, estimate in (("rule", rule), ("unaugmented", unaugmented)):
                 error = (estimate[chosen].reshape(reference.shape).double() - reference).square().mean(dim=1)
                 errors["orthogonal"][name].extend(error.tolist())
@@ -102,8 +103,10 @@ def main(argv=None) -> None:
             transformed = pipe._resample(transformed, augmentation.inverse_map[i : i + 1].expand(len(store), 3, 3),
                                          augmentation.resampled[i : i + 1].expand(len(store)))
             reference = posterior_mean(z[i : i + 1].reshape(1, -1), t, transformed.reshape(len(store), -1))
-            for name, estimate in (("rule", rule), ("unaugmented", unaugmented), ("knn_ignoring_resampling", ignoring)):
-                errors["resampled"][name].append(float((estimate[i].reshape(1, -1).double() - reference).square().mean()))
+            for name, estimate in (("rule", rule), ("unaugmented", unaugmented),
+                                   ("knn_ignoring_resampling", ignoring)):
+                error = (estimate[i].reshape(1, -1).double() - reference).square().mean()
+                errors["resampled"][name].append(float(error))
         row = {"t": t, "orthogonal_count": len(errors["orthogonal"]["rule"]),
                "resampled_count": len(errors["resampled"]["rule"]),
                "resampled_share": float((~orthogonal).float().mean())}
@@ -116,10 +119,12 @@ def main(argv=None) -> None:
     seconds = time.perf_counter() - started
     lines = [f"# EDM targets under augmentation against the exact augmented posterior mean (CIFAR-10, N {len(store)})",
              "", f"`python scripts/augment_target_error.py --sources {args.sources} --resampled {args.resampled} "
-             f"--times {' '.join(f'{t:g}' for t in args.times)} --seed {args.seed}` ({seconds:.0f} s on 2 shared CPU cores). Per-pixel MSE of each target against the exact posterior mean "
+             f"--times {' '.join(f'{t:g}' for t in args.times)} --seed {args.seed}` ({seconds:.0f} s on 2 shared "
+             "CPU cores). Per-pixel MSE of each target against the exact posterior mean "
              "over the augmented data given the transform; KNN k 2048, n 256.", "",
              "| t | flips only: rule (KNN on T^-1 z) | flips only: unaugmented KNN | resampled: rule (T x) | "
-             "resampled: unaugmented KNN | resampled: KNN ignoring the resampling | resampled share | scored (flips / resampled) |",
+             "resampled: unaugmented KNN | resampled: KNN ignoring the resampling | resampled share | "
+             "scored (flips / resampled) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in results:
         lines.append(f"| {row['t']:g} | {row['orthogonal_rule']:.3g} | {row['orthogonal_unaugmented']:.3g} | "

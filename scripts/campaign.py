@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from knn_cm.launch.campaign import SCALES, describe, plan, submit  # noqa: E402
+from knn_cm.launch.campaign import SCALES, describe, plan, submit
 
 
 def main(argv=None) -> dict[str, str] | None:

@@ -5,7 +5,8 @@
 
 The output holds the EMA network's state dict (EDM's parameter names), the SongUNet keyword arguments
 and the EDMPrecond arguments recovered from the pickle; ``knn_cm.models.load_network`` rebuilds the
-denoiser from it with ``torch.load(weights_only=True)``. The logic lives in ``knn_cm.models.edm_pickle`` and ``knn_cm.models.network_file``.
+denoiser from it with ``torch.load(weights_only=True)``. The logic lives in ``knn_cm.models.edm_pickle`` and
+``knn_cm.models.network_file``.
 """
 
 from __future__ import annotations

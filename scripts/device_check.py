@@ -184,8 +184,8 @@ def small_ict_knn(device: str, run_dir: Path, *, precision: str = "fp32", max_st
 
     from knn_cm.data import DataStore
     from knn_cm.estimators import make_estimator
-    from knn_cm.search import build_index
     from knn_cm.models import CMPrecond, SongUNet
+    from knn_cm.search import build_index
     from knn_cm.training import DistributedContext, ICTObjective, Trainer, TrainerConfig
 
     resolution, count = (8, 256) if quick else (16, images)
@@ -407,7 +407,8 @@ def part_training(ctx: PartContext) -> dict:
             ctx.report(runs=dict(runs), parameters=parameters)
     ratios = {name: entry["time_vs_ict"] for name, entry in runs.items() if "time_vs_ict" in entry}
     devices = {entry[name]["device"] for entry in runs.values() for name in estimators if "device" in entry[name]}
-    return {"data": source, "model": "NCSN++ (configs/model/ncsnpp_ict.yaml)" + (" narrowed (--quick)" if ctx.quick else ""),
+    model = "NCSN++ (configs/model/ncsnpp_ict.yaml)" + (" narrowed (--quick)" if ctx.quick else "")
+    return {"data": source, "model": model,
             "parameters": parameters, "k": k, "n": n, "warmup": warmup, "steps": steps, "runs": runs,
             "time_vs_ict": ratios, "paper_table4_time_vs_ict": 1.17,
             "checks": {"every_setting_ran": len(ratios) == len(runs),
@@ -552,7 +553,8 @@ def part_store(ctx: PartContext) -> dict:
     result |= {"batch": batch, "k": k, "n": n, "knn_first_call_s": first_s, "knn_s": knn_s,
                "knn_vs_search_t1": knn_s / searches["1.0"], "knn_peak_gib": peak_gib(),
                "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-               "checks": {"knn_finite": finite}, "targets": {"knn_at_most_1.10x_search": knn_s / searches["1.0"] <= 1.10}}
+               "checks": {"knn_finite": finite},
+               "targets": {"knn_at_most_1.10x_search": knn_s / searches["1.0"] <= 1.10}}
     return result
 
 
@@ -684,8 +686,8 @@ class Runner:
         command += ["--quick"] * self.args.quick + ["--synthetic"] * self.args.synthetic
         print(f"device-check: part {name} (budget {budget:.0f} s)", file=sys.stderr, flush=True)
         started = time.monotonic()
-        process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno(),
-                                   start_new_session=True, preexec_fn=_die_with_parent)
+        process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=sys.stderr.fileno(),
+                                   stderr=sys.stderr.fileno(), start_new_session=True, preexec_fn=_die_with_parent)
         cut_reason = None
         try:
             process.wait(timeout=budget)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from knn_cm.paper import DIGITS_SEEDS, SeededStudy, SeededSweep  # noqa: E402
+from knn_cm.paper import DIGITS_SEEDS, SeededStudy, SeededSweep
 
 STUDY = DIGITS_SEEDS
 

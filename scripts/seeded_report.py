@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from knn_cm.paper import DIGITS_SEEDS  # noqa: E402
+from knn_cm.paper import DIGITS_SEEDS
 
 # The study's methods, tables and run folders: the paper manifest (knn_cm/paper.py).
 STUDY = DIGITS_SEEDS
@@ -141,14 +141,17 @@ def main(argv=None) -> None:
     out = Path(args.out or f"docs/results/seeds_steps{args.steps}")
     out.mkdir(parents=True, exist_ok=True)
     note = ("\n\nUnfinished or missing runs (not counted): " + "; ".join(unfinished)) if unfinished else ""
-    (out / "table1.md").write_text(f"# Table 1 at small scale, seeded ({args.steps} steps of 128)\n\n" + table(runs, TABLE1) + "\n\nFID against "
-                                   "images seen, mean [min, max] over seeds:\n\n" + curves_table(runs, TABLE1) + note + "\n")
+    (out / "table1.md").write_text(f"# Table 1 at small scale, seeded ({args.steps} steps of 128)\n\n"
+                                   + table(runs, TABLE1)
+                                   + "\n\nFID against images seen, mean [min, max] over seeds:\n\n"
+                                   + curves_table(runs, TABLE1) + note + "\n")
     figure, axis = plt.subplots(figsize=(6, 4))
     plot(axis, runs, TABLE1, f"Table 1 on digits, {args.steps} steps: mean and min-max over seeds")
     figure.tight_layout()
     figure.savefig(out / "table1_fid.png", dpi=120)
     plt.close(figure)
-    (out / "figure4.md").write_text(f"# Figure 4 at small scale, seeded ({args.steps} steps of 128)\n\nk sweep (n 64):\n\n" + table(runs, FIGURE4_K)
+    (out / "figure4.md").write_text(f"# Figure 4 at small scale, seeded ({args.steps} steps of 128)\n\n"
+                                    + "k sweep (n 64):\n\n" + table(runs, FIGURE4_K)
                                     + "\n\n" + curves_table(runs, FIGURE4_K) + "\n\nn sweep (k 256):\n\n"
                                     + table(runs, FIGURE4_N) + "\n\n" + curves_table(runs, FIGURE4_N) + note + "\n")
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))

@@ -22,7 +22,8 @@ ALLOWED = {
     "foundations": set(),
     "knn_cm.data": {"foundations"},
     "knn_cm.search": {"knn_cm.data", "foundations"},
-    "knn_cm.estimators": {"knn_cm.search", "knn_cm.models", "knn_cm.data", "foundations"},  # models: the network estimator
+    # models: the network estimator
+    "knn_cm.estimators": {"knn_cm.search", "knn_cm.models", "knn_cm.data", "foundations"},
     "knn_cm.diffusion": {"foundations"},
     "knn_cm.models": {"knn_cm.data", "foundations"},
     "knn_cm.sampling": {"knn_cm.diffusion", "knn_cm.estimators", "knn_cm.models", "knn_cm.data", "foundations"},

@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 from knn_cm.data import load_digits
 from knn_cm.estimators import make_estimator
 from knn_cm.estimators.augmented import augmented_target
-from knn_cm.search import build_index
 from knn_cm.models import EDMPrecond, SongUNet
+from knn_cm.search import build_index
 from knn_cm.training import EDMObjective
 from knn_cm.training.augment import EDM_CIFAR10, AugmentPipe
 
@@ -43,7 +43,7 @@ def test_edm_cifar10_label_layout():
     assert instantiate(config).label_dim == 9 and config.p == 0.12
 
 
-def OmegaConf_load(path):  # noqa: N802
+def OmegaConf_load(path):
     from omegaconf import OmegaConf
 
     return OmegaConf.load(ROOT / path)
@@ -84,7 +84,7 @@ def test_integer_translation_moves_pixels_exactly_with_reflect_padding():
     out, labels = pipe(x, torch.Generator().manual_seed(3))
     shifts = (labels * 16 * pipe.translate_int_max).round().long()  # labels are tx / (W max), ty / (H max)
     assert torch.allclose(labels * 16 * pipe.translate_int_max, shifts.float(), atol=1e-5) and bool(shifts.any())
-    reflect = lambda i: abs(i) if i < 0 else (30 - i if i > 15 else i)  # noqa: E731  mirror about the edges
+    reflect = lambda i: abs(i) if i < 0 else (30 - i if i > 15 else i)
     for b in range(x.shape[0]):
         tx, ty = int(shifts[b, 0]), int(shifts[b, 1])
         for row in range(16):
@@ -121,7 +121,8 @@ def test_general_transforms_match_their_labels():
     out, labels = pipe(x, torch.Generator().manual_seed(9))
     for i in range(x.shape[0]):
         size, angle = float(labels[i].norm()), math.atan2(float(labels[i, 1]), float(labels[i, 0]))
-        candidates = [pipe._resample(x[i : i + 1], _inverse_aniso(w, angle), torch.tensor([True])) for w in (size, -size)]
+        candidates = [pipe._resample(x[i : i + 1], _inverse_aniso(w, angle), torch.tensor([True]))
+                      for w in (size, -size)]
         assert any(torch.allclose(out[i : i + 1], c, atol=1e-5) for c in candidates)
     # With probability p * multiplier: at p 0.12 about 12% of the images get each transform, labels 0 elsewhere.
     _, labels = AugmentPipe(**EDM_CIFAR10)(images(4000, 1, 4), torch.Generator().manual_seed(7))
@@ -137,7 +138,7 @@ def assert_resampled(pipe, x, out, inverse_maps):
 
 def _inverse_aniso(w, r):
     s = 2 ** (0.2 * w)
-    rotate = lambda a: torch.tensor([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]],  # noqa: E731
+    rotate = lambda a: torch.tensor([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]],
                                     dtype=torch.float64)
     return (rotate(r) @ torch.diag(torch.tensor([1 / s, s, 1.0], dtype=torch.float64)) @ rotate(-r)).reshape(1, 3, 3)
 
@@ -185,7 +186,8 @@ def test_knn_target_is_the_posterior_mean_over_the_flipped_data(digits):
     assert stats["augment_source_targets"] == 0.0
     data = digits.float(torch.arange(len(digits)))
     for i in range(x.shape[0]):
-        single = type(augmentation)(**{k: getattr(augmentation, k)[i : i + 1] for k in augmentation.__dataclass_fields__})
+        single = type(augmentation)(**{k: getattr(augmentation, k)[i : i + 1]
+                                       for k in augmentation.__dataclass_fields__})
         transformed = _apply_each(single, data)  # T_i applied to every data image
         reference = brute_force_posterior_mean(z[i : i + 1], sigma[i : i + 1], transformed)
         assert torch.allclose(target[i : i + 1].double(), reference, atol=1e-5)

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import bench_estimators  # noqa: E402
+import bench_estimators
 
 
 def test_estimator_benchmark_smoke(capsys):
@@ -29,9 +29,8 @@ def test_estimator_benchmark_smoke(capsys):
 
 
 def test_scaling_benchmark_smoke(tmp_path, capsys):
-    import numpy as np
-
     import bench_scaling
+    import numpy as np
 
     images = tmp_path / "images.npy"
     np.save(images, np.random.default_rng(0).integers(0, 256, (1200, 3, 32, 32), dtype=np.uint8))

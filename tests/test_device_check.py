@@ -240,7 +240,7 @@ class _FakeTrainer:
         self.config = type("Config", (), {"stop_after_steps": stop_after_steps})()
 
     def _sync(self):
-        warnings.warn(f"called a {device_check.SYNC_MESSAGE}")
+        warnings.warn(f"called a {device_check.SYNC_MESSAGE}", stacklevel=2)
 
     def train_step(self):
         self._sync()
@@ -251,7 +251,7 @@ class _FakeTrainer:
         for _ in range(self.config.stop_after_steps):
             self.train_step()
             self._sync()
-            warnings.warn("an unrelated warning")
+            warnings.warn("an unrelated warning", stacklevel=2)
         for _ in range(5):
             self._sync()
 
@@ -397,7 +397,8 @@ def test_offline_install_of_the_bundle_into_an_image_like_environment(tmp_path):
     env = dict(os.environ, PYTHON=str(python), DEVICE_BUNDLE=str(bundle), DEVICE_SITE=str(tmp_path / "site"),
                DEVICE_CHECK_ARGS="--device cpu --quick")
     env.pop("PYTHONPATH", None)
-    offline = ["unshare", "-rn"] if subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode == 0 else []
+    can_unshare = subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode == 0
+    offline = ["unshare", "-rn"] if can_unshare else []
     completed = subprocess.run([*offline, "bash", str(ROOT / "scripts" / "device_run.sh"), str(tmp_path / "out")],
                                env=env, capture_output=True, text=True, timeout=900, start_new_session=True)
     lines = [json.loads(line) for line in (tmp_path / "out" / "device_check.jsonl").read_text().splitlines()]

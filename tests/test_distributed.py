@@ -16,8 +16,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from knn_cm.training import distributed
-from knn_cm.training.distributed import (GPU_ALLOCATION_VARIABLES, DistributedContext, cuda_device_index,
-                                         default_threads_per_rank, gpus_allocated)
+from knn_cm.training.distributed import (
+    GPU_ALLOCATION_VARIABLES,
+    DistributedContext,
+    cuda_device_index,
+    default_threads_per_rank,
+    gpus_allocated,
+)
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID",
                     "SLURM_CPUS_PER_TASK", "SLURM_STEP_NUM_TASKS", "SUBMITIT_FOLDER", "OMP_NUM_THREADS")

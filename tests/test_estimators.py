@@ -296,7 +296,7 @@ def test_stf_variants(random_store):
 
 
 def test_network_wrapper_meets_the_contract():
-    denoiser = lambda z, sigma: z / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)  # noqa: E731 (Gaussian-data optimum)
+    denoiser = lambda z, sigma: z / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
     estimator = make_estimator("network", denoiser=denoiser)
     z = torch.randn(3, 1, 8, 8)
     sigma = torch.tensor([0.1, 1.0, 10.0])
@@ -318,7 +318,8 @@ def test_snis_mean_both_distance_paths_match_float64(random_store, data64):
     generator = torch.Generator().manual_seed(3)
     sigma = torch.tensor([0.002, 0.05, 0.5, 2.0, 5.0, 20.0, 80.0, 80.0])
     sources = torch.randint(0, len(random_store), (len(sigma),), generator=generator)
-    z64 = data64[sources] + sigma.to(F64).reshape(-1, 1) * torch.randn(len(sigma), data64.shape[1], generator=generator, dtype=F64)
+    noise = torch.randn(len(sigma), data64.shape[1], generator=generator, dtype=F64)
+    z64 = data64[sources] + sigma.to(F64).reshape(-1, 1) * noise
     indices = torch.stack([torch.randperm(len(random_store), generator=generator)[:40] for _ in sigma])
     indices[:, 0] = sources  # the source is among the draws, so small sigma has a dominant element
     indices[::2, 30:] = -1  # padding
@@ -423,7 +424,7 @@ def test_repeated_matches_the_estimators_distribution(random_store, flat_index):
 def test_integer_inputs_are_refused(random_store, flat_index, dtype):
     """Integer pixels would be answered in their dtype (-1 becoming 255): refused with the fix named."""
     z = torch.zeros(2, 3, 4, 4, dtype=dtype)
-    for name, estimator in _all_estimators(random_store, flat_index).items():
+    for _name, estimator in _all_estimators(random_store, flat_index).items():
         with pytest.raises(ValueError, match=f"z must be a floating-point tensor.*{dtype}.*uint8_to_float"):
             estimator(z, 1.0, x=torch.zeros(2, 3, 4, 4))
     with pytest.raises(ValueError, match="x must be a floating-point tensor"):
@@ -433,7 +434,7 @@ def test_integer_inputs_are_refused(random_store, flat_index, dtype):
 @pytest.mark.parametrize("sigma", [1e-20, 1e-30, torch.tensor([1.0, 1e-25])])
 def test_sigma_below_the_float32_floor_is_a_clear_error(random_store, flat_index, sigma):
     z = torch.zeros(2, 3, 4, 4)
-    for name, estimator in _all_estimators(random_store, flat_index).items():
+    for _name, estimator in _all_estimators(random_store, flat_index).items():
         with pytest.raises(ValueError, match=r"sigma must be >= 1.08e-19 for torch.float32 weights"):
             estimator(z, sigma, x=z)
 

@@ -21,8 +21,8 @@ from knn_cm.estimators import make_estimator
 from knn_cm.evaluation import feature_extractors, run_evaluation
 from knn_cm.evaluation.feature_extractors import INCEPTION_FILENAME, InceptionWeightsUnavailable
 from knn_cm.evaluation.memorisation import memorisation
-from knn_cm.runs.layout import RunLayout
 from knn_cm.models import EDMPrecond, SongUNet, load_network, load_network_file, save_network
+from knn_cm.runs.layout import RunLayout
 from knn_cm.sampling import heun_sample, noise_for_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,8 @@ def test_evaluation_configs_compose():
 # ------------------------------------------------------------------------------ trustworthy evaluations
 TINY_RUN = ["run_name=trust", "model=ncsnpp_tiny", "trainer.max_steps=2", "trainer.batch_size=8",
             "trainer.snapshot_every=null", "trainer.sample_every=null", "trainer.num_sample_images=4",
-            "trainer.progress=false", "trainer.device=cpu", "trainer.objective.s1=20", "estimator.k=32", "estimator.n=8"]
+            "trainer.progress=false", "trainer.device=cpu", "trainer.objective.s1=20", "estimator.k=32",
+            "estimator.n=8"]
 FAST = ["num_samples=32", "metrics.feature_extractor=digits", "metrics.isc=false", "metrics.memorisation=false",
         "progress=false", "device=cpu"]
 
@@ -262,7 +263,8 @@ def test_bad_evaluation_values_name_the_setting(run_copy, no_sampling, override,
 
 
 @pytest.mark.parametrize("override, message", [
-    ("num_samples=0", "num_samples must be an integer >= 1"), ("num_samples=2.5", "num_samples must be an integer >= 1"),
+    ("num_samples=0", "num_samples must be an integer >= 1"),
+    ("num_samples=2.5", "num_samples must be an integer >= 1"),
     ("num_samples=abc", "num_samples must be an integer >= 1"), ("batch_size=0", "batch_size must be an integer >= 1"),
     ("batch_size=-2", "batch_size must be an integer >= 1"), ("grid_images=-1", "grid_images must be an integer >= 0")])
 def test_bad_sample_values_name_the_setting(tmp_path, override, message):

@@ -17,13 +17,25 @@ from torch import nn
 
 from knn_cm.data import DataStore, load_digits, uint8_to_float
 from knn_cm.evaluation import feature_extractors
-from knn_cm.evaluation.digits_classifier import (DigitsFeatures, digits_classifier_path, load_digits_classifier,
-                                                 train_digits_classifier)
-from knn_cm.evaluation.feature_extractors import (INCEPTION_FILENAME, InceptionWeightsUnavailable,
-                                                  register_extractor, torch_fidelity_inception_cache_path)
-from knn_cm.evaluation.feature_extractors import get_extractor_spec
-from knn_cm.evaluation.fidelity import (compute_fidelity, fidelity_cache_dir, reference_cache_name,
-                                        reference_statistics_path)
+from knn_cm.evaluation.digits_classifier import (
+    DigitsFeatures,
+    digits_classifier_path,
+    load_digits_classifier,
+    train_digits_classifier,
+)
+from knn_cm.evaluation.feature_extractors import (
+    INCEPTION_FILENAME,
+    InceptionWeightsUnavailable,
+    get_extractor_spec,
+    register_extractor,
+    torch_fidelity_inception_cache_path,
+)
+from knn_cm.evaluation.fidelity import (
+    compute_fidelity,
+    fidelity_cache_dir,
+    reference_cache_name,
+    reference_statistics_path,
+)
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,11 @@ from hydra import compose, initialize_config_dir
 from knn_cm.data import DataStore
 from knn_cm.diffusion import FlowMatchingProcess, VEProcess
 from knn_cm.estimators import make_estimator
-from knn_cm.search import build_index
 from knn_cm.models import FMPrecond, SongUNet, build_denoiser, load_network, save_network
 from knn_cm.sampling import estimator_velocity, flow_hybrid_sample, flow_sample, make_sampler, noise_for_seeds
 from knn_cm.sampling.flow import data_mean, flow_nfe, flow_times
 from knn_cm.sampling.generate import generate, resolve_kind, sampler_settings
+from knn_cm.search import build_index
 from knn_cm.training import FlowMatchingObjective, list_checkpoints
 from knn_cm.training.flow_matching import flow_matching_target
 
@@ -337,7 +337,7 @@ def test_flow_hybrid_limits_and_switch(small_store):
     knn = make_estimator("knn", small_store, index=build_index(small_store, "flat"), k=16, n=8)
     network = _tiny_velocity_network()
     noise = noise_for_seeds(range(6), small_store.shape)
-    seeded = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+    seeded = lambda: torch.Generator().manual_seed(11)
     assert torch.equal(flow_hybrid_sample(knn, network, noise, 1.0, 4), flow_sample(network, noise, 4, "heun"))
     assert torch.equal(flow_hybrid_sample(knn, network, noise, 0.0, 4, generator=seeded()),
                        flow_sample(estimator_velocity(knn, seeded()), noise, 4, "heun"))
@@ -350,7 +350,8 @@ def test_flow_hybrid_limits_and_switch(small_store):
 
     network.forward = recording
     flow_hybrid_sample(knn, network, noise, 0.6, 4, solver="euler", generator=seeded())
-    assert times == pytest.approx([0.6, 0.5, 0.25])  # t_switch inserted into [1, .75, .5, .25, 0]; the network from it on
+    # t_switch inserted into [1, .75, .5, .25, 0]; the network from it on
+    assert times == pytest.approx([0.6, 0.5, 0.25])
 
 
 def test_flow_samplers_through_make_sampler_use_seed_i(small_store):

@@ -147,7 +147,8 @@ def test_a_step_that_neither_logs_nor_writes_reads_nothing_back(tmp_path, store,
         objective = FlowMatchingObjective(built)
     else:
         objective = ICTObjective(built, total_steps=6, solver=solver)
-    network = tiny_network("ncsnpp_tiny", 0.0, "model.precond=fm", "~model.precond_kwargs.sigma_min", "~model.precond_kwargs.sigma_max") if estimator.startswith("fm") else None
+    network = tiny_network("ncsnpp_tiny", 0.0, "model.precond=fm", "~model.precond_kwargs.sigma_min",
+                           "~model.precond_kwargs.sigma_max") if estimator.startswith("fm") else None
     trainer = make_trainer(tmp_path, store, objective, network=network, log_every=6, checkpoint_every=6, grad_clip=1.0)
     marks = []
     original = trainer.train_step

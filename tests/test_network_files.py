@@ -48,7 +48,8 @@ def tiny_network_file(path: Path) -> Path:
 def crafted_files(folder: Path, marker: Path) -> dict[str, Path]:
     """name -> a file that is not a network file (two of them run code when fully unpickled)."""
     folder.mkdir(parents=True, exist_ok=True)
-    files = {name: folder / f"{name}.pt" for name in ("text", "empty", "png", "truncated", "raw_pickle", "torch_zip_code")}
+    files = {name: folder / f"{name}.pt"
+             for name in ("text", "empty", "png", "truncated", "raw_pickle", "torch_zip_code")}
     files["text"].write_text("step: 1000\nnot a network\n")
     files["empty"].write_bytes(b"")
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(files["png"], format="PNG")

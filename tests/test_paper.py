@@ -96,7 +96,8 @@ def test_every_experiment_composes_with_what_the_manifest_says_of_it():
         for run in paper.TABLE4.runs:
             config = compose("train", [f"experiment={run.experiment}", "run_name=x"])
             assert config.estimator.name == run.estimator
-            assert (config.trainer.max_steps, config.trainer.batch_size) == (paper.TABLE4.steps, paper.TABLE4.batch_size)
+            trainer = config.trainer
+            assert (trainer.max_steps, trainer.batch_size) == (paper.TABLE4.steps, paper.TABLE4.batch_size)
         for experiment, overrides in seeded:
             config = compose("train", [f"experiment={experiment}", "run_name=x"])
             for override in overrides:

@@ -29,9 +29,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 import train
-from knn_cm.training import ICTObjective, NonFiniteLossError, list_checkpoints, load_checkpoint
-from knn_cm.runs.checkpoints import save_checkpoint, verify_checkpoint
 from knn_cm.runs.binding import RunFolderError, invocation_seconds
+from knn_cm.runs.checkpoints import save_checkpoint, verify_checkpoint
+from knn_cm.training import ICTObjective, NonFiniteLossError, list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["experiment=quickstart", "dataset=digits", "model=ncsnpp_tiny", "trainer.batch_size=8",
@@ -129,7 +129,7 @@ class Launches:
     def __init__(self):
         self.processes: list[subprocess.Popen] = []
 
-    def __enter__(self) -> "Launches":
+    def __enter__(self) -> Launches:
         return self
 
     def start(self, argv: list[str]) -> subprocess.Popen:

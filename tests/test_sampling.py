@@ -12,7 +12,6 @@ import torch
 from knn_cm.data import DataStore
 from knn_cm.diffusion import karras_sigmas
 from knn_cm.estimators import make_estimator
-from knn_cm.search import build_index
 from knn_cm.models import CMPrecond, EDMPrecond, SongUNet
 from knn_cm.sampling import (
     consistency_sample,
@@ -26,6 +25,7 @@ from knn_cm.sampling import (
     switch_schedule,
     tail_schedule,
 )
+from knn_cm.search import build_index
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -133,7 +133,7 @@ def edm_sampler(net, latents, randn_like, num_steps=18, sigma_min=0.002, sigma_m
                + step_indices / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
     x_next = latents.to(torch.float64) * t_steps[0]
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):  # noqa: RUF007 (verbatim)
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
         gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
         t_hat = net.round_sigma(t_cur + gamma * t_cur)

@@ -15,7 +15,7 @@ import pytest
 from knn_cm.launch.campaign import RUN_TEMPLATE, CampaignJob, plan, sbatch_command, sweep_values
 from knn_cm.paper import TABLE1, TABLE2
 from knn_cm.report import build_report
-from tests.slurm_helpers import ROOT, FINAL_STATES, job_env, job_state, read_output, tail, wait_for_state, wait_until
+from tests.slurm_helpers import FINAL_STATES, ROOT, job_env, job_state, read_output, tail, wait_for_state, wait_until
 
 EXPERIMENTS = ("ict", "ict_stf", "ict_knn", "edm", "edm_stf", "edm_knn", "figure4_baseline")
 
@@ -49,7 +49,8 @@ def test_dry_run_prints_every_job_with_its_resources_and_cost():
     assert [name for name, job in jobs.items() if job["kind"] == "train"] == [f"knn-cm-train-{n}" for n in trainings]
     for name in trainings:
         train, evaluation = jobs[f"knn-cm-train-{name}"], jobs[f"knn-cm-eval-{name}"]
-        assert " slurm/train.sbatch experiment=" in train["command"] and "--partition=gpu --account=lab" in train["command"]
+        assert " slurm/train.sbatch experiment=" in train["command"]
+        assert "--partition=gpu --account=lab" in train["command"]
         assert "gpus-per-node=8" in train["resources"] and "requeue" in train["resources"]  # the template's
         assert evaluation["after"] == f"afterok:knn-cm-train-{name}"
         assert f"--dependency=afterok:<knn-cm-train-{name}> --kill-on-invalid-dep=yes" in evaluation["command"]

@@ -28,7 +28,8 @@ from tests.slurm_helpers import job_env, job_info, signal_running_job, wait_for_
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTED_SWEEP = "python train.py -m experiment=quickstart estimator.k=16,32 trainer.max_steps=2 hydra/launcher=slurm_local"
+DOCUMENTED_SWEEP = ("python train.py -m experiment=quickstart estimator.k=16,32 trainer.max_steps=2 "
+                    "hydra/launcher=slurm_local")
 TINY = ["model=ncsnpp_tiny", "trainer.batch_size=8", "trainer.progress=false", "trainer.device=cpu",
         "trainer.objective.s1=20", "estimator.k=32", "estimator.n=8", "trainer.num_sample_images=4",
         "trainer.snapshot_every=null", "trainer.sample_every=null", "trainer.log_every=1"]

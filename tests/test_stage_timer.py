@@ -25,7 +25,8 @@ def test_reading_before_the_stage_ends_is_an_error():
         float(timer)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run `make device-check` on a GPU machine)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device (run `make device-check` on a GPU machine)")
 def test_cuda_stage_time_counts_the_queued_work_and_never_synchronises():
     a = torch.randn(4096, 4096, device="cuda")
 

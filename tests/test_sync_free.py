@@ -169,27 +169,32 @@ def test_two_cuda_training_steps_with_a_sync_free_knn_estimator(tmp_path):
 
     images = np.random.default_rng(0).integers(0, 256, (512, 3, 8, 8), dtype=np.uint8)
     store = DataStore.from_array(images, name="train_cuda", xflip=True)
+
+    class Guarded:  # wraps an estimator so each call is checked (on CUDA) and counted
+        # Private names, so the wrapper hides none of the estimator's attributes (its device among them);
+        # the class default keeps __getattr__ on a half-built copy from recursing.
+        _wrapped = None
+
+        def __init__(self, estimator, device):
+            self._wrapped, self._device, self.calls = estimator, device, []
+
+        def __getattr__(self, name):
+            return getattr(self._wrapped, name)
+
+        def __call__(self, *args, **kwargs):
+            self.calls.append(1)
+            guard = sync_errors() if self._device == "cuda" else contextlib.nullcontext()
+            with guard:
+                return self._wrapped(*args, **kwargs)
+
     losses = {}
     for device in ("cpu", "cuda"):
         index = build_index(store, "torch", device=device)
-        estimator = make_estimator("knn", store, index=index, k=64, n=16, device=device)
-        calls = []
-        original = estimator.__call__
-
-        class Guarded:  # wraps the estimator so each call is checked
-            def __getattr__(self, name):
-                return getattr(estimator, name)
-
-            def __call__(self, *args, **kwargs):
-                calls.append(1)
-                guard = sync_errors() if device == "cuda" else contextlib.nullcontext()
-                with guard:
-                    return original(*args, **kwargs)
-
+        guarded = Guarded(make_estimator("knn", store, index=index, k=64, n=16, device=device), device)
         torch.manual_seed(0)
         network = CMPrecond(SongUNet(img_resolution=8, in_channels=3, out_channels=3, model_channels=16,
                                      channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]))
-        objective = ICTObjective(Guarded(), total_steps=100, solver="heun")
+        objective = ICTObjective(guarded, total_steps=100, solver="heun")
         config = TrainerConfig(max_steps=100, batch_size=8, progress=False, resume="never", device=device,
                                precision="fp16" if device == "cuda" else "fp32")
         trainer = Trainer(config, tmp_path / device, store, network, objective,
@@ -197,7 +202,7 @@ def test_two_cuda_training_steps_with_a_sync_free_knn_estimator(tmp_path):
                           context=DistributedContext(device=torch.device(device)), estimator_device=device)
         assert trainer.device.type == device
         records = [trainer.train_step() for _ in range(2)]
-        assert len(calls) >= 2, "the Heun step calls the estimator"
+        assert len(guarded.calls) >= 2, "the Heun step calls the estimator"
         losses[device] = [float(record["loss"]) for record in records]
     assert all(np.isfinite(losses["cuda"]))
     # Other noise draws on the GPU: the same order of magnitude of loss, not the same value.

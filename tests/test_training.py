@@ -19,10 +19,19 @@ from omegaconf import OmegaConf
 from knn_cm.data import load_digits
 from knn_cm.diffusion import pf_ode_step
 from knn_cm.estimators import make_estimator
-from knn_cm.training import (EMA, ICTObjective, NonFiniteLossError, curriculum_steps, karras_levels,
-                             level_probabilities, list_checkpoints, load_checkpoint, pseudo_huber)
-from knn_cm.training.stream import BatchStream
+from knn_cm.training import (
+    EMA,
+    ICTObjective,
+    NonFiniteLossError,
+    curriculum_steps,
+    karras_levels,
+    level_probabilities,
+    list_checkpoints,
+    load_checkpoint,
+    pseudo_huber,
+)
 from knn_cm.training.config import trainer_config
+from knn_cm.training.stream import BatchStream
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -78,7 +87,7 @@ def test_ict_loss_uses_lambda_and_pseudo_huber():
     x = torch.rand(6, 1, 4, 4) * 2 - 1
     generator = torch.Generator().manual_seed(3)
     replay = torch.Generator().manual_seed(3)
-    identity = lambda z, sigma: z  # noqa: E731
+    identity = lambda z, sigma: z
     loss, stats = objective(identity, identity, x, 0, generator)
     sigmas, probabilities = objective.levels(0)
     index = torch.multinomial(probabilities, 6, replacement=True, generator=replay)
@@ -173,7 +182,8 @@ def tiny_overrides(experiment: str = "quickstart", steps: int = 2) -> list[str]:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_trains_two_steps(experiment, tmp_path):
     paper = compose_train([f"experiment={experiment}", "run_name=x"])
-    if experiment in ("ict", "ict_knn", "ict_stf", "edm", "edm_stf", "edm_knn"):  # the paper's (Table 3, docs/hyperparameters.md)
+    # the paper's (Table 3, docs/hyperparameters.md)
+    if experiment in ("ict", "ict_knn", "ict_stf", "edm", "edm_stf", "edm_knn"):
         assert paper.dataset.name == "cifar10" and paper.trainer.batch_size in (1024, 512)
         if experiment.startswith("ict"):
             assert paper.trainer.max_steps == 400_000 and paper.trainer.ema.decay == 0.99993
@@ -230,7 +240,8 @@ def test_two_process_cpu_ddp_keeps_ranks_identical(tmp_path):
     overrides = tiny_overrides("quickstart", steps=3)
     mp.spawn(_ddp_worker, args=(2, _free_port(), overrides, str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    initial = train.run(compose_train(overrides + ["trainer.stop_after_steps=0"]), tmp_path / "initial").model.state_dict()
+    initial_run = train.run(compose_train(overrides + ["trainer.stop_after_steps=0"]), tmp_path / "initial")
+    initial = initial_run.model.state_dict()
     assert any(not torch.equal(rank0[k], initial[k]) for k in rank0), "the DDP run must have trained"
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name

@@ -80,7 +80,8 @@ def estimator_error_study(store: DataStore, estimators: Mapping[str, Estimator],
         exact: the reference estimator (default: ``exact`` over ``store`` on ``device``).
     """
     if num_sources < 1 or repeats < 1 or batch_size < 1:
-        raise ValueError(f"num_sources, repeats and batch_size must be >= 1, got {num_sources}, {repeats}, {batch_size}")
+        raise ValueError(f"num_sources, repeats and batch_size must be >= 1, "
+                         f"got {num_sources}, {repeats}, {batch_size}")
     if not times or any(not (math.isfinite(t) and t > 0) for t in times):
         raise ValueError(f"times must be a non-empty list of finite noise levels > 0, got {list(times)}")
     exact = exact or make_estimator("exact", store, device=device)

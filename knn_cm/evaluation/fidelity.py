@@ -29,8 +29,13 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 from knn_cm.data import DataStore, float_to_uint8
 from knn_cm.device import as_device
-from knn_cm.evaluation.feature_extractors import (INCEPTION, ExtractorSpec, InceptionWeightsUnavailable,
-                                                  get_extractor_spec, resolve_inception_weights)
+from knn_cm.evaluation.feature_extractors import (
+    INCEPTION,
+    ExtractorSpec,
+    InceptionWeightsUnavailable,
+    get_extractor_spec,
+    resolve_inception_weights,
+)
 from knn_cm.evaluation.statistics_cache import load_statistics, save_statistics
 from knn_cm.io import cache_dir
 
@@ -217,5 +222,6 @@ def compute_fidelity(samples, reference: DataStore, feature_extractor: str = INC
         if isc:
             scores = isc_features_to_metric(features[spec.isc_feature], splits=int(isc_splits), shuffle=True,
                                             rng_seed=RNG_SEED)
-            result["isc_mean"], result["isc_std"] = float(scores[KEY_METRIC_ISC_MEAN]), float(scores[KEY_METRIC_ISC_STD])
+            result["isc_mean"] = float(scores[KEY_METRIC_ISC_MEAN])
+            result["isc_std"] = float(scores[KEY_METRIC_ISC_STD])
     return result

@@ -13,8 +13,8 @@ from knn_cm.data import DataStore
 from knn_cm.search import FaissIndex, build_index
 
 
-def memorisation(samples: torch.Tensor, store: DataStore, index: FaissIndex | None = None, ratio_threshold: float = 1 / 3,
-                 batch_size: int = 1024) -> dict:
+def memorisation(samples: torch.Tensor, store: DataStore, index: FaissIndex | None = None,
+                 ratio_threshold: float = 1 / 3, batch_size: int = 1024) -> dict:
     """Memorisation statistics of samples [M, C, H, W] (float in [-1, 1]) against the training set.
 
     Returns:

@@ -23,13 +23,13 @@ from knn_cm.data import DataStore
 from knn_cm.estimators import build_estimator
 from knn_cm.evaluation.memorisation import memorisation
 from knn_cm.evaluation.records import KEY_FIELDS, record_key, write_evaluation_table
-from knn_cm.search import FaissIndex, build_index
 from knn_cm.models import load_network_file, network_from_payload
-from knn_cm.sampling import generate, make_sampler, resolve_kind
-from knn_cm.sampling.generate import USES_ESTIMATOR, sampler_settings
-from knn_cm.settings import boolean, non_negative_int, positive_int
 from knn_cm.runs.jsonl import JsonLinesLog, read_json_lines
 from knn_cm.runs.layout import RunLayout
+from knn_cm.sampling import generate, make_sampler, resolve_kind
+from knn_cm.sampling.generate import USES_ESTIMATOR, sampler_settings
+from knn_cm.search import FaissIndex, build_index
+from knn_cm.settings import boolean, non_negative_int, positive_int
 
 METRIC_FLAGS = ("fid", "isc", "memorisation")
 

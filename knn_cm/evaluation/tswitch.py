@@ -13,8 +13,8 @@ from pathlib import Path
 
 from knn_cm.data import DataStore
 from knn_cm.evaluation.run_evaluation import evaluate_samples, memorisation_index, prepare_metrics
-from knn_cm.runs.layout import RunLayout
 from knn_cm.io import save_figure, write_csv_rows
+from knn_cm.runs.layout import RunLayout
 from knn_cm.sampling import generate, make_sampler
 from knn_cm.settings import positive_int
 

@@ -112,11 +112,11 @@ def _training_run(label: str, experiment: str, output_root: str, run_name: str, 
     if scale == "toy":
         toy = TOY_TRAIN + (f"model={'ddpmpp_tiny' if is_edm else 'ncsnpp_tiny'}",) + (
             ("trainer.warmup_images=0",) if is_edm else ("trainer.objective.s1=20",))  # EDM: no 10 Mimg warm-up
-    trainer = OmegaConf.merge(config.trainer, OmegaConf.from_dotlist([o for o in toy if o.startswith("trainer.")]).trainer
-                              if toy else {})
+    toy_trainer = OmegaConf.from_dotlist([o for o in toy if o.startswith("trainer.")]).trainer if toy else {}
+    trainer = OmegaConf.merge(config.trainer, toy_trainer)
     return TrainingRun(label, experiment, f"{output_root}/{run_name}",
-                       (f"experiment={experiment}", override("run_name", run_name), override("output_root", output_root),
-                        *swept, *toy),
+                       (f"experiment={experiment}", override("run_name", run_name),
+                        override("output_root", output_root), *swept, *toy),
                        is_edm, config.estimator.name, int(trainer.max_steps), int(trainer.batch_size),
                        trainer.snapshot_every)
 
@@ -150,7 +150,8 @@ def _check_scale(scale: str) -> None:
 
 
 def _job_name(kind: str, label: str) -> str:
-    label = label.replace("estimator.", "").replace("=", "").replace("/", "-")  # figure4_k/estimator.k=128 -> figure4_k-k128
+    # figure4_k/estimator.k=128 -> figure4_k-k128
+    label = label.replace("estimator.", "").replace("=", "").replace("/", "-")
     return "knn-cm-" + kind + "-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", label)
 
 

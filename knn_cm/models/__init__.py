@@ -13,7 +13,10 @@ Modules: ``layers`` (Conv2d, Linear, GroupNorm, embeddings), ``blocks`` (UNetBlo
 """
 
 from knn_cm.models.blocks import UNetBlock
+from knn_cm.models.dropout import draw_dropout_seed, shared_dropout, shared_dropout_active
 from knn_cm.models.edm_pickle import EDMNetwork, UntrustedPickleError, load_edm_pickle
+from knn_cm.models.factory import PRECONDITIONERS, build_denoiser
+from knn_cm.models.layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding
 from knn_cm.models.network_file import (
     NotANetworkFileError,
     load_network,
@@ -22,9 +25,6 @@ from knn_cm.models.network_file import (
     save_network,
     save_state_dict,
 )
-from knn_cm.models.dropout import draw_dropout_seed, shared_dropout, shared_dropout_active
-from knn_cm.models.factory import PRECONDITIONERS, build_denoiser
-from knn_cm.models.layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding
 from knn_cm.models.precision import autocast_context, resolve_amp_dtype
 from knn_cm.models.precond import CMPrecond, EDMPrecond, FMPrecond
 from knn_cm.models.song_unet import SongUNet

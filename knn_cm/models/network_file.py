@@ -163,7 +163,8 @@ def _check_payload(payload) -> str | None:
             return f"{key} is not a mapping of argument names"
     if not isinstance(payload.get("metadata", {}), Mapping):
         return "metadata is not a mapping"
-    allowed = set(inspect.signature(PRECOND_CLASSES[precond_class].__init__).parameters) - {"self", "model", "amp_dtype"}
+    precond_parameters = inspect.signature(PRECOND_CLASSES[precond_class].__init__).parameters
+    allowed = set(precond_parameters) - {"self", "model", "amp_dtype"}
     unknown = sorted(set(payload["precond_kwargs"]) - allowed)
     if unknown:
         return f"precond_kwargs {unknown} are not {precond_class} arguments (allowed: {sorted(allowed)})"
@@ -221,7 +222,8 @@ def load_network(
 
 
 def network_from_payload(payload: dict, map_location: str | torch.device = "cpu",
-                         amp_dtype: torch.dtype | str | None = None, source: str = "network file") -> EDMPrecond | CMPrecond:
+                         amp_dtype: torch.dtype | str | None = None,
+                         source: str = "network file") -> EDMPrecond | CMPrecond:
     """The denoiser of an already read network file (:func:`load_network_file`), in eval mode."""
     reason = _check_payload(payload)
     if reason is not None:

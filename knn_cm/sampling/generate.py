@@ -12,12 +12,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from knn_cm.settings import positive_int
 from knn_cm.sampling.consistency import consistency_sample
 from knn_cm.sampling.flow import estimator_velocity, flow_hybrid_sample, flow_sample
 from knn_cm.sampling.hybrid import forward_process_sample, hybrid_sample
 from knn_cm.sampling.ode import estimator_denoiser, euler_sample, heun_sample
 from knn_cm.sampling.seeds import noise_for_seeds
+from knn_cm.settings import positive_int
 
 SAMPLER_KINDS = ("auto", "consistency", "heun", "euler", "pf_ode", "hybrid", "forward", "flow_euler", "flow_heun",
                  "flow_pf_ode", "flow_hybrid")

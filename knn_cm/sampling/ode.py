@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from itertools import pairwise
 
 import torch
@@ -122,7 +123,7 @@ def solve_pf_ode(denoiser_for_step: Callable[[int], Denoiser], start: torch.Tens
         gamma = min(s_churn / num_steps, math.sqrt(2) - 1) if s_min <= levels[i] <= s_max else 0.0
         x_hat, sigma_hat = _add_churn(x_next, sigma_cur, gamma, s_noise, generator)
         solver = "heun" if second_order and levels[i + 1] > 0 else "euler"
-        x_next = pf_ode_step(lambda z, sigma: denoise(denoiser, z, sigma), x_hat, sigma_hat, sigma_next, solver)
+        x_next = pf_ode_step(partial(denoise, denoiser), x_hat, sigma_hat, sigma_next, solver)
         if return_trajectory:
             trajectory.append(x_next.to(torch.float32))
     x_final = x_next.to(torch.float32)

@@ -26,8 +26,7 @@ from knn_cm.data.resident import ResidentRows
 from knn_cm.device import as_device
 from knn_cm.io import cache_dir
 from knn_cm.search.cache import PROJECTION_SAMPLE, CacheEntry
-from knn_cm.search.faiss_index import (FaissIndex, build_faiss_cpu, check_faiss_device, faiss_module,
-                                       faiss_to_device)
+from knn_cm.search.faiss_index import FaissIndex, build_faiss_cpu, check_faiss_device, faiss_module, faiss_to_device
 from knn_cm.search.spec import IndexSpec
 from knn_cm.search.torch_index import TorchIndex
 from knn_cm.search.two_stage import Projection, TwoStageIndex

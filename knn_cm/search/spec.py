@@ -67,7 +67,7 @@ class IndexSpec:
         if self.rerank and self.project_dim is None:
             raise ValueError("rerank applies to projected searches: set project_dim too")
 
-    def resolved(self, size: int) -> "IndexSpec":
+    def resolved(self, size: int) -> IndexSpec:
         """The spec with defaults filled in for a dataset of ``size`` elements."""
         nlist, nprobe, train_size = self.nlist, self.nprobe, self.train_size
         if self.kind.startswith("ivf"):

@@ -36,7 +36,8 @@ def exact_sq_dists(queries: torch.Tensor, rows: ResidentRows, indices: torch.Ten
         gathered = rows.gather_scratch(ids.reshape(-1)).view(*ids.shape, -1)
         q = queries[start : start + query_step].to(gathered.dtype)
         dots = torch.bmm(q.unsqueeze(1), gathered.transpose(1, 2)).squeeze(1).to(torch.float32)
-        out[start : start + query_step] = (norms[ids] - 2.0 * dots + q_sq[start : start + query_step].unsqueeze(1)).clamp_(min=0.0)
+        q_sq_step = q_sq[start : start + query_step].unsqueeze(1)
+        out[start : start + query_step] = (norms[ids] - 2.0 * dots + q_sq_step).clamp_(min=0.0)
     return out
 
 
@@ -59,7 +60,7 @@ class Projection:
         return int(self.basis.shape[1])
 
     @classmethod
-    def fit(cls, rows: ResidentRows, dim: int, train_size: int, seed: int, iterations: int = 6) -> "Projection":
+    def fit(cls, rows: ResidentRows, dim: int, train_size: int, seed: int, iterations: int = 6) -> Projection:
         """Top ``dim`` principal components of ``train_size`` elements drawn with ``seed`` (float64).
 
         Randomised subspace iteration (``iterations`` power steps on dim + 16 vectors, seeded), then an
@@ -86,7 +87,7 @@ class Projection:
         basis = basis * signs
         return cls(mean.to(torch.float32), basis.to(torch.float32).contiguous())
 
-    def to(self, device: torch.device) -> "Projection":
+    def to(self, device: torch.device) -> Projection:
         return Projection(self.mean.to(device), self.basis.to(device))
 
     def project_rows(self, rows: ResidentRows, chunk_rows: int = 8192) -> torch.Tensor:

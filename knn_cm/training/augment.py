@@ -14,15 +14,16 @@ order; a transform with multiplier 0 contributes no label):
 | ``xflip`` | w in {0, 1}: mirror left-right | [w] |
 | ``yflip`` | w in {0, 1}: mirror top-bottom | [w] |
 | ``rotate_int`` | w in {0, 1, 2, 3} quarter turns counter-clockwise | [w in {1, 2}, w in {2, 3}] |
-| ``translate_int`` | (tx, ty) = round(u * size * translate_int_max), u ~ U(-1, 1)^2, pixels | [tx / (W max), ty / (H max)] |
+| ``translate_int`` | (tx, ty) pixels = round(u size translate_int_max), u ~ U(-1, 1)^2 | [tx / (W max), ty / (H max)] |
 | ``scale`` | s = 2^(w scale_std), w ~ N(0, 1), isotropic | [w] |
 | ``rotate_frac`` | theta ~ U(-pi, pi) * rotate_frac_max, counter-clockwise | [cos theta - 1, sin theta] |
 | ``aniso`` | s = 2^(w aniso_std) along the axis at angle r ~ U(-pi, pi), 1 / s across it | [w cos r, w sin r] |
 | ``translate_frac`` | (w0 W std, w1 H std) pixels, w ~ N(0, 1)^2 | [w0, w1] |
 
 Labels are 0 where a transform was not applied, so zero labels mean "not augmented". EDM's CIFAR-10 setting
-(docs/hyperparameters.md#edm) is :data:`EDM_CIFAR10`: p 0.12, x-flips always drawn (multiplier 1e8, so half the images are
-mirrored), y-flip, scale, fractional rotation, anisotropy and fractional translation at multiplier 1: 9 labels.
+(docs/hyperparameters.md#edm) is :data:`EDM_CIFAR10`: p 0.12, x-flips always drawn (multiplier 1e8, so half the
+images are mirrored), y-flip, scale, fractional rotation, anisotropy and fractional translation at multiplier 1:
+9 labels.
 
 Geometry: x to the right and y upwards (so positive ty and positive angles move content up and
 counter-clockwise on screen), rotations and scalings about the image centre, and reflect padding (mirror

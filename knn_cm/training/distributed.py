@@ -62,7 +62,7 @@ class DistributedContext:
 
     @classmethod
     def from_env(cls, device: str = "auto", timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
-                 threads_per_rank: int | None = None) -> "DistributedContext":
+                 threads_per_rank: int | None = None) -> DistributedContext:
         """Join the process group (when WORLD_SIZE > 1), pick the device and the CPU threads.
 
         Args:

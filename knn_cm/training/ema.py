@@ -15,8 +15,9 @@ class EMA:
 
     Two schedules for the decay d:
     - "constant" (iCT: 0.99993 from step 0, Table 3). With ``warmup`` (off by default):
-      d_k = min(decay, (1 + k) / (10 + k)) so short runs are not dominated by the initial weights (docs/hyperparameters.md, "Short runs on a CPU":
-      a fixed 0.999 is useless over a few thousand steps); it reaches 0.99993 only at k = 128,562.
+      d_k = min(decay, (1 + k) / (10 + k)) so short runs are not dominated by the initial weights
+      (docs/hyperparameters.md, "Short runs on a CPU": a fixed 0.999 is useless over a few thousand steps);
+      it reaches 0.99993 only at k = 128,562.
     - "halflife" (EDM): d = 0.5^(batch / h) with half-life h = halflife_images, ramped up as
       h = min(h, rampup_ratio * images_seen) (EDM: 0.5 Mimg, ratio 0.05).
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 def parse_signal(name: str) -> signal.Signals:
@@ -40,7 +40,7 @@ class PreemptionGuard:
         self.received: int | None = None
         self._previous: dict[int, Callable | int | None] = {}
 
-    def __enter__(self) -> "PreemptionGuard":
+    def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 if signal.getsignal(sig) is signal.SIG_IGN:  # ignored on purpose (e.g. nohup): keep it so

@@ -20,8 +20,13 @@ from torch import nn
 from knn_cm.data import DataStore
 from knn_cm.models import resolve_amp_dtype, save_network
 from knn_cm.models.dropout import shared_dropout
-from knn_cm.runs.checkpoints import (checkpoint_path, load_checkpoint, load_latest_intact, newest_finite_checkpoint,
-                                     save_checkpoint)
+from knn_cm.runs.checkpoints import (
+    checkpoint_path,
+    load_checkpoint,
+    load_latest_intact,
+    newest_finite_checkpoint,
+    save_checkpoint,
+)
 from knn_cm.runs.jsonl import JsonLinesLog
 from knn_cm.runs.layout import RunLayout
 from knn_cm.training.config import TrainerConfig
