@@ -53,7 +53,7 @@ def time_steps(store, estimator, solver: str, batch: int, steps: int, warmup: in
         start = time.perf_counter()
         record = trainer.train_step()
         seconds.append(time.perf_counter() - start)
-        estimator_seconds.append(record["estimator_seconds"])
+        estimator_seconds.append(float(record["estimator_seconds"]))  # a StageTimer: read once the step is done
     step = statistics.median(seconds)
     return {"seconds_per_step": step, "images_per_s": batch / step,
             "estimator_seconds_per_step": statistics.median(estimator_seconds),
