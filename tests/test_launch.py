@@ -104,11 +104,13 @@ def test_a_killed_run_resumes_when_relaunched(tmp_path):
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([PYTHON, *command], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "checkpoints" / "training-000000004.pt").exists():
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "checkpoints" / "training-000000004.pt").exists():
+            time.sleep(0.05)
+    finally:  # whatever ends the wait, the run's whole process group goes
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
     killed_at = int(list_checkpoints(tmp_path)[-1].stem.split("-")[1])
     assert 4 <= killed_at < 300, "the run must be killed mid-training"
     result = _run(command, timeout=600)
