@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from knn_cm.paper import DIGITS_SEEDS, SeededStudy, SeededSweep
+from knn_cm.runs.layout import RunLayout
 
 STUDY = DIGITS_SEEDS
 
@@ -86,7 +87,7 @@ def main(argv=None) -> None:
                 print(f"skip {sweep_folder} (not run)", flush=True)
                 continue
             for run_dir in sorted(p for p in Path(sweep_folder).iterdir() if p.is_dir() and not p.name.startswith(".")):
-                if not (run_dir / "snapshots" / f"network-{steps:09d}.pt").is_file():
+                if not RunLayout(run_dir).snapshot(steps).is_file():
                     print(f"skip {run_dir} (unfinished)", flush=True)
                     continue
                 log(f"evaluate {run_dir}")

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from knn_cm.paper import DIGITS_SEEDS
+from knn_cm.runs.layout import RunLayout
 
 # The study's methods, tables and run folders: the paper manifest (knn_cm/paper.py).
 STUDY = DIGITS_SEEDS
@@ -47,7 +48,7 @@ def read_runs(root: Path, snapshots: int, steps: int) -> tuple[dict, list[str]]:
             seed = int(values.pop("seed"))
             if tuple(sorted(values.items())) != fixed:
                 continue
-            path = folder / "evaluation.csv"
+            path = RunLayout(folder).evaluation_table
             rows = []
             if path.exists():
                 with open(path, newline="") as handle:
