@@ -11,58 +11,63 @@ Everything the run writes lands in its stable run folder: the resolved config, c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import manual_seed  # not `import torch`: see _submitit_note below
 
+from knn_cm.cli import one_line_errors, removed_on_failure, run_app
 from knn_cm.estimators import build_estimator
 from knn_cm.io import atomic_path, remove_stale_temp_files
-from knn_cm.training import EMA, DistributedContext, Trainer, trainer_config
-from knn_cm.runs.checkpoints import remove_orphan_digests
 from knn_cm.runs.binding import RunFolder, RunFolderError
+from knn_cm.runs.checkpoints import remove_orphan_digests
+from knn_cm.runs.jsonl import read_json_lines
 from knn_cm.runs.layout import RunLayout
+from knn_cm.training import EMA, DistributedContext, Trainer
+from knn_cm.training.checks import check_settings, estimator_spec
 from knn_cm.training.state import refuse_restart_over_checkpoints
 
 log = logging.getLogger("train")
 
 
-def estimator_spec(config: DictConfig) -> dict:
-    """The estimator group with the index group as its ``index`` (knn_cm.estimators.factory's schema).
+def run(config: DictConfig, run_dir: Path) -> Trainer:
+    """Train with a composed config, writing into ``run_dir``; returns the trainer (weights, last step).
+
+    Before anything is written, every setting is checked: the loop, estimator, index, objective, optimizer, EMA and
+    model settings (``knn_cm.training.checks``), then the dataset is loaded and the estimator built on it (the index
+    against the dataset's size). Only then does rank 0 take the run folder's lock, check that the folder belongs to
+    this config and dataset (``knn_cm.runs.binding``) and write run.json and config.yaml. A folder this call
+    created is removed when a check fails.
 
     Every rank builds or loads its index at once, without a collective: cached kinds are built by the first
     process to take the cache entry's lock (one per node with a node-local cache, one per cluster with a shared
     one) while the others wait on the lock and then load the entry (``knn_cm.search.build_index``); a flat index
     is a copy of the data that each rank makes. ``index.device: null`` searches on this rank's device.
     """
-    return {**OmegaConf.to_container(config.estimator, resolve=True),
-            "index": OmegaConf.to_container(config.index, resolve=True)}
-
-
-def run(config: DictConfig, run_dir: Path) -> Trainer:
-    """Train with a composed config, writing into ``run_dir``; returns the trainer (weights, last step).
-
-    Before anything is written, rank 0 validates the settings, takes the run folder's lock and checks that the
-    folder belongs to this config and dataset (``knn_cm.runs.binding``); then it writes config.yaml.
-    """
     context = DistributedContext.from_env(config.trainer.device, config.distributed.timeout_minutes,
                                           config.distributed.threads_per_rank)
     folder = RunFolder(run_dir)
     try:
-        resolved = OmegaConf.to_container(config, resolve=True)
-        settings = trainer_config(resolved["trainer"])  # a bad setting fails here, before the folder is touched
+        with removed_on_failure(run_dir) if context.is_main else contextlib.nullcontext():
+            settings = check_settings(config)
+            resolved = OmegaConf.to_container(config, resolve=True)
+            store = instantiate(config.dataset.store)
+            estimator = build_estimator(estimator_spec(config), store, context.device, index_setting="index")
+            manual_seed(config.seed)  # identical initial weights on every rank
+            denoiser = instantiate(config.model)
+            objective = instantiate(config.trainer.objective)(estimator=estimator)
         refusal, binding = None, None
         if context.is_main:
             try:
                 folder.acquire()
             except RunFolderError as error:
                 refusal = error
-        store = instantiate(config.dataset.store)
         if context.is_main and refusal is None:
             try:
                 binding = folder.check_binding(resolved, store.fingerprint, bool(config.accept_config_change),
@@ -83,10 +88,6 @@ def run(config: DictConfig, run_dir: Path) -> Trainer:
             invocation = folder.start_invocation({"overrides": _overrides(), "world_size": context.world_size,
                                                   "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
             log.info("dataset %s: N=%d, shape %s; run folder %s", store.name, len(store), store.shape, run_dir)
-        estimator = build_estimator(estimator_spec(config), store, context.device, index_setting="index")
-        torch.manual_seed(config.seed)  # identical initial weights on every rank
-        denoiser = instantiate(config.model)
-        objective = instantiate(config.trainer.objective)(estimator=estimator)
         ema = config.trainer.ema
 
         def ema_factory(model):
@@ -107,10 +108,55 @@ def run(config: DictConfig, run_dir: Path) -> Trainer:
                      type(denoiser).__name__, parameters / 1e6, trainer.config.max_steps,
                      trainer.config.batch_size, trainer.accumulation, context.world_size)
         trainer.fit()
+        if context.is_main:
+            print(run_summary(trainer, run_dir, store.name), flush=True)
         return trainer
     finally:
         context.close()
         folder.release()
+
+
+def run_summary(trainer: Trainer, run_dir: Path, dataset: str) -> str:
+    """What this call made and what comes next: the run's state, its folder, newest snapshot and sample grid, the
+    last loss, and the sample.py / evaluate.py commands for it."""
+    layout, step, max_steps = RunLayout(run_dir), trainer.step, trainer.config.max_steps
+    if trainer.start_step >= max_steps:
+        head = f"this run had already finished (step {step} of {max_steps}); nothing to train"
+    elif step >= max_steps:
+        head = f"finished: step {step} of {max_steps}"
+    else:
+        head = f"stopped at step {step} of {max_steps}; the same command continues"
+    where = _shown(run_dir)
+    lines = [head, f"  run folder:      {where}"]
+    snapshots = layout.list_snapshots()
+    if snapshots:
+        lines.append(f"  newest snapshot: {_shown(snapshots[-1][1])}")
+    grids = sorted(layout.samples.glob("*.png"), key=lambda path: (path.stem.rsplit("-", 1)[-1], path.name))
+    if grids:
+        lines.append(f"  sample grid:     {_shown(grids[-1])}")
+    losses = [record for record in read_json_lines(layout.metrics) if record.get("loss") is not None]
+    if losses:
+        lines.append(f"  last loss:       {losses[-1]['loss']:.4g} (step {losses[-1].get('step')})")
+    if snapshots:
+        small = " num_samples=2000" if dataset == "digits" else ""
+        lines += [f"  sample:          python sample.py network={where}",
+                  f"  evaluate:        python evaluate.py run_dir={where}{small}"]
+    return "\n".join(lines)
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, else absolute."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+# _submitit_note: hydra/launcher=local and the SLURM launchers pickle this file's functions by value (it runs as
+# __main__), and cloudpickle then also pickles each loaded submodule of a module they reference whose name parts
+# all occur among their names: with `torch` referenced, torch.distributed.config (from `config.distributed` and
+# `.config`), one of torch's config modules, which cannot be pickled. So these functions do not reference torch.
 
 
 def _legacy_config(run_dir: Path) -> dict | None:
@@ -132,8 +178,9 @@ def _overrides() -> list[str]:
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(config: DictConfig) -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    run(config, Path(HydraConfig.get().runtime.output_dir))
+    with one_line_errors():
+        run(config, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main, __file__)
