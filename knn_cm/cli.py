@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -193,10 +194,11 @@ def removed_on_failure(folder: str | Path) -> Iterator[Path]:
 
 
 def _remove_empty_parents(folder: Path) -> None:
-    """rmdir the empty folders above ``folder`` that lie inside the working directory (outputs/sample/...)."""
-    cwd = Path.cwd().absolute()
+    """rmdir the empty folders above ``folder`` that lie inside the working directory (outputs/sample/...), never
+    the system's temporary folder itself."""
+    cwd, temporary = Path.cwd().absolute(), Path(tempfile.gettempdir()).absolute()
     parent = folder.parent
-    while parent != cwd and cwd in parent.parents:
+    while parent != cwd and parent != temporary and cwd in parent.parents:
         try:
             parent.rmdir()
         except OSError:  # not empty (or not ours to remove)
