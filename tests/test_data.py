@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from knn_cm.data import DataStore, float_to_uint8, load_array, load_cifar10, load_digits, load_image_folder
-from knn_cm.data import sources
+from knn_cm.data import DataStore, float_to_uint8, load_array, load_cifar10, load_digits, load_image_folder, sources
 from tests.conftest import shared_cifar_archive
 
 

@@ -42,8 +42,8 @@ def test_index_configs(clustered_store, kind):
 @pytest.mark.parametrize("name", ["single", "exact", "mc", "uniform", "stf", "knn"])
 def test_estimator_configs(random_store, name):
     spec = OmegaConf.to_container(OmegaConf.load(CONFIGS / "estimator" / f"{name}.yaml"))
-    estimator = build_estimator({**spec, "index": OmegaConf.to_container(OmegaConf.load(CONFIGS / "index" / "flat.yaml"))},
-                                random_store)
+    flat = OmegaConf.to_container(OmegaConf.load(CONFIGS / "index" / "flat.yaml"))
+    estimator = build_estimator({**spec, "index": flat}, random_store)
     assert estimator.name == name and (name != "knn" or estimator.index.kind == "flat")
     x = random_store.float([0, 1])
     out = estimator(x + 0.5 * torch.randn_like(x), 0.5, x=x)

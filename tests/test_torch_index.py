@@ -59,7 +59,8 @@ def test_torch_index_storages_and_chunks_agree(cifar_sized_store):
     queries = _queries(cifar_sized_store, 2.0, count=8)
     reference = build_index(cifar_sized_store, "torch", storage="float").search(queries, 64)
     for storage, chunk_rows in (("uint8", None), ("mapped", 333), ("float", 64)):
-        dists, indices = build_index(cifar_sized_store, "torch", storage=storage, chunk_rows=chunk_rows).search(queries, 64)
+        index = build_index(cifar_sized_store, "torch", storage=storage, chunk_rows=chunk_rows)
+        dists, indices = index.search(queries, 64)
         assert torch.equal(indices, reference[1]), storage
         assert torch.allclose(dists, reference[0], rtol=1e-5, atol=1e-2), storage
 

@@ -58,7 +58,8 @@ def store_from_config(config: Mapping, setting: str = "dataset.store") -> DataSt
         if key == "_target_" or key in _IGNORED_KEYS:
             continue
         if key not in parameters:
-            raise ValueError(f"{setting}.{key} is not an argument of {target}; allowed: {', '.join(sorted(parameters))}")
+            allowed = ", ".join(sorted(parameters))
+            raise ValueError(f"{setting}.{key} is not an argument of {target}; allowed: {allowed}")
         if not _plain(value):
             raise ValueError(f"{setting}.{key} must be a plain value (number, string, bool, null or a list of them), "
                              f"got {type(value).__name__}")

@@ -22,7 +22,7 @@ of uint8 rows per GPU instead of 15.7 GB.
 from __future__ import annotations
 
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ class ResidentRows:
         self._buffer: torch.Tensor | None = None
 
     @classmethod
-    def from_store(cls, store, device: torch.device, dtype: torch.dtype, storage: str) -> "ResidentRows":
+    def from_store(cls, store, device: torch.device, dtype: torch.dtype, storage: str) -> ResidentRows:
         """Every element of ``store`` on ``device`` in ``storage``: its stored images held, x-flipped copies
         (when the store has them) made on read."""
         storage = resolve_storage(storage, device, len(store), store.dim, dtype)

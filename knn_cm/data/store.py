@@ -12,8 +12,8 @@ empirical distribution must include the flipped copies so it targets the distrib
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -77,11 +77,11 @@ class DataStore:
 
     # ----------------------------------------------------------------------------------------- build
     @classmethod
-    def from_array(cls, images, name: str = "array", labels=None, xflip: bool = False) -> "DataStore":
+    def from_array(cls, images, name: str = "array", labels=None, xflip: bool = False) -> DataStore:
         """A store over an in-memory uint8 array [N, C, H, W] (numpy or torch)."""
         return cls(images, name=name, labels=labels, xflip=xflip)
 
-    def with_xflip(self, xflip: bool = True) -> "DataStore":
+    def with_xflip(self, xflip: bool = True) -> DataStore:
         """The same images with x-flip doubling switched on (or off); shares the underlying array."""
         store = DataStore(self.images, name=self.name, labels=self.labels, xflip=xflip)
         store._base_fingerprint = self._base_fingerprint

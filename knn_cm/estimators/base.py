@@ -206,6 +206,6 @@ class Estimator:
             self._check_finite("x", x)
         if x is None and self.needs_source:
             raise ValueError(f"the {self.name!r} estimator needs the clean source x (est(z, sigma, x=x))")
-        flat = lambda tensor: tensor.reshape(batch, -1).to(device=device, dtype=self.dtype)  # noqa: E731
+        flat = lambda tensor: tensor.reshape(batch, -1).to(device=device, dtype=self.dtype)
         return flat(z), sigma, None if x is None else flat(x)
 

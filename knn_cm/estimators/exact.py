@@ -42,7 +42,8 @@ class ExactPosterior(Estimator):
         """log p(x_i | z) [B, N] for z [B, C, H, W] and sigma [B] (normalised over the dataset)."""
         z_flat, sigma, _ = self._validate(z, sigma, None)
         with torch.no_grad():
-            return torch.log_softmax(exact_log_likelihoods(z_flat, sigma, self.rows, fixed_shapes=self.sync_free), dim=1)
+            log_likelihoods = exact_log_likelihoods(z_flat, sigma, self.rows, fixed_shapes=self.sync_free)
+            return torch.log_softmax(log_likelihoods, dim=1)
 
 
 class PosteriorMC(Estimator):

@@ -61,7 +61,8 @@ def velocity_error_study(store: DataStore, estimators: Mapping[str, Estimator], 
         num_sources, repeats, batch_size, seed, exact, device, progress: as ``estimator_error_study``.
     """
     if num_sources < 1 or repeats < 1 or batch_size < 1:
-        raise ValueError(f"num_sources, repeats and batch_size must be >= 1, got {num_sources}, {repeats}, {batch_size}")
+        raise ValueError(f"num_sources, repeats and batch_size must be >= 1, got {num_sources}, {repeats}, "
+                         f"{batch_size}")
     if not times or any(not (0 < t < 1) for t in times):
         raise ValueError(f"study.times must be flow-matching times in (0, 1) for study.process=flow_matching, got "
                          f"{list(times)}")

@@ -172,7 +172,7 @@ class RunFolder:
                 temp.write_text(json.dumps(record, indent=1, default=str) + "\n")
 
     # --------------------------------------------------------------------------------- invocations
-    def start_invocation(self, details: Mapping) -> "Invocation":
+    def start_invocation(self, details: Mapping) -> Invocation:
         return Invocation(RunLayout(self.path).invocations, details)
 
 
