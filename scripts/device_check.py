@@ -131,7 +131,7 @@ def _nvidia_smi() -> str | None:
 def cuda_test_files() -> list[str]:
     """Test files holding CUDA-only tests (they test ``torch.cuda.is_available()``), except this script's own."""
     files = []
-    for path in sorted((ROOT / "tests").glob("test_*.py")):
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
         if path.name != "test_device_check.py" and "cuda.is_available()" in path.read_text():
             files.append(str(path.relative_to(ROOT)))
     return files

@@ -1,4 +1,4 @@
-"""torchrun's entry point in tests/test_elastic.py: train.py, with rank 1 of a restarted worker group late.
+"""torchrun's entry point in tests/e2e/test_elastic.py: train.py, with rank 1 of a restarted worker group late.
 
 On a busy machine the ranks of a restarted group reach the process group seconds apart; the delay makes that
 spread certain, so a restart must work whichever rank comes first (``KNN_CM_TEST_RESTART_DELAY`` seconds).

@@ -1,5 +1,5 @@
 """Algorithm 1 as the paper writes it, in float64, for one query at a time: the reference the fast path
-(``knn_cm.estimators.knn``) is tested against (tests/test_reference.py).
+(``knn_cm.estimators.knn``) is tested against (tests/unit/estimators/test_reference.py).
 
 No index, no GEMM distances, no refinement, no duplicate merging, no fixed shapes: squared distances to every
 element by direct differences, the k nearest by sorting them, the proposal as a dense vector over all N

@@ -33,7 +33,7 @@ VOLATILE_KEYS = (
     "run_name", "output_root", "accept_config_change",  # where the folder is, and this very switch
     "trainer.resume", "trainer.stop_after_steps",  # how this invocation starts and ends
     "trainer.progress", "trainer.device", "trainer.preemption_signals",  # how it runs (device: same maths)
-    "trainer.micro_batch_size",  # accumulation gives the same step (tests/test_training.py)
+    "trainer.micro_batch_size",  # accumulation gives the same step (tests/unit/training/test_training.py)
     "trainer.keep_checkpoints", "logger",  # bookkeeping
     "distributed",  # process-group timeout and CPU threads: how ranks meet, not what they compute
 )
