@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Override for other platforms, e.g. `make test TORCH_SPEC="torch==2.9.1 torchvision==0.24.1"`.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run demo test venv bench device-bundle device-check clean
+.PHONY: run demo test lint format venv bench device-bundle device-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q --durations=15 tests
+
+# Lint (pyproject's [tool.ruff]: pycodestyle, pyflakes, import order, bugbear, pyupgrade); CI runs it before the tests.
+lint: venv
+	$(VENV)/bin/ruff check .
+
+# Apply ruff's safe fixes (import order, modern syntax, unused noqa); what remains is for a person to fix.
+format: venv
+	$(VENV)/bin/ruff check --fix .
 
 bench: venv
 	$(PY) benchmarks/bench_estimators.py

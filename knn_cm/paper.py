@@ -11,8 +11,8 @@ counterparts on digits, among them the seeded study of ``scripts/digits_seeds.sh
   folders and tables;
 - ``benchmarks/bench_training.py``: Table 4's time ratios beside the measured ones.
 
-None of them spells these lists (tests/unit/paper/test_paper.py checks). Values of a swept setting live where Hydra reads
-them: ``hydra.sweeper.params`` of the sweep's experiment file. Run folders are named by the experiment
+None of them spells these lists (tests/unit/paper/test_paper.py checks). Values of a swept setting live where
+Hydra reads them: ``hydra.sweeper.params`` of the sweep's experiment file. Run folders are named by the experiment
 (``run_name`` defaults to it, configs/train.yaml): ``outputs/train/<experiment>``, and for a sweep
 ``multirun/train/<experiment>/<key>=<value>``.
 

@@ -8,8 +8,8 @@
    drawn elements (the index's distances only shape the proposal); duplicates are combined.
 
 Steps 1-2 are :meth:`KNN.proposal`, step 3 :meth:`KNN.draws`, step 4 :meth:`KNN.estimate_from_draws`; a call does
-all four. ``knn_cm.estimators.reference`` writes the same algorithm plainly in float64; tests/unit/estimators/test_reference.py
-checks this fast path against it.
+all four. ``knn_cm.estimators.reference`` writes the same algorithm plainly in float64;
+tests/unit/estimators/test_reference.py checks this fast path against it.
 """
 
 from __future__ import annotations
