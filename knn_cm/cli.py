@@ -99,8 +99,19 @@ def run_app(main: Callable[[], object], app_file: str, argv: list[str] | None = 
     except Exception as error:
         if not is_known(error):
             raise
+        _hint_own_experiments(error, app_file.name, app_file.parent / "configs")
         report(error)
         sys.exit(1)
+
+
+def _hint_own_experiments(error: Exception, app: str, configs: Path) -> None:
+    """An unknown experiment: the hint lists this app's experiments, not every file of the group."""
+    missing = getattr(error, "missing_cfg_file", None) or ""
+    if isinstance(error, MissingConfigException) and missing.startswith("experiment/"):
+        names = (str(path.relative_to(configs / "experiment").with_suffix(""))
+                 for path in (configs / "experiment").rglob("*.yaml"))
+        own = sorted(name for name in names if experiment_app(configs, name) == app)
+        error.add_note(f"{app} experiments: {', '.join(own)}" if own else f"{app} has no experiments")
 
 
 @contextmanager
