@@ -49,10 +49,14 @@ class LevelErrors:
         self.per_source["bias2"].append((mean - reference).square().mean(dim=1).cpu().numpy())
         self.per_source["variance"].append((draws - mean).square().mean(dim=(0, 2)).cpu().numpy())
 
-    def rows(self, name: str, t: float, repeats: int) -> list[dict]:
+    def rows(self, name: str, t: float, repeats: int, targets=TARGETS, derived_scale: float | None = None
+             ) -> list[dict]:
+        """Rows of the posterior-mean errors and of a target derived from them by a factor per t: the score's
+        (Eq. 5, errors / t^4: the default) or the flow-matching velocity's (errors / t^2)."""
+        derived_scale = t**-4 if derived_scale is None else derived_scale
         out = []
-        for target in TARGETS:
-            scale = 1.0 if target == "posterior_mean" else t**-4
+        for target in targets:
+            scale = 1.0 if target == "posterior_mean" else derived_scale
             for metric in METRICS:
                 values = np.concatenate(self.per_source[metric]) * scale
                 mean = float(values.mean())

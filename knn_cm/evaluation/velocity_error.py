@@ -17,11 +17,9 @@ and "velocity" and t the flow-matching time.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from knn_cm.data import DataStore
@@ -32,20 +30,6 @@ from knn_cm.evaluation.study_plot import FLOAT32_EPS, METRIC_LABELS, draw_error_
 from knn_cm.io import save_figure
 
 VELOCITY_TARGETS = ("posterior_mean", "velocity")
-
-
-def _rows(errors: LevelErrors, name: str, t: float, repeats: int) -> list[dict]:
-    out = []
-    for target in VELOCITY_TARGETS:
-        scale = 1.0 if target == "posterior_mean" else t**-2
-        for metric in METRICS:
-            values = np.concatenate(errors.per_source[metric]) * scale
-            mean = float(values.mean())
-            half_width = 1.96 * float(values.std(ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-            out.append({"estimator": name, "t": t, "target": target, "metric": metric, "value": mean,
-                        "ci_low": mean - half_width, "ci_high": mean + half_width, "num_sources": len(values),
-                        "repeats": repeats})
-    return out
 
 
 def velocity_error_study(store: DataStore, estimators: Mapping[str, Estimator], times: Sequence[float],
@@ -87,7 +71,7 @@ def velocity_error_study(store: DataStore, estimators: Mapping[str, Estimator], 
             bar.set_postfix(t=f"{t:g}")
             bar.update(1)
         for name in estimators:
-            rows.extend(_rows(errors[name], name, float(t), repeats))
+            rows.extend(errors[name].rows(name, float(t), repeats, VELOCITY_TARGETS, derived_scale=float(t) ** -2))
     bar.close()
     return rows
 
