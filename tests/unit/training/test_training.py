@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -332,6 +333,7 @@ def test_wandb_logging_offline_resumes_the_same_run(tmp_path, monkeypatch):
     overrides = tiny_overrides("quickstart", steps=2) + ["logger=wandb"]
     train.run(compose_train(overrides + ["trainer.stop_after_steps=1"]), tmp_path)
     run_id = (tmp_path / "wandb_id.txt").read_text()
+    time.sleep(1.1)  # wandb names offline folders by the second: two invocations within one second share a folder
     train.run(compose_train(overrides), tmp_path)
     assert (tmp_path / "wandb_id.txt").read_text() == run_id
     offline_runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
