@@ -7,10 +7,12 @@
 For batches of ``--batch`` queries z = x + t * eps at each t: the bare flat search (faiss on CPU, the
 torch index on CUDA), the whole ``knn`` estimator on it, ``knn`` on every approximate proposal in
 ``--methods`` (speed-up over flat ``knn`` and MSE against ``exact`` relative to flat ``knn``'s: the
-speed / error front), ``exact`` (achieved GFLOP/s against the machine's matmul peak, the best of
-several GEMM shapes including the estimators') and ``stf``. All times of one t are measured
+speed / error front), ``exact`` (achieved GFLOP/s as a fraction of the matmul peak: the best float32
+GEMM rate over ``exact``'s own products and larger ones, timed in the same round-robin, so nothing
+measured exceeds it: ``common.MatmulPeak``) and ``stf``. All times of one t are measured
 interleaved, best of ``--repeats``, so machine load hits them alike; MSEs average ``--mse-repeats``
-draws. ``os.getloadavg()`` is recorded at start and end.
+draws. ``os.getloadavg()`` is recorded at start and end. Times are this machine's; the ratios of one
+run (``targets``) are what carries to another machine.
 
 Approximate methods (``--methods``): ``ivf:NLIST:NPROBE`` (faiss IVF), ``pca:M:RERANK`` (torch
 search over M principal components, then exact distances for the RERANK best), ``ivfpca:M:NLIST:NPROBE:RERANK``
@@ -30,13 +32,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_seconds, machine, matmul_peak, peak_rss_gb
+from common import MatmulPeak, interleaved_seconds, machine, peak_rss_gb
 
 from knn_cm.data import DataStore, load_image_folder
 from knn_cm.estimators import make_estimator
+from knn_cm.estimators.exact import _query_chunks
 from knn_cm.search import build_index
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# Peak probes besides exact's own products: large squares and the earlier set's wide shapes
+# (--peak-shapes default), or small ones that keep the tests fast (small).
+PEAK_SHAPES = {"default": [(4096, 4096, 4096, "b.T"), (2048, 2048, 2048, "b.T"), (2048, 2048, 2048, "b"),
+                           (1024, 3072, 8192, "b.T")],
+               "small": [(256, 256, 256, "b.T"), (64, 3072, 2048, "b.T")]}
 DEFAULT_METHODS = ["ivf:1024:4", "ivf:1024:16", "pca:64:512", "ivfpca:64:1024:16:512", "ivfpca:64:1024:64:512"]
 
 
@@ -59,12 +67,20 @@ def build_method(store, method: str, device):
     raise ValueError(f"unknown method {method!r}: use ivf:NLIST:NPROBE, pca:M:RERANK or ivfpca:M:NLIST:NPROBE:RERANK")
 
 
-def rate(seconds: float, batch: int, flops: float | None = None, peak: float | None = None) -> dict:
+def rate(seconds: float, batch: int, flops: float | None = None) -> dict:
     out = {"ms_per_query": 1e3 * seconds / batch, "queries_per_s": batch / seconds}
     if flops is not None:
         out["gflops"] = flops / seconds / 1e9
-        out["fraction_of_peak"] = out["gflops"] / peak
     return out
+
+
+def exact_gemm_shapes(batch: int, size: int, dim: int, dtype=torch.float32) -> list:
+    """The two products ``exact`` runs per query chunk, as MatmulPeak shapes: distances z [B, d] x rows.T
+    (``distances.exact_log_likelihoods``) and weights [B, N] x rows [N, d] (``snis.weights_times_rows``),
+    with B its query chunk and N its row chunk (65,536)."""
+    start, stop = _query_chunks(batch, size, dtype)[0]
+    rows = min(size, 1 << 16)
+    return [(stop - start, dim, rows, "b.T"), (stop - start, rows, dim, "b")]
 
 
 def mean_mse(estimator, z, t, x, reference, repeats, generator) -> float:
@@ -95,7 +111,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mse-repeats", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--peak-shapes", default="default", help="'default' or 'small' (tests)")
+    parser.add_argument("--peak-shapes", default="default", choices=sorted(PEAK_SHAPES),
+                        help="probes besides exact's own products: 'default' or 'small' (tests)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -105,8 +122,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     store = load_store(args)
     size, dim, batch = len(store), store.dim, args.batch
-    shapes = [(256, 256, 256), (64, 3072, 2048)] if args.peak_shapes == "small" else None
-    peak = matmul_peak(device, shapes)
+    peak = MatmulPeak(exact_gemm_shapes(batch, size, dim) + PEAK_SHAPES[args.peak_shapes], device)
     if device.type == "cuda":
         flat = build_index(store, "torch", device=device)
         flats = {"torch": flat}
@@ -140,7 +156,7 @@ def main(argv=None) -> dict:
         "settings": {"batch": batch, "k": args.k, "n": args.n, "repeats": args.repeats,
                      "mse_repeats": args.mse_repeats, "device": str(device), "methods": list(methods),
                      "approximate_build_s": build_s},
-        "matmul_peak": peak,
+        "matmul_peak": None,  # filled in after every t: the peak is the best over all rounds
         "per_t": {},
     }
     for t in args.times:
@@ -152,15 +168,21 @@ def main(argv=None) -> dict:
         functions |= {name: (lambda est=est, z=z, t=t: est(z, t, x=x, generator=generator))
                       for name, est in estimators.items()}
         functions["exact"] = lambda z=z, t=t: exact(z, t)
+        functions |= peak.functions()
         seconds = interleaved_seconds(functions, args.repeats, device)
+        peak.record(seconds, args.repeats)
+        seconds = {name: value for name, value in seconds.items() if not name.startswith("gemm_")}
         search_name = "search_torch" if device.type == "cuda" else "search_faiss_cpu"
-        entry = {name: rate(value, batch, 4 * batch * size * dim if name == "exact" else None, peak["gflops"])
+        entry = {name: rate(value, batch, 4 * batch * size * dim if name == "exact" else None)
                  for name, value in seconds.items()}
+        peak.observe(f"exact_t{t:g}", entry["exact"]["gflops"])
         entry["search"] = entry[search_name]
         knn_flat = entry["knn_flat"]
         knn_flat["cost_vs_flat_search"] = seconds["knn_flat"] / seconds[search_name]
         if "knn_torch" in entry:
             entry["knn_torch"]["cost_vs_own_search"] = seconds["knn_torch"] / seconds["search_torch"]
+        if "search_faiss_cpu" in seconds:
+            entry["search_torch"]["speedup_vs_faiss_cpu"] = seconds["search_faiss_cpu"] / seconds["search_torch"]
         flat_mse = mean_mse(estimators["knn_flat"], z, t, x, reference, args.mse_repeats, generator)
         knn_flat["mse_vs_exact"] = flat_mse
         for name in methods:
@@ -176,6 +198,9 @@ def main(argv=None) -> dict:
         print(f"t={t:g}: knn/search {knn_flat['cost_vs_flat_search']:.3f}", file=sys.stderr, flush=True)
 
     per_t = result["per_t"]
+    result["matmul_peak"] = peak.result()
+    for entry in per_t.values():
+        entry["exact"]["fraction_of_peak"] = entry["exact"]["gflops"] / result["matmul_peak"]["gflops"]
     result["targets"] = {
         "knn_vs_flat_search_per_t (target <= 1.10)": {t: round(e["knn_flat"]["cost_vs_flat_search"], 3)
                                                       for t, e in per_t.items()},
@@ -183,6 +208,10 @@ def main(argv=None) -> dict:
         "knn_on_torch_index_vs_its_search_per_t": {t: round(e["knn_torch"]["cost_vs_own_search"], 3)
                                                    for t, e in per_t.items() if "knn_torch" in e},
         "exact_fraction_of_peak_min": min(e["exact"]["fraction_of_peak"] for e in per_t.values()),
+        "exact_fraction_of_peak_max": max(e["exact"]["fraction_of_peak"] for e in per_t.values()),
+        "torch_search_speedup_vs_faiss_cpu_per_t": {t: round(e["search_torch"]["speedup_vs_faiss_cpu"], 2)
+                                                    for t, e in per_t.items()
+                                                    if "speedup_vs_faiss_cpu" in e["search_torch"]},
         "approximate_front_speedup_and_mse_ratio_per_t": {
             name: {t: [round(e[f"knn_{name}"]["speedup_vs_knn_flat"], 2),
                        round(e[f"knn_{name}"]["mse_vs_knn_flat_mse"], 2)]
