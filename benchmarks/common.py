@@ -129,9 +129,20 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (/proc/cpuinfo), or platform.processor() where there is none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def machine(threads: int) -> dict:
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": threads,
-            "torch": torch.__version__, "loadavg_start": os.getloadavg()}
+    info = {"platform": platform.platform(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "threads": threads, "torch": torch.__version__, "loadavg_start": os.getloadavg()}
     try:
         import faiss
 
