@@ -148,7 +148,7 @@ def evaluation_summary(records: list[dict], run_dir: Path, rows: int = 12) -> st
     return "\n".join([head, *lines, *tail, f"table: {RunLayout(run_dir).evaluation_table}"])
 
 
-@hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path="configs/evaluate", config_name="evaluate", version_base="1.3")
 def main(config: DictConfig) -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     with one_line_errors():

@@ -2,9 +2,9 @@
 posterior mean, over noise levels; results.csv, Figure-3-style PNGs and a markdown summary in the run folder.
 
     python evaluate_estimators.py                                   # digits, single / stf / knn
-    python evaluate_estimators.py experiment=estimators/cifar10_reduced
-    python evaluate_estimators.py experiment=estimators/figure6_k_sweep dataset=cifar10
-    python evaluate_estimators.py experiment=estimators/flow_matching_cifar10_reduced   # velocity targets (t in (0, 1))
+    python evaluate_estimators.py experiment=cifar10_reduced
+    python evaluate_estimators.py experiment=figure6_k_sweep dataset=cifar10
+    python evaluate_estimators.py experiment=flow_matching_cifar10_reduced   # velocity targets (t in (0, 1))
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _study(config: DictConfig, run_dir: Path) -> list[dict]:
     return rows
 
 
-@hydra.main(config_path="configs", config_name="estimator_study", version_base="1.3")
+@hydra.main(config_path="configs/estimator_study", config_name="estimator_study", version_base="1.3")
 def main(config: DictConfig) -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     with one_line_errors():

@@ -126,7 +126,7 @@ def _check_shape(payload: dict, path: Path, store, taken_from: str) -> None:
         raise error
 
 
-@hydra.main(config_path="configs", config_name="sample", version_base="1.3")
+@hydra.main(config_path="configs/sample", config_name="sample", version_base="1.3")
 def main(config: DictConfig) -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     with one_line_errors():

@@ -175,7 +175,7 @@ def _overrides() -> list[str]:
     return []
 
 
-@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+@hydra.main(config_path="configs/train", config_name="train", version_base="1.3")
 def main(config: DictConfig) -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     with one_line_errors():

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
-DEFAULT_METHODS = ["pca:64:512", "ivfpca:64:0:0:512"]  # the second is configs/index/approximate.yaml
+DEFAULT_METHODS = ["pca:64:512", "ivfpca:64:0:0:512"]  # the second is configs/train/index/approximate.yaml
 
 
 def _mapped_store(args):

@@ -26,18 +26,34 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
 from hydra.errors import CompactHydraException, InstantiationException, MissingConfigException
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
 SHORT_ERRORS = "KNN_CM_SHORT_ERRORS"  # set by the edge, not by the user: HYDRA_FULL_ERROR=1 is the edge's own
 KNOWN_ERRORS = (ValueError, OSError, CompactHydraException, OmegaConfBaseException)
-APPS = ("train.py", "evaluate.py", "evaluate_estimators.py")  # the apps with an experiment group
+# Each app and its config folder under configs/ (its primary config is configs/<folder>/<folder>.yaml; its own
+# groups, its experiments above all, sit beside it; configs/common holds the groups every app shares).
+APPS = {"train.py": "train", "sample.py": "sample", "evaluate.py": "evaluate",
+        "evaluate_estimators.py": "estimator_study"}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/, beside knn_cm/
+
+
+def compose_app(app: str, overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """``app``'s config (``"train.py"`` or its folder name ``"train"``) composed in-process with ``overrides``, as
+    the app would compose it (campaign planning, tests); the folder comes from :data:`APPS`."""
+    from hydra import compose, initialize_config_dir
+
+    folder = APPS.get(app, app)
+    if folder not in APPS.values():
+        raise ValueError(f"app={app!r} is not one of {', '.join(APPS)}")
+    with initialize_config_dir(config_dir=str(CONFIGS / folder), version_base="1.3"):
+        return compose(config_name=folder, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def is_known(error: BaseException) -> bool:
@@ -89,29 +105,18 @@ def run_app(main: Callable[[], object], app_file: str, argv: list[str] | None = 
     argv = sys.argv[1:] if argv is None else argv
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build faiss loaded is no news to a user
     if tracebacks_wanted():
-        check_experiment_app(app_file.name, app_file.parent / "configs", argv)
+        check_experiment_app(app_file.name, CONFIGS, argv)
         main()
         return
     os.environ[FULL_ERROR] = os.environ[SHORT_ERRORS] = "1"
     try:
-        check_experiment_app(app_file.name, app_file.parent / "configs", argv)
+        check_experiment_app(app_file.name, CONFIGS, argv)
         main()
     except Exception as error:
         if not is_known(error):
             raise
-        _hint_own_experiments(error, app_file.name, app_file.parent / "configs")
         report(error)
         sys.exit(1)
-
-
-def _hint_own_experiments(error: Exception, app: str, configs: Path) -> None:
-    """An unknown experiment: the hint lists this app's experiments, not every file of the group."""
-    missing = getattr(error, "missing_cfg_file", None) or ""
-    if isinstance(error, MissingConfigException) and missing.startswith("experiment/"):
-        names = (str(path.relative_to(configs / "experiment").with_suffix(""))
-                 for path in (configs / "experiment").rglob("*.yaml"))
-        own = sorted(name for name in names if experiment_app(configs, name) == app)
-        error.add_note(f"{app} experiments: {', '.join(own)}" if own else f"{app} has no experiments")
 
 
 @contextmanager
@@ -136,26 +141,11 @@ def _in_sweep() -> bool:
 
 # ------------------------------------------------------------------------------------------------ experiments
 def experiment_app(configs: Path, name: str) -> str | None:
-    """The app an experiment belongs to (None when ``configs/experiment/<name>.yaml`` does not exist).
-
-    Study experiments live under ``experiment/estimators/`` (evaluate_estimators.py); evaluation experiments set
-    ``task`` (evaluate.py); training experiments configure ``trainer``, ``model`` or ``estimator`` (train.py), or
-    extend one that does.
-    """
-    path = configs / "experiment" / f"{name}.yaml"
-    if not path.is_file():
-        return None
-    if name.startswith("estimators/"):
-        return "evaluate_estimators.py"
-    data = yaml.safe_load(path.read_text()) or {}
-    if "task" in data:
-        return "evaluate.py"
-    for parent in data.get("defaults") or []:  # an experiment extending another of the same group
-        if isinstance(parent, str) and parent != "_self_" and not parent.startswith("/"):
-            owner = experiment_app(configs, parent)
-            if owner is not None:
-                return owner
-    return "train.py"
+    """The app whose ``configs/<app>/experiment/<name>.yaml`` exists (None when no app has it)."""
+    for app, folder in APPS.items():
+        if (configs / folder / "experiment" / f"{name}.yaml").is_file():
+            return app
+    return None
 
 
 def _experiment_values(argv: list[str]) -> list[str]:
@@ -169,15 +159,15 @@ def _experiment_values(argv: list[str]) -> list[str]:
 
 
 def check_experiment_app(app: str, configs: Path, argv: list[str]) -> None:
-    """Refuse an experiment of another app before Hydra composes it (a ValueError naming the right command)."""
+    """Refuse an experiment of another app before Hydra composes it (a ValueError naming the right command).
+    An experiment no app has is left to Hydra, whose error lists this app's experiments."""
     if app not in APPS:
         return
     for name in _experiment_values(argv):
         owner = experiment_app(configs, name)
         if owner is not None and owner != app:
-            why = {"evaluate.py": "it sets task", "evaluate_estimators.py": "it lives under experiment/estimators/",
-                   "train.py": "it configures training"}[owner]
-            error = ValueError(f"experiment={name} is an experiment of {owner} ({why}), not of {app}")
+            error = ValueError(f"experiment={name} is an experiment of {owner} "
+                               f"(configs/{APPS[owner]}/experiment/), not of {app}")
             error.add_note(f"python {owner} experiment={name}")
             raise error
 

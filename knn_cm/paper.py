@@ -1,6 +1,6 @@
 """The paper's results and the runs that make them: one manifest, as plain data.
 
-Each table and figure this project reproduces, with the experiments (``configs/experiment/<name>.yaml``) and run
+Each table and figure this project reproduces, with the experiments (``configs/<app>/experiment/<name>.yaml``) and run
 folders that make it, what the paper reports (FID / IS, Table 4's training hours), and the small-scale
 counterparts on digits, among them the seeded study of ``scripts/digits_seeds.sh``. The readers:
 
@@ -13,7 +13,7 @@ counterparts on digits, among them the seeded study of ``scripts/digits_seeds.sh
 
 None of them spells these lists (tests/unit/paper/test_paper.py checks). Values of a swept setting live where
 Hydra reads them: ``hydra.sweeper.params`` of the sweep's experiment file. Run folders are named by the experiment
-(``run_name`` defaults to it, configs/train.yaml): ``outputs/train/<experiment>``, and for a sweep
+(``run_name`` defaults to it, configs/train/train.yaml): ``outputs/train/<experiment>``, and for a sweep
 ``multirun/train/<experiment>/<key>=<value>``.
 
     python -m knn_cm.paper            # every table and figure with the experiments that make it
@@ -33,7 +33,7 @@ class Method:
     """One row of a results table: a training run and, for the paper's tables, what the paper reports."""
 
     label: str  # the row's name in the report
-    experiment: str  # configs/experiment/<experiment>.yaml; the run folder is outputs/train/<experiment>
+    experiment: str  # configs/train/experiment/<experiment>.yaml; the run folder is outputs/train/<experiment>
     fid: float | None = None  # the paper's FID (50,000 samples, Inception features), None where it reports none
     isc: float | None = None  # the paper's Inception score
 
@@ -51,7 +51,7 @@ class Table:
 class SweepPanel:
     """One panel of an ablation figure: FID against training images, one line per value of a swept setting.
 
-    The values are ``hydra.sweeper.params`` of ``configs/experiment/<experiment>.yaml`` (one key), the runs
+    The values are ``hydra.sweeper.params`` of ``configs/train/experiment/<experiment>.yaml`` (one key), the runs
     ``multirun/train/<experiment>/<key>=<value>`` (``python train.py -m experiment=<experiment>``), the figure
     ``<experiment>.png``.
     """
@@ -105,7 +105,7 @@ class EstimatorFigure:
 
     name: str
     title: str
-    experiment: str  # under configs/experiment/, e.g. estimators/figure3
+    experiment: str  # configs/estimator_study/experiment/<experiment>.yaml, e.g. figure3
 
 
 TABLE1 = Table("table1", "Table 1: one-step CIFAR-10 consistency models", (
@@ -127,13 +127,13 @@ TABLE4 = TrainingTimes(steps=400_000, batch_size=1024, runs=(
     TrainingTime("ict_knn", "knn", 220.5, 1.17),
     TrainingTime("ict_stf", "stf", 185.8, 0.983)))
 ESTIMATOR_FIGURES = (
-    EstimatorFigure("figure3", "Figure 3: estimator error on CIFAR-10", "estimators/figure3"),
-    EstimatorFigure("figure6", "Figure 6: KNN error against k at n 256", "estimators/figure6_k_sweep"),
-    EstimatorFigure("figure7", "Figure 7: KNN error against k at n 64", "estimators/figure7_k_sweep"),
-    EstimatorFigure("figure10", "Figure 10: estimators on CelebA 64x64", "estimators/celeba64"),
-    EstimatorFigure("figure11", "Figure 11: estimators on ImageNet 64x64", "estimators/imagenet64"),
+    EstimatorFigure("figure3", "Figure 3: estimator error on CIFAR-10", "figure3"),
+    EstimatorFigure("figure6", "Figure 6: KNN error against k at n 256", "figure6_k_sweep"),
+    EstimatorFigure("figure7", "Figure 7: KNN error against k at n 64", "figure7_k_sweep"),
+    EstimatorFigure("figure10", "Figure 10: estimators on CelebA 64x64", "celeba64"),
+    EstimatorFigure("figure11", "Figure 11: estimators on ImageNet 64x64", "imagenet64"),
     EstimatorFigure("figure12", "Figure 12: approximate against exact nearest neighbours",
-                    "estimators/figure12_approximate"))
+                    "figure12_approximate"))
 
 # ---------------------------------------------------------------------------------------------------------------
 # Small scale on CPU: scikit-learn's digits, 0.75M-parameter networks, FID / IS in the digits classifier's features.
@@ -142,7 +142,7 @@ TABLE1_DIGITS = Table("table1", "Table 1 at small scale: one-step consistency mo
     Method("iCT", "digits_ict"), Method("iCT + STF", "digits_ict_stf"),
     Method("iCT + KNN (quickstart)", "quickstart")))
 ESTIMATOR_FIGURE3_REDUCED = EstimatorFigure(
-    "figure3_reduced", "Figure 3's protocol at reduced size (M 256, R 16)", "estimators/cifar10_reduced")
+    "figure3_reduced", "Figure 3's protocol at reduced size (M 256, R 16)", "cifar10_reduced")
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ class SeededStudy:
     steps: int  # default run length (trainer.max_steps); folders are named by it
     snapshot_every: int  # default trainer.snapshot_every: steps // snapshot_every snapshots per finished run
     evaluation: tuple[str, ...]  # evaluate.py overrides scoring each run folder's snapshots
-    root: str = "multirun/train"  # where the sweeps' folders are (hydra.sweep.dir of configs/train.yaml)
+    root: str = "multirun/train"  # where the sweeps' folders are (hydra.sweep.dir of configs/train/train.yaml)
 
     def sweeps(self) -> tuple[SeededSweep, ...]:
         return tuple(sweep for part in self.parts for sweep in part.sweeps)
@@ -291,7 +291,7 @@ def training_experiments() -> tuple[str, ...]:
 
 
 def experiments() -> set[str]:
-    """Every experiment the manifest names (configs/experiment/<name>.yaml), at every scale."""
+    """Every experiment the manifest names (``configs/<app>/experiment/<name>.yaml``), at every scale."""
     names = {*training_experiments(), *(panel.experiment for panel in FIGURE4.panels), FIGURE5.experiment,
              FIGURE5.network_run, FIGURE5.digits_experiment, FIGURE5.digits_network_run,
              *(method.experiment for method in TABLE1_DIGITS.methods),

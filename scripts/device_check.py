@@ -11,7 +11,7 @@ it ends, so a run cut short keeps every line written before the cut:
 - ``syncs``: host synchronisations per training step under ``torch.cuda.set_sync_debug_mode("warn")``,
   counted over steps that neither log nor checkpoint, with the source lines that synchronised;
 - ``training``: iCT (Euler, single-sample targets) against iCT + KNN (Heun, k 2,048, n 256) with the
-  paper's NCSN++ (``configs/model/ncsnpp_ict.yaml``, 56M parameters) at batch 128 and 512, float32 and
+  paper's NCSN++ (``configs/train/model/ncsnpp_ict.yaml``, 56M parameters) at batch 128 and 512, float32 and
   bf16: seconds per step, their ratio, the estimator's share (CUDA events), peak memory;
 - ``estimators``: ``benchmarks/bench_estimators.py`` on the GPU at CIFAR-10 size (50,000 x 3,072;
   synthetic when ``../shared`` is absent, as the line says);
@@ -340,15 +340,14 @@ def part_syncs(ctx: PartContext) -> dict:
 
 # ------------------------------------------------------------------------------ training speed
 def ncsnpp_config(quick: bool):
-    """The paper's NCSN++ config (configs/model/ncsnpp_ict.yaml at CIFAR-10 size); a narrow one when quick."""
-    from hydra import compose, initialize_config_dir
+    """The paper's NCSN++ config (configs/train/model/ncsnpp_ict.yaml at CIFAR-10 size); a narrow one when quick."""
+    from knn_cm.cli import compose_app
 
     overrides = ["dataset=cifar10_jpeg", "model=ncsnpp_ict"]
     if quick:
         overrides += ["model.network.model_channels=16", "model.network.channel_mult=[1,1]",
                       "model.network.num_blocks=1", "model.network.attn_resolutions=[]"]
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        return compose("train", overrides=overrides).model
+    return compose_app("train.py", overrides).model
 
 
 def part_training(ctx: PartContext) -> dict:
@@ -407,7 +406,7 @@ def part_training(ctx: PartContext) -> dict:
             ctx.report(runs=dict(runs), parameters=parameters)
     ratios = {name: entry["time_vs_ict"] for name, entry in runs.items() if "time_vs_ict" in entry}
     devices = {entry[name]["device"] for entry in runs.values() for name in estimators if "device" in entry[name]}
-    model = "NCSN++ (configs/model/ncsnpp_ict.yaml)" + (" narrowed (--quick)" if ctx.quick else "")
+    model = "NCSN++ (configs/train/model/ncsnpp_ict.yaml)" + (" narrowed (--quick)" if ctx.quick else "")
     return {"data": source, "model": model,
             "parameters": parameters, "k": k, "n": n, "warmup": warmup, "steps": steps, "runs": runs,
             "time_vs_ict": ratios, "paper_table4_time_vs_ict": 1.17,

@@ -2,7 +2,7 @@
 
 Hydra imports every module under ``hydra_plugins`` when it looks for plugins, which it does before composing
 any config (``@hydra.main`` and ``compose`` alike), so the schemas are always registered. Each
-``configs/trainer/*.yaml`` lists ``schema`` first in its defaults: OmegaConf then checks the type of every loop
+``configs/train/trainer/*.yaml`` lists ``schema`` first in its defaults: OmegaConf then checks the type of every loop
 setting as the config is composed (``trainer.max_steps=abc`` is refused naming the key, before anything runs).
 """
 

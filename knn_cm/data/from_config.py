@@ -1,6 +1,6 @@
 """Building a DataStore from a dataset config without letting the config choose code to run.
 
-A dataset config (``configs/dataset/*.yaml``, or the ``dataset`` section of a run folder's ``config.yaml``)
+A dataset config (``configs/common/dataset/*.yaml``, or the ``dataset`` section of a run folder's ``config.yaml``)
 names its loader in ``store._target_``. :func:`store_from_config` treats that as data: the target must be
 one of the project's own dataset loaders (:data:`DATASET_LOADERS`), every other entry must be a plain
 value (number, string, bool, None, or a list of them) naming one of the loader's arguments, and the

@@ -1,6 +1,6 @@
 """Dataset sources, each returning a :class:`DataStore`: digits, CIFAR-10, image folders, arrays.
 
-Every loader is usable as a Hydra ``_target_`` (see ``configs/dataset/``; ``knn_cm.data.from_config`` builds
+Every loader is usable as a Hydra ``_target_`` (see ``configs/common/dataset/``; ``knn_cm.data.from_config`` builds
 them from configs without running other code). Decoded image folders are cached as ``.npy`` files so a
 second run skips decoding. The cache file is named by content alone: a digest of the source's bytes (every
 image file's relative name and bytes for a folder, the archive's bytes for an archive) and of the decode

@@ -1,8 +1,8 @@
 """Building estimators: by name from Python objects (:func:`make_estimator`), and from configs (one schema).
 
-A config spec is a plain mapping (configs/estimator/*.yaml, each entry of configs/estimator_set/*.yaml, the
-``estimator`` block of sample.yaml and evaluate.yaml), read by every app and the study through
-:func:`build_estimator`::
+A config spec is a plain mapping (configs/train/estimator/*.yaml, each entry of
+configs/estimator_study/estimator_set/*.yaml, the ``estimator`` block of sample.yaml and evaluate.yaml), read by
+every app and the study through :func:`build_estimator`::
 
     name: knn               # single | exact | mc | uniform | stf | knn | network (:data:`ESTIMATORS`)
     k: 2048                 # the estimator's own arguments
@@ -134,7 +134,7 @@ def _naming(setting: str, arguments: Mapping):
 
 def build_estimator_set(specs: Mapping[str, Mapping | None], store, device: str | torch.device = "cpu",
                         setting: str = "estimators") -> dict[str, Estimator]:
-    """label -> estimator for label -> spec (an estimator set, e.g. configs/estimator_set/figure3.yaml).
+    """label -> estimator for label -> spec (an estimator set, e.g. configs/estimator_study/estimator_set/figure3.yaml).
 
     A spec's ``name`` defaults to its label; a spec of None drops the label (experiments remove an estimator
     from a set that way); equal index specs share one index.

@@ -5,7 +5,7 @@ The runs are the paper manifest's (``knn_cm/paper.py``):
 
 - Training (``slurm/train.sbatch``: requeued on preemption and before the time limit, ``trainer.resume=auto``):
   Table 1, Table 2, Figure 4's baseline, and one job per value of each Figure 4 sweep (``hydra.sweeper.params``
-  of its experiment file, e.g. configs/experiment/figure4_k.yaml). Run folders are the ones ``scripts/report.py``
+  of its experiment file, e.g. configs/train/experiment/figure4_k.yaml). Run folders are the ones ``scripts/report.py``
   reads, and a Hydra sweep would write: ``outputs/train/<experiment>`` and
   ``multirun/train/figure4_k/estimator.k=128``.
 - One evaluation per training run (``python evaluate.py run_dir=<run folder>``), after it succeeded.
@@ -31,12 +31,12 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from knn_cm import paper
+from knn_cm.cli import APPS, CONFIGS, compose_app
 from knn_cm.io import atomic_path
 from knn_cm.launch.cost import Cost, heun_evaluations, sampling_cost, training_cost
 from knn_cm.runs.layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs"
 SCALES = ("paper", "toy")
 TRAIN_TEMPLATE = "slurm/train.sbatch"
 RUN_TEMPLATE = "slurm/run.sbatch"
@@ -87,17 +87,14 @@ class CampaignJob:
     run_dir: str | None = None
 
 
-def _compose(config_name: str, overrides_list: list[list[str]]) -> list:
-    """One composed config per override list (one Hydra initialisation for all of them)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return [compose(config_name=config_name, overrides=overrides) for overrides in overrides_list]
+def _compose(app: str, overrides_list: list[list[str]]) -> list:
+    """One composed config of ``app`` per override list."""
+    return [compose_app(app, overrides) for overrides in overrides_list]
 
 
 def sweep_values(experiment: str) -> tuple[str, list[str]]:
     """(key, values) of an experiment's one-parameter sweep (hydra.sweeper.params in its config file)."""
-    params = OmegaConf.load(CONFIGS / "experiment" / f"{experiment}.yaml").hydra.sweeper.params
+    params = OmegaConf.load(CONFIGS / APPS["train.py"] / "experiment" / f"{experiment}.yaml").hydra.sweeper.params
     if len(params) != 1:
         raise ValueError(f"experiment {experiment} sweeps {dict(params)}; the campaign expects one parameter")
     key, values = next(iter(params.items()))
@@ -136,7 +133,7 @@ def training_runs(root: str | Path = ".", scale: str = "paper") -> list[Training
         for value in values:  # folders named as Hydra's override_dirname in a -m sweep
             specs.append((f"{experiment}/{key}={value}", experiment, f"{multirun_root}/{experiment}", f"{key}={value}",
                           [f"{key}={value}"]))
-    configs = _compose("train", [[f"experiment={spec[1]}", "run_name=x", *spec[4]] for spec in specs])
+    configs = _compose("train.py", [[f"experiment={spec[1]}", "run_name=x", *spec[4]] for spec in specs])
     return [_training_run(*spec, config, scale) for spec, config in zip(specs, configs)]
 
 
@@ -166,7 +163,7 @@ def plan(root: str | Path = ".", scale: str = "paper", tswitch_network: str | No
     _check_scale(scale)
     resources, toy = RESOURCES[scale], scale == "toy"
     tswitch = f"experiment={paper.FIGURE5.experiment}"
-    evaluate_config, sweep = _compose("evaluate", [[], list(TOY_TSWITCH) if toy else [tswitch]])
+    evaluate_config, sweep = _compose("evaluate.py", [[], list(TOY_TSWITCH) if toy else [tswitch]])
     runs = training_runs(root, scale)
     num_samples = 100 if toy else int(evaluate_config.num_samples)
     heun = heun_evaluations(int(evaluate_config.sampler.num_steps))

@@ -1,6 +1,6 @@
-"""Build a preconditioned denoiser from plain arguments (the Hydra entry point of ``configs/model``).
+"""Build a preconditioned denoiser from plain arguments (the Hydra entry point of ``configs/train/model``).
 
-``configs/model/*.yaml`` instantiate ``build_denoiser`` with ``_target_``:
+``configs/train/model/*.yaml`` instantiate ``build_denoiser`` with ``_target_``:
 
     _target_: knn_cm.models.build_denoiser
     _convert_: all

@@ -1,4 +1,4 @@
-"""Checks of the sampler settings (configs/sampler/default.yaml) before anything is loaded or sampled.
+"""Checks of the sampler settings (configs/common/sampler/default.yaml) before anything is loaded or sampled.
 
     settings = check_sampler_settings(OmegaConf.to_container(config.sampler), kind="consistency")
 

@@ -1,7 +1,7 @@
 """The training settings, checked before a run folder is bound (train.py) and before a sweep starts its first job.
 
 :func:`check_settings` runs every check that needs neither the data nor a device, so the stable sweeper runs it on
-each job of a sweep (``hydra.sweeper.check`` in configs/train.yaml) before any job starts, on a login node too:
+each job of a sweep (``hydra.sweeper.check`` in configs/train/train.yaml) before any job starts, on a login node too:
 
 - the loop's settings (:class:`~knn_cm.training.config.TrainerConfig`),
 - the index's settings (:class:`~knn_cm.search.IndexSpec`; against the dataset's size in the job itself),

@@ -1,4 +1,4 @@
-"""The training loop's settings (``configs/trainer/*.yaml``, under ``trainer``)."""
+"""The training loop's settings (``configs/train/trainer/*.yaml``, under ``trainer``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ LR_DECAYS = ("constant", "cosine")
 
 @dataclass
 class TrainerConfig:
-    """Settings of the training loop (``configs/trainer/*.yaml`` holds them under ``trainer``).
+    """Settings of the training loop (``configs/train/trainer/*.yaml`` holds them under ``trainer``).
 
     Registered in Hydra's ConfigStore as ``trainer/schema`` (hydra_plugins/knn_cm_schemas), so OmegaConf checks
     each setting's type while the config is composed; the ranges are checked here.

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # index, and a node that builds an IVF index at ImageNet-64 scale (k-means over 1.28M x 12,288) while another
 # node loads it from its cache can be tens of minutes apart; an hour covers that with room. It is also how
 # long a hung rank (stopped, deadlocked, lost node) holds the job before every rank fails: shorten it where
-# indexes are cached or small (configs/train.yaml: distributed.timeout_minutes).
+# indexes are cached or small (configs/train/train.yaml: distributed.timeout_minutes).
 DEFAULT_TIMEOUT_MINUTES = 60.0
 
 # Variables through which SLURM (and CUDA's own convention) say that this process was given GPUs.

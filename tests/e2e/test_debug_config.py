@@ -10,14 +10,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-TRAIN_EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")
-                           if "trainer" in p.read_text() or p.stem == "quickstart")
+TRAIN_EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "train" / "experiment").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("experiment", TRAIN_EXPERIMENTS)
 def test_every_training_experiment_becomes_a_tiny_cpu_run(experiment, tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "configs" / "train"), version_base="1.3"):
         config = compose("train", overrides=[f"experiment={experiment}", "debug=default"], return_hydra_config=True)
     assert config.dataset.name == "digits" and config.trainer.max_steps == 2 and config.trainer.device == "cpu"
     assert config.model.network.model_channels == 8 and config.trainer.num_sample_images == 0

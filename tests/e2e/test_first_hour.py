@@ -24,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+from knn_cm.cli import APPS, CONFIGS
 from knn_cm.models import EDMPrecond, SongUNet, save_network
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,15 +84,16 @@ REFUSALS = {
         "hint: 1 of 2 jobs refused; no job was started"),
     "train experiment of evaluate.py": (
         "train.py", ["experiment=tswitch_digits"],
-        "error: experiment=tswitch_digits is an experiment of evaluate.py (it sets task), not of train.py",
+        "error: experiment=tswitch_digits is an experiment of evaluate.py (configs/evaluate/experiment/), "
+        "not of train.py",
         "hint: python evaluate.py experiment=tswitch_digits"),
     "evaluate experiment of train.py": (
         "evaluate.py", ["experiment=ict_knn"],
-        "error: experiment=ict_knn is an experiment of train.py (it configures training), not of evaluate.py",
+        "error: experiment=ict_knn is an experiment of train.py (configs/train/experiment/), not of evaluate.py",
         "hint: python train.py experiment=ict_knn"),
     "evaluate unknown experiment": (
         "evaluate.py", ["experiment=nosuch"], "error: In 'evaluate': Could not find 'experiment/nosuch'",
-        "hint: evaluate.py experiments: tswitch_digits, "),  # only its own experiments, not train.py's
+        "hint: available: tswitch_digits, tswitch_sweep"),  # only its own experiments, not train.py's
     "sample alone": (
         "sample.py", [], "error: the 'heun' sampler needs network=PATH (a training run folder or a network file)",
         "hint: python sample.py network=outputs/train/quickstart, or sampler.kind=pf_ode to sample with the KNN "
@@ -140,6 +142,28 @@ def test_a_refusal_is_one_line_naming_the_setting_and_writes_nothing(refusals, c
     assert hint is None or lines[1].startswith(hint), stderr
     assert written(cwd) == []  # no run folder, config.yaml, run.json, output or sweep folder
     assert list((cwd / "tmp").iterdir()) == []  # debug=default's run folders live under TMPDIR
+
+
+def _listed(help_text: str, group: str) -> set[str]:
+    """The options ``--help`` lists for ``group`` ("experiment: a, b, c")."""
+    line = next((line for line in help_text.splitlines() if line.startswith(f"{group}: ")), f"{group}: ")
+    return {name.strip() for name in line.split(":", 1)[1].split(",") if name.strip()}
+
+
+def test_each_apps_help_lists_only_its_own_experiments_and_groups(tmp_path):
+    """train.py's --help lists its training experiments and the groups it composes; evaluate.py's only its
+    t_switch sweeps; the estimator study only its figures; sample.py no experiment at all."""
+    own = {folder: {path.stem for path in (CONFIGS / folder / "experiment").glob("*.yaml")} for folder in APPS.values()}
+    helps = {app: run_app(app, "--help", cwd=tmp_path) for app in APPS}
+    assert all(status == 0 for status, _, _ in helps.values()), helps
+    text = {app: stdout for app, (_, stdout, _) in helps.items()}
+    assert _listed(text["train.py"], "experiment") == own["train"] and "quickstart" in own["train"]
+    assert _listed(text["evaluate.py"], "experiment") == own["evaluate"] == {"tswitch_digits", "tswitch_sweep"}
+    assert _listed(text["evaluate_estimators.py"], "experiment") == own["estimator_study"] and "figure3" in own[
+        "estimator_study"]
+    assert _listed(text["sample.py"], "experiment") == set() and own["sample"] == set()
+    assert _listed(text["train.py"], "model") and not _listed(text["evaluate.py"], "model")  # train.py's groups
+    assert all(_listed(text[app], "dataset") >= {"digits", "cifar10_jpeg"} for app in APPS)  # configs/common
 
 
 def test_hydra_full_error_keeps_the_traceback(tmp_path):

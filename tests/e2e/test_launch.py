@@ -13,39 +13,31 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from knn_cm.cli import APPS, CONFIGS, compose_app
 from knn_cm.report import build_report
 from knn_cm.training import EMA, list_checkpoints, trainer_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
-EXPERIMENTS = ROOT / "configs" / "experiment"
 TINY = ["dataset=digits", "model=ncsnpp_tiny", "trainer.batch_size=8", "trainer.progress=false",
         "trainer.device=cpu", "trainer.objective.s1=20", "trainer.snapshot_every=null", "trainer.sample_every=null",
         "trainer.num_sample_images=4", "estimator.n=8"]
 
 
 def _compose(config_name: str, overrides: list[str], hydra_config: bool = False):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra_config)
+    return compose_app(config_name, overrides, return_hydra_config=hydra_config)
 
 
-def _app_of(path: Path) -> str:
-    """estimators/* belong to evaluate_estimators.py, files that set a task to evaluate.py, the rest to train.py."""
-    if path.parent.name == "estimators":
-        return "estimator_study"
-    return "evaluate" if "task:" in path.read_text() else "train"
+# (app folder, experiment) for every experiment file of every app: configs/<app>/experiment/<name>.yaml
+ALL_EXPERIMENTS = sorted((folder, path.stem) for folder in APPS.values()
+                         for path in (CONFIGS / folder / "experiment").glob("*.yaml"))
 
 
-ALL_EXPERIMENTS = sorted(str(p.relative_to(EXPERIMENTS).with_suffix("")) for p in EXPERIMENTS.rglob("*.yaml"))
-
-
-@pytest.mark.parametrize("experiment", ALL_EXPERIMENTS)
-def test_every_experiment_composes_and_validates(experiment):
-    app = _app_of(EXPERIMENTS / f"{experiment}.yaml")
+@pytest.mark.parametrize(("app", "experiment"), ALL_EXPERIMENTS, ids=[f"{a}/{e}" for a, e in ALL_EXPERIMENTS])
+def test_every_experiment_composes_and_validates(app, experiment):
     overrides = [f"experiment={experiment}"] + (["run_name=x"] if app == "train" else [])
     config = _compose(app, overrides)
     if OmegaConf.is_missing(config.dataset, "path"):  # image-folder datasets name their folder on the command line

@@ -24,7 +24,7 @@ COMMAND = ["experiment=quickstart", "model=ncsnpp_tiny", "estimator.k=32", "esti
 def test_a_run_folder_made_before_the_move_resumes(tmp_path):
     run = tmp_path / "made_by_v0_1"
     shutil.copytree(FIXTURE, run)
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "configs" / "train"), version_base="1.3"):
         config = compose("train", overrides=[*COMMAND, f"output_root={tmp_path}", "run_name=made_by_v0_1"])
     trainer = train.run(config, run)
     assert trainer.resumed_from.name == "training-000000002.pt" and trainer.start_step == 2 and trainer.step == 4

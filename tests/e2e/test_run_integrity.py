@@ -40,7 +40,7 @@ TINY = ["experiment=quickstart", "dataset=digits", "model=ncsnpp_tiny", "trainer
 
 
 def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "configs" / "train"), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
 

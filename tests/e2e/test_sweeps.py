@@ -59,7 +59,7 @@ def test_readme_sweep_runs_as_written(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_through_the_local_submitit_launcher(tmp_path):
-    """configs/hydra/launcher/local.yaml's own example (step count reduced), in parallel processes."""
+    """configs/common/hydra/launcher/local.yaml's own example (step count reduced), in parallel processes."""
     result = run_documented(README_SWEEP + " hydra/launcher=local", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_sweep_folders(tmp_path, "quickstart", "estimator.k", [16, 32])
@@ -70,7 +70,7 @@ def test_sweep_through_the_local_submitit_launcher(tmp_path):
 def sweep_job_folders(overrides: list[str], config_name: str = "train") -> tuple[str, list[str]]:
     """(sweep folder, job folders) as Hydra's multirun resolves them for ``python train.py -m <overrides>``."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "configs" / config_name), version_base="1.3"):
         hydra = GlobalHydra.instance().hydra
         master = hydra.compose_config(config_name, overrides, run_mode=RunMode.MULTIRUN,
                                       with_log_configuration=False)

@@ -312,7 +312,7 @@ def test_the_cifar10_jpeg_config_names_its_missing_archive(tmp_path, monkeypatch
     from knn_cm.data.from_config import store_from_config
 
     configs = Path(__file__).resolve().parents[3] / "configs"
-    with initialize_config_dir(config_dir=str(configs / "dataset"), version_base=None):
+    with initialize_config_dir(config_dir=str(configs / "common" / "dataset"), version_base=None):
         config = compose(config_name="cifar10_jpeg")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as caught:

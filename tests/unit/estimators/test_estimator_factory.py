@@ -34,7 +34,8 @@ def _estimate(estimator, store, sigma=0.7):
     return estimator(z, sigma, x=x, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("path", sorted((CONFIGS / "estimator_set").glob("*.yaml")), ids=lambda path: path.stem)
+@pytest.mark.parametrize("path", sorted((CONFIGS / "estimator_study" / "estimator_set").glob("*.yaml")),
+                         ids=lambda path: path.stem)
 def test_every_estimator_set_builds(clustered_store, path):
     specs = {label: _small_ivf(spec) for label, spec in _specs_in(path).items()}
     built = build_estimator_set(specs, clustered_store)
@@ -46,9 +47,9 @@ def test_every_estimator_set_builds(clustered_store, path):
 
 def test_app_specs_build(clustered_store):
     """sample.yaml's estimator and evaluate.yaml's t_switch set are specs of the same schema."""
-    sample = _specs_in(CONFIGS / "sample.yaml", "estimator")
+    sample = _specs_in(CONFIGS / "sample" / "sample.yaml", "estimator")
     assert isinstance(build_estimator({**sample, "k": 64, "n": 8}, clustered_store), KNN)
-    tswitch = _specs_in(CONFIGS / "evaluate.yaml", "tswitch.estimators")
+    tswitch = _specs_in(CONFIGS / "evaluate" / "evaluate.yaml", "tswitch.estimators")
     assert set(build_estimator_set(tswitch, clustered_store)) == set(tswitch)
 
 
@@ -109,7 +110,7 @@ def test_bad_specs_name_the_setting(clustered_store, spec, setting, message):
 def _compose_train(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIGS / "train"), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
 

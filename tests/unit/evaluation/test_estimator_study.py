@@ -20,7 +20,7 @@ import evaluate_estimators  # noqa: E402
 
 
 def _compose(overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "configs" / "estimator_study"), version_base="1.3"):
         return compose(config_name="estimator_study", overrides=overrides)
 
 
@@ -76,7 +76,10 @@ def test_study_bad_input(random_store, bad):
         estimator_error_study(random_store, {}, times, progress=False, **kwargs)
 
 
-@pytest.mark.parametrize("estimator_set", sorted(p.stem for p in (ROOT / "configs/estimator_set").glob("*.yaml")))
+STUDY = ROOT / "configs" / "estimator_study"
+
+
+@pytest.mark.parametrize("estimator_set", sorted(p.stem for p in (STUDY / "estimator_set").glob("*.yaml")))
 def test_single_sample_rows_are_posterior_draws(estimator_set):
     # Figure 3's single-sample baseline is x_1 ~ p_t(x | z) (Eq. 9, n = 1), not z's own source: the source
     # is fixed given z, so repeats of it would show zero variance and all of its error as bias.
@@ -87,9 +90,9 @@ def test_single_sample_rows_are_posterior_draws(estimator_set):
             assert label == "single-sample" and spec.name == "mc" and spec.n == 1
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "configs/experiment/estimators").glob("*.yaml")))
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (STUDY / "experiment").glob("*.yaml")))
 def test_study_experiments_compose(experiment):
-    config = _compose([f"experiment=estimators/{experiment}"])
+    config = _compose([f"experiment={experiment}"])
     assert config.study.num_sources >= 256 and config.study.repeats >= 16
     assert config.dataset.xflip is False, "the study's posterior is over the dataset itself"
     assert len([spec for spec in config.estimators.values() if spec is not None]) >= 3

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from knn_cm.cli import compose_app
 from knn_cm.data import DataStore, load_digits
 from knn_cm.estimators import make_estimator
 from knn_cm.evaluation import feature_extractors, run_evaluation
@@ -36,8 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _compose(config_name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
+    return compose_app(config_name, overrides)
 
 
 def test_memorisation_of_exact_pf_ode_samples_and_of_noise():
@@ -77,8 +76,7 @@ def test_evaluate_every_snapshot_marks_the_best_and_resumes(tmp_path):
                        "trainer.snapshot_every=2", "trainer.sample_every=null", "trainer.num_sample_images=4",
                        "trainer.progress=false", "trainer.device=cpu", "trainer.objective.s1=20",
                        "estimator.k=32", "estimator.n=8"]
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        train.run(compose(config_name="train", overrides=train_overrides), run_dir)
+    train.run(compose_app("train", train_overrides), run_dir)
     overrides = [f"run_dir={run_dir}", "num_samples=64", "metrics.feature_extractor=digits", "progress=false"]
     records = evaluate.run(_compose("evaluate", overrides), tmp_path / "eval")
     assert [r["step"] for r in records] == [2, 4] and all(r["num_samples"] == 64 for r in records)
@@ -128,8 +126,7 @@ FAST = ["num_samples=32", "metrics.feature_extractor=digits", "metrics.isc=false
 def trained_run(tmp_path_factory, one_torch_thread):
     """A tiny iCT run folder (2 steps, one snapshot), trained once per module."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        train.run(compose(config_name="train", overrides=TINY_RUN), run_dir)
+    train.run(compose_app("train", TINY_RUN), run_dir)
     return run_dir
 
 

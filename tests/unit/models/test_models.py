@@ -23,7 +23,7 @@ from knn_cm.models import (
 )
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "train"  # the model group is train.py's
 ARCHS = ("ddpmpp", "ncsnpp")
 
 

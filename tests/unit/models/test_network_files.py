@@ -100,7 +100,7 @@ def test_other_torch_files_are_not_network_files(tmp_path):
 
 
 def _sample_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "configs" / "sample"), version_base="1.3"):
         return compose(config_name="sample", overrides=overrides)
 
 

@@ -182,7 +182,7 @@ def test_index_configs_build(cifar_sized_store, name, kind):
 
     from omegaconf import OmegaConf
 
-    config = OmegaConf.load(Path(__file__).resolve().parents[3] / "configs" / "index" / f"{name}.yaml")
+    config = OmegaConf.load(Path(__file__).resolve().parents[3] / "configs" / "train" / "index" / f"{name}.yaml")
     if name == "approximate":
         config.nlist = 30  # 4 sqrt(N) would leave too few elements per cell for k-means on 3,000
     index = build_index(cifar_sized_store, **OmegaConf.to_container(config))

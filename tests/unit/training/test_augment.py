@@ -39,7 +39,7 @@ def test_edm_cifar10_label_layout():
                         translate_frac=1)
     assert every.label_dim == 13 and list(every.label_slices()) == ["xflip", "yflip", "rotate_int", "translate_int",
                                                                   "scale", "rotate_frac", "aniso", "translate_frac"]
-    config = OmegaConf_load("configs/augment/edm_cifar10.yaml")
+    config = OmegaConf_load("configs/train/augment/edm_cifar10.yaml")
     assert instantiate(config).label_dim == 9 and config.p == 0.12
 
 
@@ -291,11 +291,11 @@ def test_edm_objective_passes_labels_and_checks_augment_dim(digits):
 
 def test_edm_experiments_resolve_the_augmentation():
     for experiment in ("edm", "edm_stf", "edm_knn"):
-        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(ROOT / "configs" / "train"), version_base="1.3"):
             config = compose(config_name="train", overrides=[f"experiment={experiment}", "run_name=x"])
         pipe = instantiate(config.trainer.objective.augment)
         assert pipe.p == 0.12 and pipe.label_dim == 9 == config.model.network.augment_dim
         assert config.dataset.xflip is False  # the pipe's labelled x-flips replace the dataset's
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "configs" / "train"), version_base="1.3"):
         digits_edm = compose(config_name="train", overrides=["experiment=digits_edm", "run_name=x"])
     assert digits_edm.trainer.objective.augment is None

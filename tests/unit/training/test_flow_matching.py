@@ -384,7 +384,7 @@ def test_bad_sampler_input_names_the_argument():
 
 # ----------------------------------------------------------------------------------------------- experiments
 def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "configs" / "train"), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
 
@@ -442,7 +442,7 @@ def test_evaluate_scores_a_flow_matching_run_at_several_step_counts(tmp_path):
     run_dir = tmp_path / "run"
     train.run(compose_train(tiny_fm_overrides("digits_fm", steps=2) + ["trainer.snapshot_every=1"]), run_dir)
     for kind, steps in (("flow_euler", 1), ("flow_euler", 2), ("flow_heun", 1)):
-        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(ROOT / "configs" / "evaluate"), version_base="1.3"):
             config = compose(config_name="evaluate", overrides=[
                 f"run_dir={run_dir}", "num_samples=32", "metrics.feature_extractor=digits", "metrics.isc=false",
                 "progress=false", f"sampler.kind={kind}", f"sampler.num_steps={steps}"])
@@ -485,14 +485,14 @@ def test_velocity_study_rows_are_posterior_mean_errors_over_t_squared(small_stor
 def test_estimator_study_app_on_the_flow_path(tmp_path):
     import evaluate_estimators
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "configs" / "estimator_study"), version_base="1.3"):
         config = compose(config_name="estimator_study", overrides=[
             "study.process=flow_matching", "study.times=[0.5,0.9]", "study.num_sources=8", "study.repeats=2",
             "study.progress=false", "estimators.knn.k=64", "estimators.knn.n=16", "estimators.stf.n=16"])
     rows = evaluate_estimators.run(config, tmp_path)
     assert {r["target"] for r in rows} == {"posterior_mean", "velocity"} and {r["t"] for r in rows} == {0.5, 0.9}
     assert (tmp_path / "estimator_error.png").exists() and "## velocity mse" in (tmp_path / "summary.md").read_text()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "configs" / "estimator_study"), version_base="1.3"):
         bad = compose(config_name="estimator_study", overrides=["study.process=vp"])
     with pytest.raises(ValueError, match="study.process must be one of"):
         evaluate_estimators.run(bad, tmp_path / "bad")

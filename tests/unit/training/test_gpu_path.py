@@ -37,7 +37,7 @@ def store() -> DataStore:
 
 
 def tiny_network(kind: str = "ncsnpp_tiny", dropout: float = 0.0, *overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "configs" / "train"), version_base="1.3"):
         config = compose("train", overrides=["dataset=digits", f"model={kind}", f"model.network.dropout={dropout}",
                                              *overrides])
     torch.manual_seed(0)

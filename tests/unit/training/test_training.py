@@ -42,7 +42,7 @@ import train  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Training experiments: the top-level files except evaluate.py's (which set a task).
-EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml") if "task:" not in p.read_text())
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "train" / "experiment").glob("*.yaml"))
 
 
 # ------------------------------------------------------------------------------------ iCT pieces
@@ -157,7 +157,7 @@ def test_batch_stream_is_a_sequence_of_permutations():
 
 # ------------------------------------------------------------------------------------- runs
 def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "configs" / "train"), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
 
