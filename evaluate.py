@@ -5,9 +5,9 @@
     python evaluate.py experiment=tswitch_sweep tswitch.network=edm.pt    # Figure 5
 
 task=checkpoints writes <run>/evaluation.jsonl (appended per snapshot; resumable: a snapshot is skipped only
-when it was evaluated with the same content and settings) and <run>/evaluation.csv (with the sampler settings;
-the minimum-FID snapshot of each group of equal settings marked). task=tswitch writes tswitch.csv and
-tswitch.png into its own folder.
+when it was evaluated with the same content and settings), <run>/evaluation.csv (with the sampler settings;
+the minimum-FID snapshot of each group of equal settings marked) and <run>/evaluate.log (appended); it leaves no
+other folder. task=tswitch writes tswitch.csv and tswitch.png into its own folder.
 
 The run folder's config.yaml is read as data: only its dataset section is used, and only the project's own
 dataset loaders may be named there (knn_cm.data.from_config). metrics.feature_extractor=auto scores digits runs
@@ -24,15 +24,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from knn_cm.cli import one_line_errors, removed_on_failure, run_app
+from knn_cm.cli import given_on_command_line, move_job_log, one_line_errors, removed_on_failure, run_app
 from knn_cm.data.from_config import store_from_config
 from knn_cm.device import as_device
 from knn_cm.estimators import build_estimator_set
 from knn_cm.evaluation.run_evaluation import evaluate_run, prepare_metrics
 from knn_cm.evaluation.tswitch import tswitch_sweep, write_tswitch
-from knn_cm.models import load_network
-from knn_cm.runs.layout import RunLayout
-from knn_cm.runs.recorded import dataset_store, run_config
+from knn_cm.models import check_network_shape, load_network_file, network_from_payload
+from knn_cm.runs.layout import RunLayout, resolve_network_path
+from knn_cm.runs.recorded import dataset_store, run_config, trained_dataset
 from knn_cm.sampling.settings import check_sampler_settings
 from knn_cm.settings import boolean, non_negative_int, positive_int
 
@@ -54,6 +54,17 @@ def training_store(config: DictConfig):
             return store_from_config(store, f"{Path(config.run_dir) / 'config.yaml'}: dataset.store").with_xflip(False)
     return store_from_config(OmegaConf.to_container(config.dataset.store, resolve=True),
                              "dataset.store").with_xflip(False)
+
+
+def tswitch_store(config: DictConfig, payload: dict, network_file: Path) -> tuple:
+    """task=tswitch: (the training set, where it was named): the command line's ``dataset`` when it names one, else
+    the dataset the network was trained on (its file's metadata), else the config's (the experiment's)."""
+    if not given_on_command_line("dataset"):
+        recorded = trained_dataset(payload["metadata"], config.tswitch.network, network_file)
+        if recorded is not None:
+            store_config, taken_from = recorded
+            return store_from_config(store_config, f"{taken_from}: dataset.store").with_xflip(False), taken_from
+    return training_store(config), "dataset"
 
 
 def check_run_dir(config: DictConfig) -> Path:
@@ -110,11 +121,15 @@ def _evaluate(config: DictConfig, output_dir: Path) -> list[dict]:
         return records
     if config.tswitch.network is None:
         raise ValueError("task=tswitch needs tswitch.network=<pretrained EDM network file>")
-    if not Path(config.tswitch.network).is_file():
-        raise FileNotFoundError(f"tswitch.network={config.tswitch.network} does not exist")
-    store = training_store(config)
+    try:
+        network_file = resolve_network_path(config.tswitch.network)  # a file, or a run folder's newest snapshot
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"tswitch.network={config.tswitch.network}: {error}") from None
+    payload = load_network_file(network_file, map_location=device)
+    store, taken_from = tswitch_store(config, payload, network_file)
+    check_network_shape(payload, network_file, store, taken_from)
     metrics = prepare_metrics(with_feature_extractor(metrics, store), num_samples)
-    network = load_network(config.tswitch.network, map_location=device)
+    network = network_from_payload(payload, device, source=str(network_file))
     estimators = build_estimator_set(OmegaConf.to_container(config.tswitch.estimators, resolve=True), store, device,
                                      setting="tswitch.estimators")
     schedule = {key: sampler[key] for key in ("num_steps", "sigma_min", "sigma_max", "rho")}
@@ -123,7 +138,7 @@ def _evaluate(config: DictConfig, output_dir: Path) -> list[dict]:
                          seed_start=seed_start, batch_size=batch_size, device=device, progress=progress)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_tswitch(rows, output_dir)
-    print(f"t_switch sweep of {config.tswitch.network}: {RunLayout(output_dir).tswitch_table} and "
+    print(f"t_switch sweep of {network_file}: {RunLayout(output_dir).tswitch_table} and "
           f"{output_dir / 'tswitch.png'}")
     return rows
 
@@ -151,8 +166,11 @@ def evaluation_summary(records: list[dict], run_dir: Path, rows: int = 12) -> st
 @hydra.main(config_path="configs/evaluate", config_name="evaluate", version_base="1.3")
 def main(config: DictConfig) -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
     with one_line_errors():
-        run(config, Path(HydraConfig.get().runtime.output_dir))
+        run(config, output_dir)
+    if config.task == "checkpoints":  # the results are in the run folder: its log goes there too
+        move_job_log(output_dir, RunLayout(Path(config.run_dir)).evaluation_log)
 
 
 if __name__ == "__main__":

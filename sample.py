@@ -27,9 +27,9 @@ from knn_cm.data.from_config import store_from_config
 from knn_cm.device import as_device
 from knn_cm.estimators import build_estimator
 from knn_cm.io import atomic_path
-from knn_cm.models import load_network_file, network_from_payload
+from knn_cm.models import check_network_shape, load_network_file, network_from_payload
 from knn_cm.runs.layout import resolve_network_path
-from knn_cm.runs.recorded import dataset_store, network_config, run_config
+from knn_cm.runs.recorded import trained_dataset
 from knn_cm.sampling import generate, make_sampler, resolve_kind
 from knn_cm.sampling.generate import USES_ESTIMATOR
 from knn_cm.sampling.settings import check_sampler_settings
@@ -73,7 +73,7 @@ def _sample(config: DictConfig, run_dir: Path) -> torch.Tensor:
     store = store_from_config(store_config, f"{taken_from}: dataset.store").with_xflip(False)
     network = None
     if payload is not None:
-        _check_shape(payload, path, store, taken_from)
+        check_network_shape(payload, path, store, taken_from)
         network = network_from_payload(payload, device, source=str(path))
         log.info("network %s (%s)", path, type(network).__name__)
     estimator = None
@@ -100,30 +100,12 @@ def _sample(config: DictConfig, run_dir: Path) -> torch.Tensor:
 
 def _dataset(config: DictConfig, payload: dict | None, path: Path | None) -> tuple[dict, str]:
     """(the ``dataset.store`` config to sample with, where it comes from): the command line's ``dataset`` when it
-    names one, else the dataset the network was trained on (its metadata, or its run folder's config.yaml), else
-    the default dataset."""
+    names one, else the dataset the network was trained on, else the default dataset."""
     if payload is not None and not given_on_command_line("dataset"):
-        recorded = dataset_store(network_config(payload["metadata"]), f"{path} (metadata)")
+        recorded = trained_dataset(payload["metadata"], config.network, path)
         if recorded is not None:
-            return recorded, str(path)
-        if Path(config.network).is_dir():
-            recorded = dataset_store(run_config(config.network), f"{config.network}/config.yaml")
-            if recorded is not None:
-                return recorded, f"{config.network}/config.yaml"
+            return recorded
     return OmegaConf.to_container(config.dataset.store, resolve=True), "dataset"
-
-
-def _check_shape(payload: dict, path: Path, store, taken_from: str) -> None:
-    """Refuse a network whose images differ from the dataset's (before any sampling)."""
-    kwargs = payload["songunet_kwargs"]
-    if "in_channels" not in kwargs or "img_resolution" not in kwargs:
-        return
-    shape = (int(kwargs["in_channels"]), int(kwargs["img_resolution"]), int(kwargs["img_resolution"]))
-    if tuple(store.shape) != shape:
-        error = ValueError(f"network {path} makes images of shape {list(shape)} but the dataset {store.name!r} "
-                           f"({taken_from}) holds {list(store.shape)}")
-        error.add_note("name the dataset the network was trained on, e.g. dataset=cifar10")
-        raise error
 
 
 @hydra.main(config_path="configs/sample", config_name="sample", version_base="1.3")

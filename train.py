@@ -50,8 +50,9 @@ def run(config: DictConfig, run_dir: Path) -> Trainer:
     one) while the others wait on the lock and then load the entry (``knn_cm.search.build_index``); a flat index
     is a copy of the data that each rank makes. ``index.device: null`` searches on this rank's device.
     """
-    context = DistributedContext.from_env(config.trainer.device, config.distributed.timeout_minutes,
-                                          config.distributed.threads_per_rank)
+    with removed_on_failure(run_dir):  # a refused device leaves no folder: no rank writes into it before this ends
+        context = DistributedContext.from_env(config.trainer.device, config.distributed.timeout_minutes,
+                                              config.distributed.threads_per_rank)
     folder = RunFolder(run_dir)
     try:
         with removed_on_failure(run_dir) if context.is_main else contextlib.nullcontext():

@@ -194,6 +194,31 @@ def removed_on_failure(folder: str | Path) -> Iterator[Path]:
         raise
 
 
+def move_job_log(folder: str | Path, destination: str | Path) -> None:
+    """After a task whose results went elsewhere (``evaluate.py run_dir=...`` writes into the run folder): append
+    Hydra's job log in ``folder`` to ``destination`` (one log beside the results; appended and fsynced as a log
+    handler appends, so a crash can cut only the new tail) and remove ``folder`` when it holds nothing else, so a
+    successful call leaves no folder that holds only a log."""
+    folder = Path(folder).absolute()
+    if not folder.is_dir() or not _holds_only_hydra_files(folder):
+        return
+    logs = sorted(folder.glob("*.log"))
+    for logger in (logging.getLogger(), *(logging.getLogger(name) for name in logging.root.manager.loggerDict)):
+        for handler in list(getattr(logger, "handlers", [])):
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder:
+                handler.close()  # flushes; the log's remaining records go to the console only
+                logger.removeHandler(handler)
+    destination = Path(destination)
+    text = "".join(log.read_text() for log in logs)
+    if text:
+        with open(destination, "a") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    shutil.rmtree(folder, ignore_errors=True)
+    _remove_empty_parents(folder)
+
+
 def _remove_empty_parents(folder: Path) -> None:
     """rmdir the empty folders above ``folder`` that lie inside the working directory (outputs/sample/...), never
     the system's temporary folder itself."""

@@ -140,6 +140,11 @@ def main(argv=None) -> None:
 
     runs, unfinished = read_runs(Path(args.root), args.snapshots, args.steps)
     out = Path(args.out or f"docs/results/seeds_steps{args.steps}")
+    if not any(runs.values()):  # an empty table would replace the one a finished study wrote
+        sys.stderr.write(f"error: no finished run under {Path(args.root).absolute()} for {args.steps}-step sweeps "
+                         f"({len(unfinished)} unfinished); {out} is left as it is\n"
+                         f"hint: bash scripts/digits_seeds.sh table1 trains and scores them (docs/reproducing.md)\n")
+        sys.exit(1)
     out.mkdir(parents=True, exist_ok=True)
     note = ("\n\nUnfinished or missing runs (not counted): " + "; ".join(unfinished)) if unfinished else ""
     (out / "table1.md").write_text(f"# Table 1 at small scale, seeded ({args.steps} steps of 128)\n\n"
@@ -163,6 +168,7 @@ def main(argv=None) -> None:
     plt.close(figure)
     print((out / "table1.md").read_text())
     print((out / "figure4.md").read_text())
+    print(f"wrote {out}: table1.md, table1_fid.png, figure4.md, figure4.png")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from knn_cm.models.factory import PRECONDITIONERS, build_denoiser
 from knn_cm.models.layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding
 from knn_cm.models.network_file import (
     NotANetworkFileError,
+    check_network_shape,
     load_network,
     load_network_file,
     network_from_payload,
@@ -46,6 +47,7 @@ __all__ = [
     "UntrustedPickleError",
     "autocast_context",
     "build_denoiser",
+    "check_network_shape",
     "draw_dropout_seed",
     "load_edm_pickle",
     "load_network",

@@ -234,3 +234,18 @@ def network_from_payload(payload: dict, map_location: str | torch.device = "cpu"
         denoiser = PRECOND_CLASSES[precond_class](model, amp_dtype=amp_dtype, **payload["precond_kwargs"])
     denoiser.load_state_dict(payload["state_dict"], strict=True, assign=True)
     return denoiser.to(map_location).eval()
+
+
+def check_network_shape(payload: dict, path: str | os.PathLike, store, taken_from: str) -> None:
+    """Refuse a network whose images differ from the dataset's ``store.shape`` (C, H, W), before any sampling;
+    ``taken_from`` says where the dataset was named (the command line's ``dataset``, a run folder, a file)."""
+    kwargs = payload["songunet_kwargs"]
+    if "in_channels" not in kwargs or "img_resolution" not in kwargs:
+        return
+    shape = (int(kwargs["in_channels"]), int(kwargs["img_resolution"]), int(kwargs["img_resolution"]))
+    if tuple(store.shape) != shape:
+        error = ValueError(f"network {path} makes images of shape {list(shape)} but the dataset {store.name!r} "
+                           f"({taken_from}) holds {list(store.shape)}")
+        error.add_note("name the dataset the network was trained on, e.g. dataset=cifar10")
+        raise error
+

@@ -62,6 +62,10 @@ class RunLayout:
         return self.root / "train.log"
 
     @property
+    def evaluation_log(self) -> Path:
+        return self.root / "evaluate.log"
+
+    @property
     def evaluations(self) -> Path:
         return self.root / "evaluation.jsonl"
 

@@ -52,3 +52,18 @@ def _config(text: str, where: str) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{where} is not a readable run config (it holds a {type(config).__name__})")
     return config
+
+
+def trained_dataset(metadata: Mapping, network: str | Path, network_file: str | Path) -> tuple[dict, str] | None:
+    """(the ``dataset.store`` a network was trained on, where it was read) from its file's metadata, else from the
+    run folder ``network`` names (a folder's config.yaml); None for a network from elsewhere (a converted EDM
+    checkpoint), whose dataset the command line or the app's config names."""
+    recorded = dataset_store(network_config(metadata), f"{network_file} (metadata)")
+    if recorded is not None:
+        return recorded, str(network_file)
+    if Path(network).is_dir():
+        recorded = dataset_store(run_config(network), f"{network}/config.yaml")
+        if recorded is not None:
+            return recorded, f"{network}/config.yaml"
+    return None
+

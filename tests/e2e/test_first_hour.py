@@ -226,6 +226,7 @@ def test_evaluate_scores_a_digits_run_in_digits_features_and_says_where_the_tabl
     assert lines[start + 2].split()[0] == "2" and lines[start + 3].startswith("best: step 2, FID ")
     assert lines[start + 4] == "table: outputs/train/first/evaluation.csv"
     assert (cwd / "outputs" / "train" / "first" / "evaluation.csv").is_file()
+    assert not (cwd / "outputs" / "evaluate").exists()  # no timestamped folder holding only a log
 
 
 def test_sample_takes_the_dataset_from_the_network_file(tmp_path):

@@ -104,6 +104,22 @@ def test_tswitch_sweep_task(tmp_path):
     assert (tmp_path / "sweep" / "tswitch.csv").exists() and (tmp_path / "sweep" / "tswitch.png").exists()
 
 
+def test_tswitch_takes_the_dataset_its_network_was_trained_on(tmp_path):
+    """tswitch_sweep names CIFAR-10; a network whose file records digits is swept on digits without dataset=."""
+    torch.manual_seed(0)
+    network = EDMPrecond(SongUNet(img_resolution=8, in_channels=1, out_channels=1, model_channels=16,
+                                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]))
+    trained_on = {"dataset": {"name": "digits", "store": {"_target_": "knn_cm.data.load_digits", "xflip": False}}}
+    path = save_network(tmp_path / "run" / "snapshots" / "network-000000002.pt", network,
+                        metadata={"config": OmegaConf.to_yaml(trained_on)})
+    overrides = ["experiment=tswitch_sweep", f"tswitch.network={path.parent.parent}", "num_samples=8",
+                 "tswitch.t_switch=[0.0]", "tswitch.estimators.knn.k=16", "tswitch.estimators.knn.n=4",
+                 "tswitch.estimators.stf.n=4", "tswitch.include_forward=false", "metrics.feature_extractor=digits",
+                 "metrics.isc=false", "sampler.num_steps=2", "progress=false"]
+    rows = evaluate.run(_compose("evaluate", overrides), tmp_path / "sweep")  # the run folder's newest snapshot
+    assert {row["method"] for row in rows} == {"knn", "stf"} and all(row["fid"] is not None for row in rows)
+
+
 def test_evaluation_configs_compose():
     config = _compose("evaluate", ["experiment=tswitch_sweep"])
     assert config.task == "tswitch" and config.num_samples == 50000 and config.dataset.name == "cifar10"
