@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# ARGS: overrides for train.py, e.g. `make run ARGS=trainer.max_steps=2` (a two-step try of the quickstart).
+ARGS ?=
 run: venv
-	$(PY) train.py
+	$(PY) train.py $(ARGS)
 
 demo: venv
 	$(PY) scripts/estimator_demo.py
