@@ -120,7 +120,7 @@ def _evaluate(config: DictConfig, output_dir: Path) -> list[dict]:
         print(evaluation_summary(records, run_dir))
         return records
     if config.tswitch.network is None:
-        raise ValueError("task=tswitch needs tswitch.network=<pretrained EDM network file>")
+        raise ValueError("task=tswitch needs tswitch.network=<a pretrained EDM network file or a run folder>")
     try:
         network_file = resolve_network_path(config.tswitch.network)  # a file, or a run folder's newest snapshot
     except FileNotFoundError as error:

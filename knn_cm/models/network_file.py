@@ -248,4 +248,3 @@ def check_network_shape(payload: dict, path: str | os.PathLike, store, taken_fro
                            f"({taken_from}) holds {list(store.shape)}")
         error.add_note("name the dataset the network was trained on, e.g. dataset=cifar10")
         raise error
-

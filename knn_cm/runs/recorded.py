@@ -66,4 +66,3 @@ def trained_dataset(metadata: Mapping, network: str | Path, network_file: str | 
         if recorded is not None:
             return recorded, f"{network}/config.yaml"
     return None
-
