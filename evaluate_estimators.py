@@ -23,6 +23,7 @@ from knn_cm.device import as_device
 from knn_cm.estimators import build_estimator_set
 from knn_cm.evaluation import estimator_error_study, markdown_table, plot_study, write_csv
 from knn_cm.evaluation.estimator_error import METRICS, TARGETS
+from knn_cm.evaluation.study_plot import study_title
 from knn_cm.evaluation.velocity_error import VELOCITY_TARGETS, plot_velocity_study, velocity_error_study
 from knn_cm.io import atomic_path
 from knn_cm.settings import positive_int
@@ -68,9 +69,7 @@ def _study(config: DictConfig, run_dir: Path) -> list[dict]:
                           repeats=study.repeats, batch_size=study.batch_size, seed=study.seed,
                           device=study.device, progress=study.progress)
     write_csv(rows, run_dir / "results.csv")
-    title = f"{store.name} (N={len(store)}): M={study.num_sources}, R={study.repeats}"
-    if process == "flow_matching":
-        title += ", flow-matching path x_t = (1 - t) x + t eps"
+    title = study_title(f"{store.name} (N={len(store)})", study.num_sources, study.repeats, process)
     plot(rows, run_dir / "estimator_error.png", title=title)
     summary = "\n\n".join(f"## {target} {metric}\n\n" + markdown_table(rows, target, metric)
                           for target in targets for metric in METRICS)

@@ -120,6 +120,31 @@ def plot_study(rows: Sequence[Mapping], path: str | Path, title: str = "") -> No
     save_figure(figure, path)
 
 
+def study_title(dataset: str, num_sources: int, repeats: int, process: str = "ve") -> str:
+    """The title evaluate_estimators.py gives a study's figure and summary: ``dataset`` (e.g.
+    ``cifar10_jpeg (N=50000)``), M and R, and the path when it is flow matching's."""
+    title = f"{dataset}: M={num_sources}, R={repeats}" if dataset else f"M={num_sources}, R={repeats}"
+    if process == "flow_matching":
+        title += ", flow-matching path x_t = (1 - t) x + t eps"
+    return title
+
+
+def plot_rows(rows: Sequence[Mapping], path: str | Path, dataset: str = "") -> None:
+    """The figure evaluate_estimators.py draws for study rows (e.g. read back by
+    :func:`knn_cm.evaluation.estimator_error.read_csv`): :func:`plot_study` for the VE study, the velocity study's
+    plot when the rows hold velocity targets; titled by :func:`study_title`."""
+    if not rows:
+        raise ValueError("no study rows to plot")
+    velocity = any(r["target"] == "velocity" for r in rows)
+    title = study_title(dataset, rows[0]["num_sources"], rows[0]["repeats"], "flow_matching" if velocity else "ve")
+    if velocity:
+        from knn_cm.evaluation.velocity_error import plot_velocity_study  # imports this module
+
+        plot_velocity_study(rows, path, title=title)
+    else:
+        plot_study(rows, path, title=title)
+
+
 def markdown_table(rows: Sequence[Mapping], target: str = "posterior_mean", metric: str = "mse") -> str:
     """A markdown table: one line per t, one column per estimator, of ``target`` ``metric`` values."""
     names = estimator_names(rows)

@@ -197,3 +197,52 @@ def test_no_zero_no_zero_note(monkeypatch, tmp_path):
     import matplotlib.pyplot as plt
 
     plt.close(figure)
+
+
+@pytest.mark.parametrize("study", ["ve", "flow_matching"])
+def test_a_figure_redrawn_from_its_csv_marks_the_zero_and_keeps_the_title(monkeypatch, tmp_path, study):
+    """scripts/plot_estimator_study.py's path: rows written by write_csv (as evaluate_estimators.py writes
+    results.csv) and read back draw the zero as the marker on the t axis, not as a point, in the study's own
+    plot (the velocity plot for velocity rows) and under evaluate_estimators.py's title."""
+    import numpy as np
+
+    from knn_cm.evaluation import study_plot, velocity_error, write_csv
+
+    targets, times, module = ((("posterior_mean", "score"), [0.01, 1.0, 40.0], study_plot) if study == "ve" else
+                              (("posterior_mean", "velocity"), [0.1, 0.5, 0.9], velocity_error))
+    rows = [dict(row, num_sources=8, repeats=3)
+            for row in _study_rows(targets, times, ("knn", "posterior_mean", "mse", times[1]))]
+    write_csv(rows, tmp_path / "results.csv")
+    read_back = read_csv(tmp_path / "results.csv")
+    figure = _drawn_figure(monkeypatch, module,
+                           lambda r, path: study_plot.plot_rows(r, path, dataset="toy (N=5)"), read_back, tmp_path)
+    assert figure.get_suptitle() == study_plot.study_title("toy (N=5)", 8, 3, study)
+    panel = next(a for a in figure.axes if a.get_title() == "posterior mean MSE")
+    knn_line = next(line for line in panel.get_lines() if line.get_label() == "knn")
+    assert np.isnan(dict(zip(knn_line.get_xdata(), knn_line.get_ydata()))[times[1]])
+    (marks,) = [line for a in figure.axes for line in a.get_lines() if line.get_gid() == study_plot.ZERO_GID]
+    assert marks.axes is panel and list(marks.get_xdata()) == [times[1]]
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def test_plot_estimator_study_script_writes_the_png(tmp_path):
+    """The documented re-plot command as a process: a PNG from a results.csv; a missing file is one error line."""
+    import subprocess
+
+    from knn_cm.evaluation import write_csv
+
+    script = Path(__file__).resolve().parents[3] / "scripts" / "plot_estimator_study.py"
+    rows = [dict(row, num_sources=8, repeats=3) for row in _study_rows(("posterior_mean", "score"), [0.01, 1.0],
+                                                                      ("knn", "score", "variance", 0.01))]
+    write_csv(rows, tmp_path / "results.csv")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "results.csv"), str(tmp_path / "out.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = subprocess.run([sys.executable, str(script), str(tmp_path / "none.csv"), str(tmp_path / "no.png")],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines() == [
+        f"error: rows: no file {tmp_path / 'none.csv'} (a results.csv written by evaluate_estimators.py)"]
+    assert not (tmp_path / "no.png").exists()
