@@ -4,9 +4,10 @@ Each app has its own config folder, ``configs/<app>/``, holding its primary conf
 ``experiment`` group above all), so ``python train.py --help`` and Hydra's "available options" list only the
 experiments train.py runs. The groups several apps compose (``dataset``, ``sampler``, ``hydra/launcher``) live
 once in ``configs/common/``. Hydra imports every module under ``hydra_plugins`` before composing any config
-(``@hydra.main`` and ``compose`` alike); this plugin then appends ``configs/common`` after the app's own folder. It touches only a search path whose primary folder is an
-app folder of a knn-cm checkout (``<checkout>/configs/<app>`` beside ``<checkout>/knn_cm``), so other Hydra apps
-in the same environment are left as they are. The folder is found from the app's, not from this file's, so a
+(``@hydra.main`` and ``compose`` alike); this plugin then appends ``configs/common`` after the app's own folder.
+It touches only a search path whose primary folder is an app folder of a knn-cm checkout
+(``<checkout>/configs/<app>`` beside ``<checkout>/knn_cm``), so other Hydra apps in the same environment are left
+as they are. The folder is found from the app's, not from this file's, so a
 non-editable install of the package still finds the checkout's configs.
 """
 
