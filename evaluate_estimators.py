@@ -22,9 +22,9 @@ from knn_cm.cli import one_line_errors, removed_on_failure, run_app
 from knn_cm.device import as_device
 from knn_cm.estimators import build_estimator_set
 from knn_cm.evaluation import estimator_error_study, markdown_table, plot_study, write_csv
-from knn_cm.evaluation.estimator_error import METRICS, TARGETS
-from knn_cm.evaluation.study_plot import study_title
-from knn_cm.evaluation.velocity_error import VELOCITY_TARGETS, plot_velocity_study, velocity_error_study
+from knn_cm.evaluation.estimator_error import METRICS, TARGETS, VELOCITY_TARGETS
+from knn_cm.evaluation.study_plot import plot_velocity_study, study_title
+from knn_cm.evaluation.velocity_error import velocity_error_study
 from knn_cm.io import atomic_path
 from knn_cm.settings import positive_int
 

@@ -31,6 +31,7 @@ from knn_cm.io import write_csv_rows
 
 METRICS = ("mse", "bias2", "variance")
 TARGETS = ("posterior_mean", "score")
+VELOCITY_TARGETS = ("posterior_mean", "velocity")  # the flow-matching study's (knn_cm.evaluation.velocity_error)
 CSV_FIELDS = ("estimator", "t", "target", "metric", "value", "ci_low", "ci_high", "num_sources", "repeats")
 
 

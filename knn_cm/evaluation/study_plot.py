@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from knn_cm.evaluation.estimator_error import METRICS, TARGETS
+from knn_cm.evaluation.estimator_error import METRICS, TARGETS, VELOCITY_TARGETS
 from knn_cm.io import save_figure
 
 FLOAT32_EPS = 2.0**-23
@@ -129,6 +129,52 @@ def study_title(dataset: str, num_sources: int, repeats: int, process: str = "ve
     return title
 
 
+def plot_velocity_study(rows: Sequence[Mapping], path: str | Path, title: str = "") -> None:
+    """PNG: posterior-mean and velocity MSE / squared bias / variance against t (logit axis), one line per estimator.
+
+    Exact zeros (every estimator is exact where the posterior is a point mass) are marked on the t axis, never
+    drawn at a made-up value (:func:`knn_cm.evaluation.study_plot.draw_error_series`); the shaded band is the
+    95% interval over sources; the dashed line is float32 resolution, (eps_32)^2 per pixel (divided by t^2 for
+    velocities): errors near it are rounding.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["estimator"] for r in rows))
+    labels = {"posterior_mean": "posterior mean", "velocity": "velocity target"}
+    figure, axes = plt.subplots(2, len(METRICS), figsize=(4.2 * len(METRICS), 6.8), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    any_zero = False
+    for row_index, target in enumerate(VELOCITY_TARGETS):
+        for column, metric in enumerate(METRICS):
+            axis = axes[row_index][column]
+            axis.set_xscale("logit")
+            axis.set_yscale("log")
+            all_times = sorted({r["t"] for r in rows})
+            resolution = [FLOAT32_EPS**2 * (1.0 if target == "posterior_mean" else t**-2) for t in all_times]
+            axis.plot(all_times, resolution, "--", color="grey", linewidth=0.8,
+                      label="float32 resolution" if row_index == column == 0 else None)
+            chosen = [r for r in rows if r["target"] == target and r["metric"] == metric]
+            series = []
+            for i, name in enumerate(names):
+                line = sorted((r for r in chosen if r["estimator"] == name), key=lambda r: r["t"])
+                if line:
+                    series.append((name, colours[i % len(colours)], [r["t"] for r in line],
+                                   [r["value"] for r in line], [r["ci_low"] for r in line],
+                                   [r["ci_high"] for r in line]))
+            any_zero |= draw_error_series(axis, series)
+            axis.set_xlabel("t (flow matching; 1 = noise)")
+            axis.set_title(f"{labels[target]} {METRIC_LABELS[metric]}")
+            axis.grid(True, which="major", alpha=0.3)
+    legend_with_zero_note(axes[0][0], any_zero)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
 def plot_rows(rows: Sequence[Mapping], path: str | Path, dataset: str = "") -> None:
     """The figure evaluate_estimators.py draws for study rows (e.g. read back by
     :func:`knn_cm.evaluation.estimator_error.read_csv`): :func:`plot_study` for the VE study, the velocity study's
@@ -138,8 +184,6 @@ def plot_rows(rows: Sequence[Mapping], path: str | Path, dataset: str = "") -> N
     velocity = any(r["target"] == "velocity" for r in rows)
     title = study_title(dataset, rows[0]["num_sources"], rows[0]["repeats"], "flow_matching" if velocity else "ve")
     if velocity:
-        from knn_cm.evaluation.velocity_error import plot_velocity_study  # imports this module
-
         plot_velocity_study(rows, path, title=title)
     else:
         plot_study(rows, path, title=title)

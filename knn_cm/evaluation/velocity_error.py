@@ -18,18 +18,13 @@ and "velocity" and t the flow-matching time.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 
 from knn_cm.data import DataStore
 from knn_cm.diffusion import FlowMatchingProcess
 from knn_cm.estimators import Estimator, make_estimator
-from knn_cm.evaluation.estimator_error import METRICS, LevelErrors, _progress
-from knn_cm.evaluation.study_plot import FLOAT32_EPS, METRIC_LABELS, draw_error_series, legend_with_zero_note
-from knn_cm.io import save_figure
-
-VELOCITY_TARGETS = ("posterior_mean", "velocity")
+from knn_cm.evaluation.estimator_error import VELOCITY_TARGETS, LevelErrors, _progress
 
 
 def velocity_error_study(store: DataStore, estimators: Mapping[str, Estimator], times: Sequence[float],
@@ -74,49 +69,3 @@ def velocity_error_study(store: DataStore, estimators: Mapping[str, Estimator], 
             rows.extend(errors[name].rows(name, float(t), repeats, VELOCITY_TARGETS, derived_scale=float(t) ** -2))
     bar.close()
     return rows
-
-
-def plot_velocity_study(rows: Sequence[Mapping], path: str | Path, title: str = "") -> None:
-    """PNG: posterior-mean and velocity MSE / squared bias / variance against t (logit axis), one line per estimator.
-
-    Exact zeros (every estimator is exact where the posterior is a point mass) are marked on the t axis, never
-    drawn at a made-up value (:func:`knn_cm.evaluation.study_plot.draw_error_series`); the shaded band is the
-    95% interval over sources; the dashed line is float32 resolution, (eps_32)^2 per pixel (divided by t^2 for
-    velocities): errors near it are rounding.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(dict.fromkeys(r["estimator"] for r in rows))
-    labels = {"posterior_mean": "posterior mean", "velocity": "velocity target"}
-    figure, axes = plt.subplots(2, len(METRICS), figsize=(4.2 * len(METRICS), 6.8), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    any_zero = False
-    for row_index, target in enumerate(VELOCITY_TARGETS):
-        for column, metric in enumerate(METRICS):
-            axis = axes[row_index][column]
-            axis.set_xscale("logit")
-            axis.set_yscale("log")
-            all_times = sorted({r["t"] for r in rows})
-            resolution = [FLOAT32_EPS**2 * (1.0 if target == "posterior_mean" else t**-2) for t in all_times]
-            axis.plot(all_times, resolution, "--", color="grey", linewidth=0.8,
-                      label="float32 resolution" if row_index == column == 0 else None)
-            chosen = [r for r in rows if r["target"] == target and r["metric"] == metric]
-            series = []
-            for i, name in enumerate(names):
-                line = sorted((r for r in chosen if r["estimator"] == name), key=lambda r: r["t"])
-                if line:
-                    series.append((name, colours[i % len(colours)], [r["t"] for r in line],
-                                   [r["value"] for r in line], [r["ci_low"] for r in line],
-                                   [r["ci_high"] for r in line]))
-            any_zero |= draw_error_series(axis, series)
-            axis.set_xlabel("t (flow matching; 1 = noise)")
-            axis.set_title(f"{labels[target]} {METRIC_LABELS[metric]}")
-            axis.grid(True, which="major", alpha=0.3)
-    legend_with_zero_note(axes[0][0], any_zero)
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    save_figure(figure, path)

@@ -150,12 +150,12 @@ def test_an_exact_zero_is_drawn_as_the_zero_marker_not_at_a_floor(monkeypatch, t
     marker sits on the t axis (y = 0 in axis coordinates) at that t; the legend says what the marker means."""
     import numpy as np
 
-    from knn_cm.evaluation import study_plot, velocity_error
+    from knn_cm.evaluation import study_plot
 
     if study == "ve":
         module, plot, targets, times = study_plot, study_plot.plot_study, ("posterior_mean", "score"), [0.01, 1.0, 40.0]
     else:
-        module, plot, targets, times = (velocity_error, velocity_error.plot_velocity_study,
+        module, plot, targets, times = (study_plot, study_plot.plot_velocity_study,
                                         ("posterior_mean", "velocity"), [0.1, 0.5, 0.9])
     zero_t = times[0]
     figure = _drawn_figure(monkeypatch, module, plot,
@@ -206,10 +206,10 @@ def test_a_figure_redrawn_from_its_csv_marks_the_zero_and_keeps_the_title(monkey
     plot (the velocity plot for velocity rows) and under evaluate_estimators.py's title."""
     import numpy as np
 
-    from knn_cm.evaluation import study_plot, velocity_error, write_csv
+    from knn_cm.evaluation import study_plot, write_csv
 
     targets, times, module = ((("posterior_mean", "score"), [0.01, 1.0, 40.0], study_plot) if study == "ve" else
-                              (("posterior_mean", "velocity"), [0.1, 0.5, 0.9], velocity_error))
+                              (("posterior_mean", "velocity"), [0.1, 0.5, 0.9], study_plot))
     rows = [dict(row, num_sources=8, repeats=3)
             for row in _study_rows(targets, times, ("knn", "posterior_mean", "mse", times[1]))]
     write_csv(rows, tmp_path / "results.csv")
