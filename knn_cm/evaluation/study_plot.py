@@ -11,6 +11,7 @@ from knn_cm.io import save_figure
 FLOAT32_EPS = 2.0**-23
 METRIC_LABELS = {"mse": "MSE", "bias2": "squared bias", "variance": "variance"}
 TARGET_LABELS = {"posterior_mean": "posterior mean", "score": "score"}
+VELOCITY_LABELS = {"posterior_mean": "posterior mean", "velocity": "velocity target"}
 
 
 def _series(rows: Sequence[Mapping], estimator: str, target: str, metric: str):
@@ -88,36 +89,7 @@ def plot_study(rows: Sequence[Mapping], path: str | Path, title: str = "") -> No
     dashed line marks float32 resolution, (eps_32)^2 per pixel (divided by t^4 for the score): errors near
     it are rounding.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = estimator_names(rows)
-    figure, axes = plt.subplots(len(TARGETS), len(METRICS), figsize=(4.2 * len(METRICS), 3.4 * len(TARGETS)),
-                                squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    any_zero = False
-    for row_index, target in enumerate(TARGETS):
-        for column, metric in enumerate(METRICS):
-            axis = axes[row_index][column]
-            axis.set_xscale("log")
-            axis.set_yscale("log")
-            all_times = sorted({r["t"] for r in rows})
-            resolution = [FLOAT32_EPS**2 * (1.0 if target == "posterior_mean" else t**-4) for t in all_times]
-            axis.plot(all_times, resolution, "--", color="grey", linewidth=0.8,
-                      label="float32 resolution" if row_index == column == 0 else None)
-            series = [(name, colours[i % len(colours)], *_series(rows, name, target, metric))
-                      for i, name in enumerate(names)]
-            any_zero |= draw_error_series(axis, [line for line in series if line[2]])
-            axis.set_xlabel("t")
-            axis.set_title(f"{TARGET_LABELS[target]} {METRIC_LABELS[metric]}")
-            axis.grid(True, which="major", alpha=0.3)
-    legend_with_zero_note(axes[0][0], any_zero)
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    save_figure(figure, path)
+    _plot_panels(rows, path, title, TARGETS, TARGET_LABELS, xscale="log", xlabel="t", derived_power=-4)
 
 
 def study_title(dataset: str, num_sources: int, repeats: int, process: str = "ve") -> str:
@@ -137,35 +109,39 @@ def plot_velocity_study(rows: Sequence[Mapping], path: str | Path, title: str = 
     95% interval over sources; the dashed line is float32 resolution, (eps_32)^2 per pixel (divided by t^2 for
     velocities): errors near it are rounding.
     """
+    _plot_panels(rows, path, title, VELOCITY_TARGETS, VELOCITY_LABELS, xscale="logit",
+                 xlabel="t (flow matching; 1 = noise)", derived_power=-2)
+
+
+def _plot_panels(rows: Sequence[Mapping], path: str | Path, title: str, targets: Sequence[str],
+                 labels: Mapping[str, str], xscale: str, xlabel: str, derived_power: int) -> None:
+    """One panel per target x metric (error against t on ``xscale``, log errors), one line per estimator, exact
+    zeros marked on the t axis, and float32 resolution (eps_32)^2 per pixel times t^derived_power for the target
+    derived from the posterior mean (the score: -4; a velocity: -2)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(dict.fromkeys(r["estimator"] for r in rows))
-    labels = {"posterior_mean": "posterior mean", "velocity": "velocity target"}
-    figure, axes = plt.subplots(2, len(METRICS), figsize=(4.2 * len(METRICS), 6.8), squeeze=False)
+    names = estimator_names(rows)
+    figure, axes = plt.subplots(len(targets), len(METRICS), figsize=(4.2 * len(METRICS), 3.4 * len(targets)),
+                                squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    all_times = sorted({r["t"] for r in rows})
     any_zero = False
-    for row_index, target in enumerate(VELOCITY_TARGETS):
+    for row_index, target in enumerate(targets):
         for column, metric in enumerate(METRICS):
             axis = axes[row_index][column]
-            axis.set_xscale("logit")
+            axis.set_xscale(xscale)
             axis.set_yscale("log")
-            all_times = sorted({r["t"] for r in rows})
-            resolution = [FLOAT32_EPS**2 * (1.0 if target == "posterior_mean" else t**-2) for t in all_times]
+            resolution = [FLOAT32_EPS**2 * (1.0 if target == "posterior_mean" else t**derived_power)
+                          for t in all_times]
             axis.plot(all_times, resolution, "--", color="grey", linewidth=0.8,
                       label="float32 resolution" if row_index == column == 0 else None)
-            chosen = [r for r in rows if r["target"] == target and r["metric"] == metric]
-            series = []
-            for i, name in enumerate(names):
-                line = sorted((r for r in chosen if r["estimator"] == name), key=lambda r: r["t"])
-                if line:
-                    series.append((name, colours[i % len(colours)], [r["t"] for r in line],
-                                   [r["value"] for r in line], [r["ci_low"] for r in line],
-                                   [r["ci_high"] for r in line]))
-            any_zero |= draw_error_series(axis, series)
-            axis.set_xlabel("t (flow matching; 1 = noise)")
+            series = [(name, colours[i % len(colours)], *_series(rows, name, target, metric))
+                      for i, name in enumerate(names)]
+            any_zero |= draw_error_series(axis, [line for line in series if line[2]])
+            axis.set_xlabel(xlabel)
             axis.set_title(f"{labels[target]} {METRIC_LABELS[metric]}")
             axis.grid(True, which="major", alpha=0.3)
     legend_with_zero_note(axes[0][0], any_zero)

@@ -13,8 +13,6 @@ The refusals run concurrently (each in its own working directory and TMPDIR); ea
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +24,7 @@ import yaml
 
 from knn_cm.cli import APPS, CONFIGS
 from knn_cm.models import EDMPrecond, SongUNet, save_network
+from tests.processes import run_process
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["debug=default"]  # any experiment, two CPU steps on digits with a tiny network
@@ -33,25 +32,12 @@ TRAIN = ["debug=default"]  # any experiment, two CPU steps on digits with a tiny
 
 def run_app(app: str, *args: str, cwd: Path, env: dict | None = None,
             timeout: float = 300) -> tuple[int | None, str, str]:
-    """(exit status, stdout, stderr) of ``python <app> args`` from ``cwd``; its process group is killed on the way
-    out, whatever happens (status None: it ran past ``timeout``)."""
+    """(exit status, stdout, stderr) of ``python <app> args`` from ``cwd`` (tests.processes.run_process)."""
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("HYDRA_FULL_ERROR", "KNN_CM_SHORT_ERRORS")}
     environment |= {"OMP_NUM_THREADS": "1", "TMPDIR": str(cwd / "tmp"), **(env or {})}
     (cwd / "tmp").mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen([sys.executable, str(ROOT / app), *args], cwd=cwd, env=environment,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-        return process.returncode, stdout, stderr
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        return None, stdout, stderr
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    return run_process([sys.executable, str(ROOT / app), *args], cwd, environment, timeout)
 
 
 def written(cwd: Path) -> list[str]:

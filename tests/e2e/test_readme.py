@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.processes import run_process
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -149,27 +150,15 @@ def _copy_checkout(destination: Path) -> None:
 
 
 def _shell(command: str, cwd: Path, timeout: float = 600) -> tuple[int | None, str, str]:
-    """(exit status, stdout, stderr) of ``command`` in bash from ``cwd`` with the venv active; its process group is
-    killed on the way out (status None: it ran past ``timeout``)."""
+    """(exit status, stdout, stderr) of ``command`` in bash from ``cwd`` with the venv active
+    (tests.processes.run_process)."""
     venv = ROOT / ".venv"
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("HYDRA_FULL_ERROR", "KNN_CM_SHORT_ERRORS", "PYTHONPATH")}
     environment |= {"OMP_NUM_THREADS": "1", "TMPDIR": str(cwd / ".tmp"), "VIRTUAL_ENV": str(venv),
                     "PATH": f"{venv / 'bin'}:{environment.get('PATH', '')}"}
     (cwd / ".tmp").mkdir(exist_ok=True)
-    process = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=environment, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-        return process.returncode, stdout, stderr
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        return None, stdout, stderr
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    return run_process(["bash", "-c", command], cwd, environment, timeout)
 
 
 def _files(folder: Path) -> set[str]:
