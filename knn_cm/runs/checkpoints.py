@@ -131,19 +131,26 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 
 def move_aside(path: str | Path) -> Path:
-    """Rename a bad checkpoint (and its digest) to ``*.corrupt`` so it is kept but never loaded again."""
+    """Rename a bad checkpoint (and its digest) to ``*.corrupt`` so it is kept but never loaded again.
+
+    A file that is already gone (another process moved it aside first) is no error: the rename is done.
+    """
     path = Path(path)
     target = Path(f"{path}{CORRUPT_SUFFIX}")
-    path.replace(target)
-    if digest_path(path).exists():
-        digest_path(path).replace(Path(f"{digest_path(path)}{CORRUPT_SUFFIX}"))
+    for source, moved in ((path, target), (digest_path(path), Path(f"{digest_path(path)}{CORRUPT_SUFFIX}"))):
+        try:
+            source.replace(moved)
+        except FileNotFoundError:
+            pass
     return target
 
 
 def load_latest_intact(run_dir: str | Path, map_location="cpu") -> tuple[Path, dict] | None:
     """The newest checkpoint of ``run_dir`` that verifies and loads, with its state; None when there is none.
 
-    Corrupt newer ones are moved aside with a warning naming them.
+    Corrupt newer ones are moved aside with a warning naming them. Several processes of one run call it through
+    one of them only (the trainer's rank 0, which tells the others the path it chose): two callers would race
+    to move the same file.
     """
     for path in reversed(list_checkpoints(run_dir)):
         try:

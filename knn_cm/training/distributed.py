@@ -50,8 +50,9 @@ class DistributedContext:
     The backend is NCCL on CUDA and gloo on CPU (CPU DDP runs the same code path in tests).
 
     Attributes:
-        host_group: the gloo process group of :meth:`any_true`, :meth:`barrier` and :meth:`gather_objects` when
-            the main backend is NCCL (None: the default group, already gloo, or a single process).
+        host_group: the gloo process group of :meth:`any_true`, :meth:`barrier`, :meth:`gather_objects` and
+            :meth:`broadcast_object` when the main backend is NCCL (None: the default group, already gloo, or a
+            single process).
     """
 
     rank: int = 0
@@ -140,6 +141,14 @@ class DistributedContext:
         gathered = [None] * self.world_size
         dist.all_gather_object(gathered, obj, group=self.host_group)
         return gathered
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank ``src``'s ``obj`` on every rank (a host collective: pickled over the gloo group)."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src, group=self.host_group)
+        return box[0]
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():

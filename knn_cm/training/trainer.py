@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from knn_cm.data import DataStore
+from knn_cm.device import is_accelerator, new_generator
 from knn_cm.models import resolve_amp_dtype, save_network
 from knn_cm.models.dropout import shared_dropout
 from knn_cm.runs.checkpoints import (
@@ -102,9 +103,9 @@ class Trainer:
         self.rank_seed = config.seed * 1_000_003 + self.context.rank
         # The objective's noise is drawn where it is used: a CUDA generator on a GPU (a CPU draw would be copied
         # to the device every step); the CPU generator everywhere else.
-        noise_device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        self.noise_generator = torch.Generator(device=noise_device).manual_seed(self.rank_seed)
-        self.estimator_generator = torch.Generator(device=estimator_device).manual_seed(self.rank_seed + 1)
+        noise_device = self.device if is_accelerator(self.device) else torch.device("cpu")
+        self.noise_generator = new_generator(noise_device, self.rank_seed)
+        self.estimator_generator = new_generator(estimator_device, self.rank_seed + 1)
         self.step = 0
         self.images_seen = 0
         self.start_step = 0  # the step this invocation started from (> 0 after a resume)
@@ -167,7 +168,7 @@ class Trainer:
         if resume == "never":
             return
         if resume == "auto":
-            found = load_latest_intact(self.run_dir, map_location="cpu")
+            found = self._latest_intact()
             if found is None:  # killed before its first checkpoint: the records of that attempt are replayed too
                 if self.context.is_main:
                     self.metrics.drop_after(0)
@@ -183,6 +184,30 @@ class Trainer:
             dropped = self.metrics.drop_after(self.step)
             log.info("resumed from %s (step %d, %d images seen)%s", path, self.step, self.images_seen,
                      f"; {dropped} metrics records after it will be logged again" if dropped else "")
+
+    def _latest_intact(self) -> tuple[Path, dict] | None:
+        """The newest intact checkpoint and its state, chosen by rank 0 alone (collective).
+
+        Choosing can move a corrupt checkpoint aside; ranks choosing at once would race over that file. Rank 0
+        chooses and broadcasts the path over the host group; the other ranks load that path.
+        """
+        if not self.context.distributed:
+            return load_latest_intact(self.run_dir, map_location="cpu")
+        found, failure, choice = None, None, None
+        if self.context.is_main:
+            try:
+                found = load_latest_intact(self.run_dir, map_location="cpu")
+                choice = ("path", None if found is None else str(found[0]))
+            except Exception as error:  # the other ranks wait for the broadcast: tell them before raising
+                failure, choice = error, ("error", f"{type(error).__name__}: {error}")
+        kind, value = self.context.broadcast_object(choice)
+        if failure is not None:
+            raise failure
+        if kind == "error":
+            raise RuntimeError(f"rank 0 could not choose a checkpoint of {self.run_dir} to resume from ({value})")
+        if self.context.is_main or value is None:
+            return found
+        return Path(value), load_checkpoint(value, map_location="cpu")
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (collective); never writes non-finite weights."""
@@ -237,7 +262,7 @@ class Trainer:
         start = self.images_seen + self.context.rank * per_rank + micro_step * self.micro_batch
         indices = self.stream.indices(start, self.micro_batch)
         batch = self.store.float(indices)
-        if self.device.type == "cuda":  # a pageable copy would block the host until the GPU queue drains
+        if is_accelerator(self.device):  # a pageable copy would block the host until the GPU queue drains
             batch = batch.pin_memory()
         return batch.to(self.device, non_blocking=True)
 
