@@ -43,6 +43,36 @@ from knn_cm.training.stream import BatchStream
 
 log = logging.getLogger(__name__)
 
+_CPU_STATE_BYTES = torch.Generator().get_state().numel()
+_CUDA_STATE_BYTES = 16  # a CUDA (Philox) generator's state: its seed and offset
+
+
+def generator_kind(state) -> str:
+    """Which kind of generator saved ``state``, told by its size (checkpoints store states without devices)."""
+    size = state.numel() if isinstance(state, torch.Tensor) else None
+    if size == _CPU_STATE_BYTES:
+        return "a CPU generator"
+    if size == _CUDA_STATE_BYTES:
+        return "a CUDA generator"
+    return f"another device's generator ({size}-byte state)"
+
+
+def restore_generator(generator: torch.Generator, state, seed: int) -> bool:
+    """Set ``generator`` to ``state``; when ``state`` is another kind of generator's, seed it with ``seed``.
+
+    True when the state was restored. A state is another kind's when it is no ByteTensor of the size of
+    ``generator``'s own (a CPU generator's is thousands of bytes, a CUDA generator's 16), so ``set_state``
+    would refuse it.
+    """
+    own = generator.get_state()
+    if (isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.device.type == "cpu"
+            and state.numel() == own.numel()):
+        generator.set_state(state)
+        return True
+    generator.manual_seed(seed)
+    return False
+
+
 class Trainer:
     """Trains ``denoiser`` with ``objective`` on ``store``; everything a run writes goes to ``run_dir``.
 
@@ -126,8 +156,19 @@ class Trainer:
         return states
 
     def _set_generator_states(self, states: dict) -> None:
-        self.noise_generator.set_state(states["noise"])
-        self.estimator_generator.set_state(states["estimator"])
+        """Restore this rank's generators; a stream saved by another device's generator is reseeded instead.
+
+        A run moved between a GPU and a CPU (to debug it, say) has generator states that the other kind of
+        generator refuses; those streams restart from their initial seeds, as after a change of world size.
+        """
+        moved = []
+        for name, generator, seed in (("noise", self.noise_generator, self.rank_seed),
+                                      ("estimator", self.estimator_generator, self.rank_seed + 1)):
+            if not restore_generator(generator, states[name], seed):
+                moved.append(f"{name} (saved by {generator_kind(states[name])}, now on {generator.device})")
+        if moved:
+            log.warning("run %s: the checkpoint's random states were saved by another device's generators, so these "
+                        "streams restart from their seeds: %s", self.run_dir, "; ".join(moved))
         torch.set_rng_state(states["torch_cpu"])
         if "torch_cuda" in states and self.device.type == "cuda":
             torch.cuda.set_rng_state(states["torch_cuda"], self.device)

@@ -8,6 +8,7 @@ stood in by a 16-byte ByteTensor) resumes with a warning and reseeded streams in
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -130,3 +131,68 @@ def test_two_ranks_resume_from_the_checkpoint_before_a_corrupt_newest_one(tmp_pa
     assert sorted(p.name for p in run_dir.glob(f"checkpoints/*.pt{CORRUPT_SUFFIX}")) == [
         f"training-000000006.pt{CORRUPT_SUFFIX}"]
     assert not (tmp_path / "rendezvous" / "arrived1").exists(), "only rank 0 may verify and move checkpoints"
+
+
+# ---------------------------------------------------------------------------- another device's generators
+def _with_cuda_states(checkpoint: Path) -> None:
+    """Rewrite ``checkpoint`` as a GPU run would have saved it: 16-byte generator states (seed, offset)."""
+    state = checkpoints.load_checkpoint(checkpoint)
+    for name in ("noise", "estimator"):
+        state["generators"][0][name] = torch.arange(CUDA_STATE_BYTES, dtype=torch.uint8)
+    state["generators"][0]["torch_cuda"] = torch.arange(CUDA_STATE_BYTES, dtype=torch.uint8)
+    checkpoints.save_checkpoint(checkpoint, state)
+
+
+def test_a_gpu_run_resumed_on_the_cpu_reseeds_its_streams_with_one_warning(tmp_path, store, caplog):
+    """A CUDA generator state (16 bytes) was set into a CPU generator: ``RuntimeError`` at every such resume."""
+    run_dir = tmp_path / "run"
+    make_trainer(run_dir, store, stop_after_steps=3).fit()
+    _with_cuda_states(list_checkpoints(run_dir)[-1])
+    with caplog.at_level(logging.WARNING, logger="knn_cm.training.trainer"):
+        resumed = make_trainer(run_dir, store)
+    assert resumed.step == 3
+    warnings = [r.getMessage() for r in caplog.records if "another device's generators" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert str(run_dir) in warnings[0]
+    assert "noise (saved by a CUDA generator, now on cpu)" in warnings[0]
+    assert "estimator (saved by a CUDA generator, now on cpu)" in warnings[0]
+    fresh = make_trainer(tmp_path / "fresh", store)  # the streams restart from the seeds a new run starts with
+    assert torch.equal(resumed.noise_generator.get_state(), fresh.noise_generator.get_state())
+    assert torch.equal(resumed.estimator_generator.get_state(), fresh.estimator_generator.get_state())
+    resumed.fit()  # and it trains on
+    assert resumed.step == 6
+
+
+class _CudaLikeGenerator:
+    """Stands in for a CUDA generator: a 16-byte state, and ``set_state`` refuses any other size as CUDA does."""
+
+    device = torch.device("cuda", 0)
+
+    def __init__(self):
+        self.state, self.seed = torch.zeros(CUDA_STATE_BYTES, dtype=torch.uint8), None
+
+    def get_state(self):
+        return self.state.clone()
+
+    def set_state(self, state):
+        if state.numel() != CUDA_STATE_BYTES:
+            raise RuntimeError(f"RNG state is wrong size: {state.numel()}")
+        self.state = state.clone()
+
+    def manual_seed(self, seed):
+        self.seed, self.state = seed, torch.full((CUDA_STATE_BYTES,), seed % 256, dtype=torch.uint8)
+        return self
+
+
+def test_a_cpu_state_offered_to_a_cuda_generator_reseeds_it_and_a_matching_state_is_restored():
+    """The reverse move (a CPU run resumed on a GPU) through the same rule, with a generator that acts as CUDA's."""
+    from knn_cm.training.trainer import generator_kind, restore_generator
+
+    cpu_state = torch.Generator().manual_seed(5).get_state()
+    cuda_like = _CudaLikeGenerator()
+    assert not restore_generator(cuda_like, cpu_state, seed=7) and cuda_like.seed == 7
+    assert generator_kind(cpu_state) == "a CPU generator"
+    saved = torch.arange(CUDA_STATE_BYTES, dtype=torch.uint8)
+    assert restore_generator(cuda_like, saved, seed=7) and torch.equal(cuda_like.get_state(), saved)
+    cpu = torch.Generator().manual_seed(1)
+    assert restore_generator(cpu, cpu_state, seed=9) and torch.equal(cpu.get_state(), cpu_state)
