@@ -11,7 +11,7 @@ def as_device(device, what: str = "device") -> torch.device:
     ``"auto"`` picks CUDA when available, else the CPU.
     """
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return concrete_device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as error:
@@ -20,4 +20,17 @@ def as_device(device, what: str = "device") -> torch.device:
         raise ValueError(f"{what} must be 'auto', 'cpu' or 'cuda[:i]', got {device}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{what} {device} requested but CUDA is not available; use 'cpu'")
+    return concrete_device(device)
+
+
+def concrete_device(device: torch.device | str) -> torch.device:
+    """``device`` with a bare "cuda" made the current CUDA device, "cuda:N"; any other device as it is.
+
+    The current device is the one ``torch.cuda.set_device`` chose for this process (the trainer sets each
+    rank's): so "cuda" means this rank's GPU wherever a device number is needed (faiss-gpu), and "cuda" and
+    "cuda:N" name one cache entry (a store's resident rows).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return device

@@ -20,6 +20,7 @@ import torch
 
 from knn_cm.data.pixels import uint8_to_float
 from knn_cm.data.resident import ResidentRows, resolve_storage
+from knn_cm.device import concrete_device
 
 _FINGERPRINT_CHUNK_BYTES = 64 << 20
 
@@ -175,7 +176,7 @@ class DataStore:
                 "float16", "uint8" (converted on access), "mapped" (CPU: the store's own array, no copy)
                 or "auto" (uint8 on CUDA; on CPU float up to 4 GiB, else mapped).
         """
-        device = torch.device(device)
+        device = concrete_device(device)  # "cuda" and "cuda:N" are one entry
         storage = resolve_storage(storage, device, len(self), self.dim, dtype)
         key = (str(device), dtype, storage)
         if key not in self._resident:

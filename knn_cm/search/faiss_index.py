@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from knn_cm.device import as_device
+from knn_cm.device import as_device, concrete_device
 from knn_cm.search.spec import IndexSpec, check_index_data, check_search_input
 
 _ADD_CHUNK = 16384
@@ -154,6 +154,6 @@ def faiss_to_device(cpu_index, device: torch.device):
         return cpu_index
     faiss = faiss_module()
     resources = faiss.StandardGpuResources()
-    gpu_index = faiss.index_cpu_to_gpu(resources, device.index or 0, cpu_index)
+    gpu_index = faiss.index_cpu_to_gpu(resources, concrete_device(device).index, cpu_index)
     gpu_index.referenced_resources = resources  # keep the resources alive with the index
     return gpu_index
