@@ -14,11 +14,14 @@ from __future__ import annotations
 from knn_cm.estimators.base import Estimator
 from knn_cm.estimators.exact import ExactPosterior, PosteriorMC
 from knn_cm.estimators.factory import ESTIMATORS, build_estimator, build_estimator_set, make_estimator
+from knn_cm.estimators.gaussian import GaussianDenoiser
 from knn_cm.estimators.knn import KNN, KNNProposal
+from knn_cm.estimators.local import ClosedFormSmoothed, EquivariantLocalScore, LocalScore, PSPCSquare
 from knn_cm.estimators.network import NetworkEstimator
 from knn_cm.estimators.single import SingleSample
 from knn_cm.estimators.stf import STF
 from knn_cm.estimators.uniform import UniformSNIS
 
-__all__ = ["ESTIMATORS", "Estimator", "ExactPosterior", "KNN", "KNNProposal", "NetworkEstimator", "PosteriorMC",
+__all__ = ["ESTIMATORS", "ClosedFormSmoothed", "Estimator", "EquivariantLocalScore", "ExactPosterior",
+           "GaussianDenoiser", "KNN", "KNNProposal", "LocalScore", "NetworkEstimator", "PSPCSquare", "PosteriorMC",
            "STF", "SingleSample", "UniformSNIS", "build_estimator", "build_estimator_set", "make_estimator"]

@@ -4,7 +4,8 @@ A config spec is a plain mapping (configs/train/estimator/*.yaml, each entry of
 configs/estimator_study/estimator_set/*.yaml, the ``estimator`` block of sample.yaml and evaluate.yaml), read by
 every app and the study through :func:`build_estimator`::
 
-    name: knn               # single | exact | mc | uniform | stf | knn | network (:data:`ESTIMATORS`)
+    name: knn               # single | exact | mc | uniform | stf | knn | network, or a local denoiser:
+                            # ls | els | pspc_square | cfdm | gaussian (:data:`ESTIMATORS`, docs/denoisers.md)
     k: 2048                 # the estimator's own arguments
     n: 256
     index: {kind: flat}     # estimators that search (knn): build_index arguments (default {kind: flat});
@@ -26,7 +27,9 @@ import torch
 from knn_cm.device import as_device
 from knn_cm.estimators.base import Estimator
 from knn_cm.estimators.exact import ExactPosterior, PosteriorMC
+from knn_cm.estimators.gaussian import GaussianDenoiser
 from knn_cm.estimators.knn import KNN
+from knn_cm.estimators.local import ClosedFormSmoothed, EquivariantLocalScore, LocalScore, PSPCSquare
 from knn_cm.estimators.network import NetworkEstimator
 from knn_cm.estimators.single import SingleSample
 from knn_cm.estimators.stf import STF
@@ -40,6 +43,12 @@ ESTIMATORS: dict[str, type[Estimator]] = {
     "stf": STF,
     "knn": KNN,
     "network": NetworkEstimator,
+    # Local (generalising) empirical denoisers, docs/denoisers.md: exhaustive unless k and n are given.
+    "ls": LocalScore,
+    "els": EquivariantLocalScore,
+    "pspc_square": PSPCSquare,
+    "cfdm": ClosedFormSmoothed,
+    "gaussian": GaussianDenoiser,
 }
 DEFAULT_INDEX = {"kind": "flat"}
 
@@ -48,7 +57,9 @@ def make_estimator(name: str, store=None, **kwargs) -> Estimator:
     """Build an estimator by name: "single" "exact" "mc" "uniform" "stf" "knn" "network".
 
     Keyword arguments go to the estimator: ``n`` (mc, uniform, stf, knn), ``k`` and ``index`` (knn),
-    ``variant`` (stf), ``denoiser`` (network), and ``device`` / ``dtype`` (all).
+    ``variant`` (stf), ``denoiser`` (network), and ``device`` / ``dtype`` (all). The local denoisers "ls" "els"
+    "pspc_square" "cfdm" and "gaussian" take ``patch_size``, ``window``, ``padding`` (els), ``smoothing`` and
+    ``draws`` (cfdm), and ``k`` with ``n`` for their KNN form (docs/denoisers.md).
     """
     if name not in ESTIMATORS:
         raise ValueError(f"unknown estimator {name!r}; allowed: {', '.join(ESTIMATORS)}")

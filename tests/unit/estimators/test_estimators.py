@@ -396,7 +396,8 @@ def test_missing_source_and_store(random_store):
 
 
 def test_registry_lists_every_estimator():
-    assert set(ESTIMATORS) == {"single", "exact", "mc", "uniform", "stf", "knn", "network"}
+    assert set(ESTIMATORS) == {"single", "exact", "mc", "uniform", "stf", "knn", "network",
+                               "ls", "els", "pspc_square", "cfdm", "gaussian"}
 
 
 def test_repeated_matches_the_estimators_distribution(random_store, flat_index):
