@@ -7,15 +7,19 @@ patch size, combiner or smoothing) that must differ at the same points, so each 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from knn_cm.data import DataStore
 from knn_cm.estimators import build_estimator, make_estimator
 from knn_cm.estimators.patches import PatchSchedule
 
+CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "train" / "estimator"
 F64 = torch.float64
 SIGMAS = [0.5, 1.0, 3.0]
 SHAPE = (2, 5, 6)  # non-square, so height and width cannot be swapped unnoticed
@@ -299,3 +303,11 @@ def test_a_config_builds_the_knn_form_with_a_schedule(store):
 def test_bad_settings_are_refused_in_one_line(store, name, kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         make_estimator(name, store, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["ls", "els", "pspc_square", "cfdm", "gaussian"])
+def test_each_denoiser_config_builds_and_estimates(store, name):
+    spec = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    est = build_estimator(spec, store)
+    z = noisy(store, 1.0).float()
+    assert est(z, torch.tensor([0.05, 1.0, 50.0]), generator=torch.Generator().manual_seed(0)).shape == z.shape
