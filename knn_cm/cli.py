@@ -3,13 +3,16 @@
     if __name__ == "__main__":
         run_app(main, __file__)          # train.py, sample.py, evaluate.py, evaluate_estimators.py
 
-An error of a known kind prints ``error: <message>`` and at most one ``hint: <what to do>`` line on stderr and
-exits with status 1. Known kinds are the ones raised on purpose with a message for the user: ``ValueError``
-(bad settings, unreadable files), ``OSError`` (missing files), every exception class the project defines (a
-refused run folder, a diverged loss, unavailable Inception weights, a failed sweep, ...), and Hydra's and
-OmegaConf's errors of a config that does not compose (a typed setting of the wrong type, an unknown config).
-Anything else is a bug and keeps its traceback; ``HYDRA_FULL_ERROR=1`` keeps every traceback. An exception's
-first note (``error.add_note(...)``) is its hint.
+An error of a known kind prints ``error: <message>``, for an error of the project's own classes the indented lines
+that follow its message's first line (what differs, key by key; at most a screenful), and at most one ``hint: <what
+to do>`` line on stderr, and exits with status 1. Known kinds are the ones raised on purpose with a message for the
+user: ``ValueError`` (bad settings, unreadable files), ``OSError`` (missing files), every exception class the
+project defines (a refused run folder, a diverged loss, unavailable Inception weights, a failed sweep, ...), and
+Hydra's and OmegaConf's errors of a config that does not compose (a typed setting of the wrong type, an unknown
+config). Anything else is a bug and keeps its traceback; ``HYDRA_FULL_ERROR=1`` keeps every traceback. An
+exception's first note (``error.add_note(...)``) is its hint. A key that does not exist gets the config's closest
+real keys as its hint (:func:`key_hint`); a folder Hydra cannot create names the setting that chose it
+(:func:`output_folder_error`).
 
 Two pieces, because Hydra reports errors in two places: :func:`run_app` wraps the whole app (a config that does not
 compose, an experiment of another app, a sweep that is refused or fails), and :func:`one_line_errors` wraps the
@@ -21,6 +24,7 @@ which then still print one line).
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import shutil
@@ -31,8 +35,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.errors import CompactHydraException, InstantiationException, MissingConfigException
-from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
 SHORT_ERRORS = "KNN_CM_SHORT_ERRORS"  # set by the edge, not by the user: HYDRA_FULL_ERROR=1 is the edge's own
@@ -42,6 +46,9 @@ KNOWN_ERRORS = (ValueError, OSError, CompactHydraException, OmegaConfBaseExcepti
 APPS = {"train.py": "train", "sample.py": "sample", "evaluate.py": "evaluate",
         "evaluate_estimators.py": "estimator_study"}
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/, beside knn_cm/
+SCREEN = 20  # the most detail lines an error prints (a screenful); the rest are counted
+# The settings that choose an app's output folder, as a command line may give them.
+OUTPUT_SETTINGS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "output_root", "run_name")
 
 
 def compose_app(app: str, overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
@@ -56,11 +63,15 @@ def compose_app(app: str, overrides: Sequence[str] = (), return_hydra_config: bo
         return compose(config_name=folder, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
+def _ours(error: BaseException) -> bool:
+    """Whether ``error``'s class is one the project defines."""
+    module = type(error).__module__
+    return module.split(".")[0] == "knn_cm" or module.startswith("hydra_plugins.knn_cm")
+
+
 def is_known(error: BaseException) -> bool:
     """Whether ``error`` was raised on purpose with a message for the user (the module docstring)."""
-    module = type(error).__module__
-    ours = module.split(".")[0] == "knn_cm" or module.startswith("hydra_plugins.knn_cm")
-    return isinstance(error, KNOWN_ERRORS) or ours
+    return isinstance(error, KNOWN_ERRORS) or _ours(error)
 
 
 def _first_line(text: str) -> str:
@@ -86,11 +97,28 @@ def describe(error: BaseException) -> tuple[str, str | None]:
     return _first_line(error) or type(error).__name__, hint
 
 
+def details(error: BaseException) -> list[str]:
+    """The indented lines that follow the first line of an error of the project's own classes (what differs, key by
+    key), at most :data:`SCREEN` of them, the rest counted; none for other errors."""
+    if not _ours(error):
+        return []
+    lines = [line for line in str(error).splitlines() if line.strip()][1:]
+    indented = []
+    for line in lines:
+        if not line.startswith((" ", "\t")):
+            break
+        indented.append(line.rstrip())
+    if len(indented) > SCREEN:
+        indented = indented[: SCREEN - 1] + [f"  ... and {len(indented) - SCREEN + 1} more"]
+    return indented
+
+
 def report(error: BaseException, stream=None) -> None:
-    """Write ``error: <message>`` (and ``hint: ...``) to ``stream`` (stderr)."""
+    """Write ``error: <message>``, its detail lines (:func:`details`) and ``hint: ...`` to ``stream`` (stderr)."""
     stream = stream or sys.stderr
     message, hint = describe(error)
-    stream.write(f"error: {message}\n" + (f"hint: {hint}\n" if hint else ""))
+    lines = [f"error: {message}", *details(error)] + ([f"hint: {hint}"] if hint else [])
+    stream.write("\n".join(lines) + "\n")
     stream.flush()
 
 
@@ -115,8 +143,117 @@ def run_app(main: Callable[[], object], app_file: str, argv: list[str] | None = 
     except Exception as error:
         if not is_known(error):
             raise
-        report(error)
+        report(restated(error, app_file.name, argv))
         sys.exit(1)
+
+
+def restated(error: BaseException, app: str, argv: Sequence[str]) -> BaseException:
+    """``error`` in the user's terms where the edge knows more than the error: a key that does not exist with the
+    closest real keys as its hint, a folder Hydra could not create with the setting that chose it."""
+    key = unknown_key(error)
+    if key is not None:
+        refusal = ValueError(f"{key} is not a setting of {app}")
+        refusal.add_note(key_hint(app, key, argv))
+        return refusal
+    return output_folder_error(error, argv) or error
+
+
+# ------------------------------------------------------------------------------------------------ unknown keys
+def unknown_key(error: BaseException) -> str | None:
+    """The full key of an override that names no setting (Hydra's "Could not override 'trainer.lr'"), else None."""
+    cause = error.__cause__
+    if isinstance(error, CompactHydraException) and isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        if str(error).startswith("Could not override"):
+            return getattr(cause, "full_key", None) or str(error).split("'")[1]
+    return None
+
+
+def config_keys(app: str, overrides: Sequence[str] = ()) -> list[str]:
+    """The settings of ``app``'s composed config as full keys (``trainer.optimizer.lr``) and the config groups it
+    chooses from (``experiment``, ``dataset``, ``trainer.optimizer``); the overrides are applied when they compose."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()  # the app's own initialisation, when its composition failed
+    try:
+        config = compose_app(app, overrides, return_hydra_config=True)
+    except Exception:  # an override that does not compose: the app's defaults still name its keys
+        config = compose_app(app, (), return_hydra_config=True)
+    groups = [name.split("@")[-1].replace("/", ".") for name in config.hydra.runtime.choices
+              if not name.startswith("hydra/")]
+    tree = OmegaConf.to_container(config, resolve=False)
+    tree.pop("hydra")
+    keys = []
+
+    def walk(node, prefix):
+        for name, value in node.items():
+            if isinstance(value, dict) and value:
+                walk(value, f"{prefix}{name}.")
+            else:
+                keys.append(f"{prefix}{name}")
+
+    walk(tree, "")
+    return sorted(set(keys) | set(groups))
+
+
+def closest_keys(key: str, keys: Sequence[str], count: int = 3) -> list[str]:
+    """The real keys closest to ``key``: those with its last part (``trainer.lr`` -> ``trainer.optimizer.lr``),
+    else the closest full keys and the keys whose last part is closest (difflib), the closest first."""
+    leaf = key.rsplit(".", 1)[-1]
+    similarity = lambda k: difflib.SequenceMatcher(None, key, k).ratio()
+    same_leaf = sorted((k for k in keys if k.rsplit(".", 1)[-1] == leaf), key=similarity, reverse=True)
+    if same_leaf:
+        return same_leaf[:count]
+    by_leaf: dict[str, list[str]] = {}
+    for k in keys:
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    for cutoff in (0.8, 0.6):
+        close = difflib.get_close_matches(key, keys, n=count, cutoff=cutoff)
+        close += [k for name in difflib.get_close_matches(leaf, list(by_leaf), n=count, cutoff=cutoff)
+                  for k in by_leaf[name]]
+        close = sorted(set(close) - {key}, key=similarity, reverse=True)
+        if close:
+            return close[:count]
+    return []
+
+
+def key_hint(app: str, key: str, argv: Sequence[str]) -> str:
+    """The hint for a key that does not exist: the closest real keys, else where every key is listed."""
+    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")
+                 and arg.split("=", 1)[0].lstrip("+~") != key and not arg.startswith("hydra")]
+    close = closest_keys(key, config_keys(app, overrides))
+    listing = f"python {app} --cfg job lists every setting"
+    if not close:
+        return f"no setting has a name close to it; {listing}"
+    return f"did you mean {' or '.join(close)}? ({listing})"
+
+
+# ------------------------------------------------------------------------------------------------ output folder
+def output_folder_error(error: BaseException, argv: Sequence[str]) -> BaseException | None:
+    """An OSError of Hydra creating the app's output folder, restated naming the setting that chose the folder
+    (``output_root=/proc/x: cannot create the output folder /proc/x (No such file or directory)``); else None."""
+    if not isinstance(error, OSError) or not _raised_creating_hydra_folder(error):
+        return None
+    given = [arg.lstrip("+") for arg in argv if arg.lstrip("+").split("=", 1)[0] in OUTPUT_SETTINGS]
+    setting = ", ".join(given) or "hydra.run.dir"
+    reason = error.strerror or type(error).__name__
+    refusal = ValueError(f"{setting}: cannot create the output folder {error.filename} ({reason}); nothing was "
+                         f"written")
+    refusal.add_note("choose a folder this user can create and write")
+    return refusal
+
+
+def _raised_creating_hydra_folder(error: BaseException) -> bool:
+    """Whether ``error`` was raised by Hydra's own work before the task (creating the output folder), not by it."""
+    frames = []
+    traceback = error.__traceback__
+    while traceback is not None:
+        frames.append(traceback.tb_frame.f_code)
+        traceback = traceback.tb_next
+    for outer, inner in zip(frames, frames[1:]):
+        if outer.co_name == "run_job" and Path(outer.co_filename).parts[-3:] == ("hydra", "core", "utils.py"):
+            return Path(inner.co_filename).name in ("pathlib.py", "os.py", "__init__.py") and \
+                inner.co_name in ("mkdir", "makedirs", "__init__", "_open")
+    return False
 
 
 @contextmanager
@@ -173,18 +310,21 @@ def check_experiment_app(app: str, configs: Path, argv: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ output folders
-def _holds_only_hydra_files(folder: Path) -> bool:
-    """Whether ``folder`` holds nothing but what Hydra wrote before the task started (its job log, .hydra/)."""
-    return all(entry.name == ".hydra" or (entry.suffix == ".log" and entry.is_file()) for entry in folder.iterdir())
+def _holds_only_hydra_files(folder: Path, own: Sequence[str] = ()) -> bool:
+    """Whether ``folder`` holds nothing but what Hydra wrote before the task started (its job log, .hydra/) and the
+    entries named in ``own``."""
+    return all(entry.name == ".hydra" or entry.name in own or (entry.suffix == ".log" and entry.is_file())
+               for entry in folder.iterdir())
 
 
 @contextmanager
-def removed_on_failure(folder: str | Path) -> Iterator[Path]:
+def removed_on_failure(folder: str | Path, own: Sequence[str] = ()) -> Iterator[Path]:
     """Remove ``folder`` (and the empty folders above it, up to the working directory) when the body fails and
-    the folder is this call's own: absent, or holding only Hydra's job log when the body started. A folder that
-    held anything else (a run folder, a folder the user named) is left as it is."""
+    the folder is this call's own: absent, or holding only Hydra's job log (and the entries named in ``own``, which
+    this call made, e.g. the run folder's lock it holds) when the body started. A folder that held anything else (a
+    run folder, a folder the user named) is left as it is."""
     folder = Path(folder).absolute()
-    fresh = not folder.exists() or (folder.is_dir() and _holds_only_hydra_files(folder))
+    fresh = not folder.exists() or (folder.is_dir() and _holds_only_hydra_files(folder, own))
     try:
         yield folder
     except BaseException:

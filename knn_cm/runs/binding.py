@@ -43,6 +43,15 @@ VOLATILE_KEYS = (
 RETIRED_KEYS = ("estimator._target_", "estimator._partial_", "index._target_", "index._partial_")
 
 
+def shown(path: str | Path) -> str:
+    """``path`` relative to the working directory when it lies below it, else absolute (for messages)."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 class RunFolderError(RuntimeError):
     """The run folder refuses this launch (another config, another process, or a request that would destroy data)."""
 
@@ -111,10 +120,11 @@ class RunFolder:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
-            raise RunFolderError(
-                f"run folder {self.path} is in use by another process ({holder}); one process trains a run at a "
-                f"time. Wait for it to finish or stop it, or give this launch its own folder with run_name=NAME"
-            ) from None
+            error = RunFolderError(f"run folder {shown(self.path)} is in use by another process ({holder}); "
+                                   f"nothing was written")
+            error.add_note("one process trains a run at a time: wait for it to finish or stop it, or give this "
+                           "launch its own folder with run_name=NEW_NAME")
+            raise error from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"PID {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -127,6 +137,21 @@ class RunFolder:
             self._lock_handle = None
 
     # ------------------------------------------------------------------------------------- binding
+    def check_config(self, config: Mapping, accept_change: bool = False, legacy_config: Mapping | None = None,
+                     deferred: tuple[str, ...] = ()) -> None:
+        """Raise :class:`RunFolderError` when this folder was trained with another config, before the data are
+        read (the dataset's fingerprint is checked by :meth:`check_binding`). Keys in ``deferred`` (settings
+        fitted to the dataset, whose value is known once it is loaded) are left to :meth:`check_binding`."""
+        record = self._record(legacy_config)
+        if record is None or accept_change:
+            return
+        skip = lambda key: any(key == name or key.startswith(name + ".") for name in deferred)
+        old = {key: value for key, value in upgrade_identity(record["identity"]).items() if not skip(key)}
+        new = {key: value for key, value in identity(config).items() if not skip(key)}
+        changed = differences(old, new)
+        if changed:
+            raise self._refusal(changed)
+
     def check_binding(self, config: Mapping, dataset_fingerprint: str, accept_change: bool = False,
                       legacy_config: Mapping | None = None) -> dict | None:
         """Raise :class:`RunFolderError` when this folder was trained with another config or dataset.
@@ -141,30 +166,44 @@ class RunFolder:
         new = identity(config)
         current = {"identity": new, "config_digest": digest(new), "dataset_fingerprint": dataset_fingerprint,
                    "volatile_keys": list(VOLATILE_KEYS)}
-        record_path = RunLayout(self.path).binding
-        if record_path.exists():
-            record = json.loads(record_path.read_text())
-        elif legacy_config is not None:
-            record = {"identity": identity(legacy_config), "dataset_fingerprint": None, "history": []}
-        else:
+        record = self._record(legacy_config)
+        if record is None:
             return current | {"created": time.time(), "history": []}
         changed = differences(upgrade_identity(record["identity"]), new)
         if record.get("dataset_fingerprint") not in (None, dataset_fingerprint):
             changed.append(f"dataset fingerprint: {record['dataset_fingerprint']} (run) -> {dataset_fingerprint} "
                            f"(this launch: the training data differ)")
+        recorded = RunLayout(self.path).binding.exists()
         if not changed:
-            return None if record_path.exists() else record | current | {"created": time.time()}
+            return None if recorded else record | current | {"created": time.time()}
         if not accept_change:
-            listing = "\n  ".join(changed)
-            raise RunFolderError(
-                f"run folder {self.path} belongs to a run with another config; this launch differs in:\n  {listing}\n"
-                f"Nothing was written. Start a new run with run_name=NEW_NAME, or continue this one under the new "
-                f"config on purpose with accept_config_change=true (recorded in run.json). Settings that may "
-                f"change freely: {', '.join(VOLATILE_KEYS)}.")
+            raise self._refusal(changed)
         log.warning("continuing %s under a changed config (accept_config_change=true):\n  %s", self.path,
                     "\n  ".join(changed))
         history = record.get("history", []) + [{"time": time.time(), "changes": changed}]
         return record | current | {"history": history}
+
+    def _record(self, legacy_config: Mapping | None) -> dict | None:
+        """The folder's binding record: run.json, else one made from a legacy config.yaml, else None (unbound)."""
+        record_path = RunLayout(self.path).binding
+        if record_path.exists():
+            return json.loads(record_path.read_text())
+        if legacy_config is not None:
+            return {"identity": identity(legacy_config), "dataset_fingerprint": None, "history": []}
+        return None
+
+    def _refusal(self, changed: list[str]) -> RunFolderError:
+        """The refusal of a launch whose config or data differ from the folder's: a first line, each difference
+        on an indented line of its own, and the ways forward (also its note, the command line's hint)."""
+        listing = "\n  ".join(changed)
+        ways = ("give this launch its own folder with run_name=NEW_NAME, or continue this run under the new config "
+                "on purpose with accept_config_change=true (recorded in run.json)")
+        error = RunFolderError(
+            f"run folder {shown(self.path)} belongs to a run with another config; nothing was written. This launch "
+            f"differs in:\n  {listing}\nTo go on, {ways}. Settings that may change freely: "
+            f"{', '.join(VOLATILE_KEYS)}.")
+        error.add_note(ways)
+        return error
 
     def write_binding(self, record: dict | None) -> None:
         if record is not None:
