@@ -30,7 +30,7 @@ from knn_cm.runs.checkpoints import remove_orphan_digests
 from knn_cm.runs.jsonl import read_json_lines
 from knn_cm.runs.layout import RunLayout
 from knn_cm.training import EMA, DistributedContext, Trainer
-from knn_cm.training.checks import check_settings, estimator_spec
+from knn_cm.training.checks import FITTED_KEYS, check_settings, estimator_spec, fit_to_dataset
 from knn_cm.training.state import refuse_restart_over_checkpoints
 
 log = logging.getLogger("train")
@@ -40,10 +40,12 @@ def run(config: DictConfig, run_dir: Path) -> Trainer:
     """Train with a composed config, writing into ``run_dir``; returns the trainer (weights, last step).
 
     Before anything is written, every setting is checked: the loop, estimator, index, objective, optimizer, EMA and
-    model settings (``knn_cm.training.checks``), then the dataset is loaded and the estimator built on it (the index
-    against the dataset's size). Only then does rank 0 take the run folder's lock, check that the folder belongs to
-    this config and dataset (``knn_cm.runs.binding``) and write run.json and config.yaml. A folder this call
-    created is removed when a check fails.
+    model settings (``knn_cm.training.checks``); rank 0 takes the run folder's lock and checks that the folder
+    belongs to this config (``knn_cm.runs.binding``), both before the data load. Then the dataset is loaded, the
+    settings it bounds are fitted to it (``estimator.k`` > N becomes N, stated in the log and recorded), the
+    estimator is built on it (the index against the dataset's size), and rank 0 checks the dataset and the fitted
+    settings against the folder and writes run.json and config.yaml. A folder this call created is removed when a
+    check fails.
 
     Every rank builds or loads its index at once, without a collective: cached kinds are built by the first
     process to take the cache entry's lock (one per node with a node-local cache, one per cluster with a shared
@@ -57,8 +59,20 @@ def run(config: DictConfig, run_dir: Path) -> Trainer:
     try:
         with removed_on_failure(run_dir) if context.is_main else contextlib.nullcontext():
             settings = check_settings(config)
-            resolved = OmegaConf.to_container(config, resolve=True)
+        # Cheap refusals before the data load: the folder's lock (held from here on), its config, a restart over its
+        # checkpoints. A refused folder is left as it is: it is another run's.
+        refusal = _refuse_folder(folder, context.is_main, lambda: folder.check_config(
+            OmegaConf.to_container(config, resolve=True), bool(config.accept_config_change),
+            legacy_config=_legacy_config(run_dir), deferred=FITTED_KEYS), settings.resume)
+        if context.any_true(refusal is not None):
+            raise refusal or RunFolderError(f"rank 0 refused run folder {run_dir} (see its log)")
+        own = (RunLayout(run_dir).lock.name,)  # this call's lock: a folder holding only it and Hydra's log is fresh
+        with removed_on_failure(run_dir, own=own) if context.is_main else contextlib.nullcontext():
             store = instantiate(config.dataset.store)
+            for change in fit_to_dataset(config, len(store)):
+                if context.is_main:
+                    log.warning(change)
+            resolved = OmegaConf.to_container(config, resolve=True)
             estimator = build_estimator(estimator_spec(config), store, context.device, index_setting="index")
             manual_seed(config.seed)  # identical initial weights on every rank
             denoiser = instantiate(config.model)
@@ -66,15 +80,9 @@ def run(config: DictConfig, run_dir: Path) -> Trainer:
         refusal, binding = None, None
         if context.is_main:
             try:
-                folder.acquire()
-            except RunFolderError as error:
-                refusal = error
-        if context.is_main and refusal is None:
-            try:
                 binding = folder.check_binding(resolved, store.fingerprint, bool(config.accept_config_change),
                                                legacy_config=_legacy_config(run_dir))
-                refuse_restart_over_checkpoints(run_dir, settings.resume)
-            except (RunFolderError, ValueError) as error:
+            except RunFolderError as error:
                 refusal = error
         if context.any_true(refusal is not None):
             raise refusal or RunFolderError(f"rank 0 refused run folder {run_dir} (see its log)")
@@ -117,9 +125,23 @@ def run(config: DictConfig, run_dir: Path) -> Trainer:
         folder.release()
 
 
+def _refuse_folder(folder: RunFolder, is_main: bool, check_config, resume: str) -> Exception | None:
+    """Rank 0's refusal of the run folder before the data load (None on other ranks and when it accepts): the lock
+    (taken here, held until the run ends), the config (``check_config``), a restart over its checkpoints."""
+    if not is_main:
+        return None
+    try:
+        folder.acquire()
+        check_config()
+        refuse_restart_over_checkpoints(folder.path, resume)
+    except (RunFolderError, ValueError) as error:
+        return error
+    return None
+
+
 def run_summary(trainer: Trainer, run_dir: Path, dataset: str) -> str:
     """What this call made and what comes next: the run's state, its folder, newest snapshot and sample grid, the
-    last loss, and the sample.py / evaluate.py commands for it."""
+    last loss, and the sample.py / evaluate.py commands for it (two-step sampling for a consistency model)."""
     layout, step, max_steps = RunLayout(run_dir), trainer.step, trainer.config.max_steps
     if trainer.start_step >= max_steps:
         head = f"this run had already finished (step {step} of {max_steps}); nothing to train"
@@ -140,9 +162,17 @@ def run_summary(trainer: Trainer, run_dir: Path, dataset: str) -> str:
         lines.append(f"  last loss:       {losses[-1]['loss']:.4g} (step {losses[-1].get('step')})")
     if snapshots:
         small = " num_samples=2000" if dataset == "digits" else ""
-        lines += [f"  sample:          python sample.py network={where}",
+        lines += [f"  sample:          python sample.py network={where}{_two_steps(trainer.objective)}",
                   f"  evaluate:        python evaluate.py run_dir={where}{small}"]
     return "\n".join(lines)
+
+
+def _two_steps(objective) -> str:
+    """For a consistency objective (one with a two-step sample grid): the sample.py setting of its two-step sampling,
+    sigma_max then iCT's intermediate noise level 0.821 (the ``twostep`` grids of knn_cm.training.ict); else ""."""
+    if "twostep" not in objective.samplers():
+        return ""
+    return f" sampler.sigmas=[{objective.sigma_max:g},0.821]"
 
 
 def _shown(path: Path) -> str:
