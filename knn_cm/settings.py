@@ -31,3 +31,21 @@ def boolean(value, setting: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{setting} must be true or false, got {value!r}")
     return value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def non_negative_number(value, setting: str) -> float:
+    """``value`` as a float >= 0; a ValueError naming ``setting``, the value and what is allowed otherwise."""
+    if not _is_number(value) or not value >= 0:
+        raise ValueError(f"{setting} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def unit_interval_number(value, setting: str) -> float:
+    """``value`` as a float in [0, 1); a ValueError naming ``setting`` otherwise."""
+    if not _is_number(value) or not 0 <= value < 1:
+        raise ValueError(f"{setting} must be a number in [0, 1), got {value!r}")
+    return float(value)

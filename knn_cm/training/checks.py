@@ -7,11 +7,12 @@ each job of a sweep (``hydra.sweeper.check`` in configs/train/train.yaml) before
 - the index's settings (:class:`~knn_cm.search.IndexSpec`; against the dataset's size in the job itself),
 - the estimator's arguments: it is built over a two-image stand-in with a flat index, so its own checks run
   (``estimator.k must be an integer >= 1, got -5``) without reading the data,
-- the objective (with that estimator), the optimizer (on one parameter), the EMA (on a one-weight module) and
-  the model (on the meta device, no memory).
+- the objective (with that estimator), the optimizer (its numeric settings by key, then built on one parameter),
+  the EMA (on a one-weight module) and the model (on the meta device, no memory).
 
-Errors name the full key (``estimator.k``, ``index.nlist``, ``trainer.optimizer: ...``). train.py then builds the
-real estimator on the real data, still before the folder is bound.
+Errors name the full key (``estimator.k``, ``index.nlist``, ``trainer.optimizer.lr``). train.py then fits the settings
+that the dataset's size bounds (:func:`fit_to_dataset`) and builds the real estimator on the real data, still before
+the folder is bound.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from omegaconf import DictConfig, OmegaConf
 from knn_cm.data import DataStore
 from knn_cm.estimators import build_estimator
 from knn_cm.search import IndexSpec
+from knn_cm.settings import non_negative_number, unit_interval_number
 from knn_cm.training.config import TrainerConfig, trainer_config
 from knn_cm.training.ema import EMA
 
 INDEX_SPEC_FIELDS = {field.name for field in dataclasses.fields(IndexSpec)}
+FITTED_KEYS = ("estimator.k",)  # the settings fit_to_dataset may change: known once the data are loaded
 
 
 def estimator_spec(config: DictConfig) -> dict:
@@ -55,6 +58,7 @@ def check_settings(config: DictConfig) -> TrainerConfig:
                                     index_setting="index")
         with _named("trainer.objective"):
             instantiate(config.trainer.objective)(estimator=estimator)
+        check_optimizer(resolved["trainer"]["optimizer"], "trainer.optimizer")
         with _named("trainer.optimizer"):
             instantiate(config.trainer.optimizer)([torch.nn.Parameter(torch.zeros(1))])
         with _named("trainer.ema"):
@@ -69,6 +73,33 @@ def check_index_spec(index: Mapping, setting: str = "index") -> None:
     fields = {key: value for key, value in index.items() if key in INDEX_SPEC_FIELDS}
     with _named(setting, fields):
         IndexSpec(**fields)
+
+
+def check_optimizer(optimizer: Mapping, setting: str = "trainer.optimizer") -> None:
+    """The optimizer's numeric settings in the terms of their keys (torch's own errors name no key and no range):
+    ``lr``, ``eps``, ``weight_decay``, ``momentum`` >= 0, each of ``betas`` in [0, 1)."""
+    for key in ("lr", "eps", "weight_decay", "momentum"):
+        if key in optimizer:
+            non_negative_number(optimizer[key], f"{setting}.{key}")
+    betas = optimizer.get("betas")
+    if betas is not None:
+        if not isinstance(betas, list | tuple) or len(betas) != 2:
+            raise ValueError(f"{setting}.betas must be two numbers in [0, 1), got {betas!r}")
+        for i, beta in enumerate(betas):
+            unit_interval_number(beta, f"{setting}.betas[{i}]")
+
+
+def fit_to_dataset(config: DictConfig, size: int) -> list[str]:
+    """Settings bounded by the dataset's size N, set to what runs on it (so config.yaml records what ran): a KNN
+    estimator's ``estimator.k`` > N searches all N elements and becomes N. Returns one line per change, for the
+    log."""
+    changes = []
+    if config.estimator.get("name") == "knn" and isinstance(config.estimator.get("k"), int) \
+            and config.estimator.k > size:
+        changes.append(f"estimator.k={config.estimator.k} exceeds the dataset size N={size}: the estimator searches "
+                       f"all {size} elements (k = N, the exact posterior), and estimator.k={size} is recorded")
+        config.estimator.k = size
+    return changes
 
 
 def _stand_in_store() -> DataStore:
