@@ -39,6 +39,7 @@ MEMMAP_BYTES = 1 << 30  # decoded datasets larger than this stay on disk, memory
 CACHE_FORMAT = "knn_cm.decoded_images.v3"  # v3: named by content alone (v2 prefixed the dataset name; v1 keyed
 #                                            by names, sizes and mtime)
 NATIVE = "native"  # the resolution option of a decode that crops and resizes nothing
+SPLIT_NAMES = {"train", "test", "val", "valid", "validation"}  # top folders that name a dataset's splits
 
 
 class UnreadableDataError(ValueError):
@@ -138,7 +139,8 @@ def load_image_folder(path: str | os.PathLike, subfolder: str | None = None, res
 
     Args:
         subfolder: read only this folder inside ``path`` (e.g. "train" in an archive holding train/
-            and test/).
+            and test/). A source whose top folders are splits (two of train, test, val, ...) is refused
+            without one; "." reads every image, the splits together.
         resolution: center-crop to a square and resize to this size (e.g. 64 for CelebA-64 and
             ImageNet-64); None keeps the images' own size, which must then be the same for all.
         channels: 3 (RGB) or 1 (grey).
@@ -158,6 +160,10 @@ def load_image_folder(path: str | os.PathLike, subfolder: str | None = None, res
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     entries = _list_images(path)
+    if subfolder in (".", "./"):
+        subfolder = None  # every image, the splits together, on purpose
+    elif subfolder is None:
+        _refuse_mixed_splits(path, entries)
     if subfolder is not None:
         prefix = subfolder.strip("/") + "/"
         # The subfolder below the archive's common top folders, or (an archive of that folder alone, whose
@@ -227,6 +233,18 @@ def load_image_folder(path: str | os.PathLike, subfolder: str | None = None, res
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _refuse_mixed_splits(path: Path, entries: list[tuple[str, int, str]]) -> None:
+    """Refuse to read a source whose top folders are two or more of a dataset's splits (train/ and test/) as one
+    dataset: the splits would be mixed, labelled by split."""
+    tops = {entry.split("/", 1)[0] for entry, _, _ in entries if "/" in entry}
+    splits = sorted(tops & SPLIT_NAMES)
+    if len(splits) >= 2:
+        choice = "train" if "train" in splits else splits[0]
+        raise ValueError(f"image folder or archive {shown_path(path)} holds the splits {', '.join(splits)}; pass "
+                         f"subfolder={choice!r} to read one (dataset.subfolder={choice}), or subfolder='.' to read "
+                         f"them all as one dataset")
+
+
 def _is_image(name: str) -> bool:
     base = name.rsplit("/", 1)[-1]
     return not base.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
