@@ -170,7 +170,8 @@ def sweep_runs(sweep_dir: str | Path) -> dict[str, Path]:
 
 def build_report(train_root: str | Path, out: str | Path, multirun_root: str | Path | None = None,
                  tswitch_dir: str | Path | None = None, scale: str = "paper") -> dict:
-    """Write Table 1 / Table 2 (markdown + CSV), Figure 4 and Figure 5 PNGs into ``out``; returns the rows.
+    """Write Table 1 / Table 2 (markdown + CSV), Figure 4 and Figure 5 PNGs into ``out``; returns the rows. A
+    Figure 4 panel is drawn only when one of its runs has an evaluation (``report_summary`` says why not otherwise).
 
     ``scale="digits"`` reports the small-scale CPU runs instead (Table 1 from the digits experiments);
     ``scale="toy"`` the paper's run folders as the toy campaign fills them (scripts/campaign.py --scale toy:
@@ -196,7 +197,8 @@ def build_report(train_root: str | Path, out: str | Path, multirun_root: str | P
             runs = {baseline.label: train_root / baseline.experiment}
             runs |= sweep_runs(Path(multirun_root) / panel.experiment)
             curves = fid_curves(runs)
-            plot_figure4(curves, out / f"{panel.experiment}.png", panel.title, baseline=baseline.label)
+            if any(curves.values()):  # a figure only from data: without an evaluated run there is nothing to draw
+                plot_figure4(curves, out / f"{panel.experiment}.png", panel.title, baseline=baseline.label)
             result[panel.experiment] = curves
     if tswitch_dir is not None:
         csv_path = RunLayout(tswitch_dir).tswitch_table
@@ -236,11 +238,17 @@ def report_summary(result: Mapping, out: str | Path, train_root: str | Path, mul
     for panel in paper.FIGURE4.panels:
         if panel.experiment not in result:
             continue
-        written.append(f"{panel.experiment}.png")
+        drawn = any(result[panel.experiment].values())
+        if drawn:
+            written.append(f"{panel.experiment}.png")
         sweep = Path(multirun_root) / panel.experiment
+        state = "" if drawn else "not drawn, "
         if not sweep_runs(sweep):
-            problems.append(f"{panel.experiment}: " + (f"no run folders in {sweep.resolve()}" if sweep.is_dir()
-                                                         else f"no sweep folder at {sweep.resolve()}"))
+            problems.append(f"{panel.experiment}: {state}" + (f"no run folders in {sweep.resolve()}" if sweep.is_dir()
+                                                                else f"no sweep folder at {sweep.resolve()}"))
+        elif not drawn:
+            problems.append(f"{panel.experiment}: not drawn, no run of {sweep.resolve()} has been evaluated "
+                            f"(python evaluate.py run_dir=RUN for each)")
     figure5 = result.get(paper.FIGURE5.name)
     if isinstance(figure5, list):
         written += [f"{paper.FIGURE5.name}.png", RunLayout(out).tswitch_table.name]
