@@ -2,7 +2,8 @@
 
 - **Device.** ``trainer.device=auto`` trains on CUDA when torch can use it. When the job says GPUs are allocated
   (SLURM's GPU variables, ``CUDA_VISIBLE_DEVICES``) but torch sees none (typically a torch build for a newer CUDA
-  than the node's driver), it fails with torch's CUDA version and the driver instead of training on the CPU.
+  than the node's driver), it fails with torch's CUDA version and the driver instead of training on the CPU
+  (:func:`knn_cm.device.auto_uses_cuda`, the same check as every other ``device=auto``).
   Each rank takes GPU ``LOCAL_RANK`` of those it sees, or GPU 0 when it sees one (``--gpus-per-task``).
 - **Process group.** NCCL on CUDA, gloo on CPU, with a timeout (``distributed.timeout_minutes``): a collective
   that waits longer for a hung or stopped rank fails, and the job ends instead of holding its allocation.
@@ -16,8 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import subprocess
+import shutil  # noqa: F401  (existing callers reach shutil.which through this module)
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +26,10 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+
+# The GPU-allocation check is knn_cm.device's (one for every device=auto); its names stay importable from here.
+from knn_cm.device import GPU_ALLOCATION_VARIABLES, auto_uses_cuda, cuda_versions, gpus_allocated  # noqa: F401
+from knn_cm.device import nvidia_smi_driver as _nvidia_smi_driver
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +40,6 @@ log = logging.getLogger(__name__)
 # indexes are cached or small (configs/train/train.yaml: distributed.timeout_minutes).
 DEFAULT_TIMEOUT_MINUTES = 60.0
 
-# Variables through which SLURM (and CUDA's own convention) say that this process was given GPUs.
-GPU_ALLOCATION_VARIABLES = ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE",
-                            "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_GPUS")
 _ROUND_KEY = "knn_cm/round"  # the agent-store key naming the newest start's namespace
 
 
@@ -156,82 +157,14 @@ class DistributedContext:
 
 
 # ---------------------------------------------------------------------------------------------- device
-def gpus_allocated(environ) -> str | None:
-    """``NAME=value`` of the first variable saying that GPUs were allocated to this process, else None.
-
-    CUDA_VISIBLE_DEVICES counts when it lists devices (not "", "-1" or SLURM's "NoDevFiles"); SLURM's lists
-    (SLURM_JOB_GPUS, SLURM_STEP_GPUS) when non-empty; its counts ("8", "a100:8", "a100:4,v100:2") when above 0.
-    """
-    for name in GPU_ALLOCATION_VARIABLES:
-        value = environ.get(name, "").strip()
-        if not value:
-            continue
-        if name == "CUDA_VISIBLE_DEVICES":
-            if value not in ("-1", "NoDevFiles") and not value.startswith("-1,"):
-                return f"{name}={value}"
-        elif name in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
-            return f"{name}={value}"
-        elif any(_count(part) > 0 for part in value.split(",")):
-            return f"{name}={value}"
-    return None
-
-
-def _count(part: str) -> int:
-    """The GPU count of one entry of a SLURM count list: "8", "a100:8", "gpu:a100:8(IDX:0-7)" -> 8."""
-    field = part.split("(")[0].rsplit(":", 1)[-1]
-    return int(field) if field.isdigit() else 0
-
-
-def cuda_versions() -> str:
-    """What torch and the system say about CUDA: torch's build, the driver (``unknown`` when nothing tells)."""
-    build = torch.version.cuda
-    parts = [f"torch {torch.__version__} is built for CUDA {build}" if build else
-             f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"]
-    driver = _nvidia_smi_driver()
-    supported = None
-    try:
-        version = int(torch._C._cuda_getDriverVersion())  # the CUDA version the driver supports, e.g. 12020
-        supported = f"{version // 1000}.{version % 1000 // 10}" if version > 0 else None
-    except (AttributeError, RuntimeError):
-        pass
-    if driver or supported:
-        parts.append("NVIDIA driver " + (driver or "version unknown")
-                     + (f" (supports CUDA up to {supported})" if supported else ""))
-    else:
-        parts.append("NVIDIA driver unknown (torch cannot load it and nvidia-smi is "
-                     + ("not on PATH)" if shutil.which("nvidia-smi") is None else "not answering)"))
-    return "; ".join(parts)
-
-
-def _nvidia_smi_driver() -> str | None:
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    versions = sorted({line.strip() for line in result.stdout.splitlines() if line.strip()})
-    return ", ".join(versions) if result.returncode == 0 and versions else None
-
-
 def _use_cuda(device: str, environ) -> bool:
     """Whether this rank trains on CUDA; a clear error when the setting cannot be honoured."""
     if device == "cpu":
         return False
-    available = torch.cuda.is_available()
-    if available:
-        return True
-    if device == "cuda":
-        raise ValueError(f"trainer.device=cuda but torch sees no usable CUDA device ({cuda_versions()}); "
-                         f"use trainer.device=cpu to train on the CPU")
-    allocated = gpus_allocated(environ)
-    if allocated:
-        raise RuntimeError(
-            f"trainer.device=auto: this job was given GPUs ({allocated}) but torch sees no usable CUDA device, so "
-            f"it would train on the CPU. {cuda_versions()}. Install a torch build for the driver's CUDA version "
-            f"(or update the driver), or set trainer.device=cpu to train on the CPU on purpose")
-    return False
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"trainer.device=cuda but torch sees no usable CUDA device "
+                         f"({cuda_versions(_nvidia_smi_driver)}); use trainer.device=cpu to train on the CPU")
+    return auto_uses_cuda("trainer.device", environ, driver=_nvidia_smi_driver)
 
 
 def cuda_device_index(local_rank: int, device_count: int, environ=None) -> int:
