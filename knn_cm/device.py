@@ -25,9 +25,10 @@ class UnusableGPUsError(ValueError, RuntimeError):
 
 
 def as_device(device, what: str = "device") -> torch.device:
-    """``device`` as a torch.device; a ValueError naming it unless it is cpu or an available CUDA device.
+    """``device`` as a torch.device; a ValueError naming it unless it is cpu, an available CUDA device or meta.
 
-    ``"auto"`` picks CUDA when available, else the CPU.
+    ``"auto"`` picks CUDA when available, else the CPU. ``meta`` (shapes without values) stands in for an
+    accelerator where there is none: the host-sync counter (:mod:`knn_cm.host_syncs`) runs GPU code paths on it.
     """
     if device == "auto":
         return concrete_device("cuda" if auto_uses_cuda(what) else "cpu")
@@ -35,7 +36,7 @@ def as_device(device, what: str = "device") -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"{what} must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}") from error
-    if device.type not in ("cpu", "cuda"):
+    if device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"{what} must be 'auto', 'cpu' or 'cuda[:i]', got {device}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{what} {device} requested but CUDA is not available; use 'cpu'")
@@ -53,6 +54,52 @@ def concrete_device(device: torch.device | str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def is_accelerator(device: torch.device | str) -> bool:
+    """True where work is queued for a device (CUDA, and meta standing in for it): host reads wait there."""
+    return torch.device(device).type != "cpu"
+
+
+class _MetaGenerator(torch.Generator):
+    """A CPU generator that reports the meta device: random operations on meta draw nothing, only shapes."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("meta")
+
+
+def new_generator(device: torch.device | str, seed: int) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (on meta: one that meta random operations accept)."""
+    device = torch.device(device)
+    generator = _MetaGenerator() if device.type == "meta" else torch.Generator(device=device)
+    return generator.manual_seed(seed)
+
+
+def to_device_async(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` (on the host) copied to ``device`` without making the host wait: from pinned memory on CUDA
+    (a copy from pageable memory first waits for the device's queue to drain), non-blocking everywhere."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """One seed in [0, 2**62) drawn from ``generator`` on its own device (default: the global CPU generator).
+
+    A CUDA generator's draw is read back: one host synchronisation, for callers outside a training step.
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    return int(torch.randint(0, 2**62, (), generator=generator, device=device))
+
+
+def host_generator(generator: torch.Generator | None, seed: int | None = None) -> torch.Generator | None:
+    """A CPU generator for draws made on the host: ``generator`` itself when it is a CPU generator (or None);
+    else one seeded with ``seed``, or, without a seed, with a draw from ``generator`` (:func:`draw_seed`)."""
+    if generator is None or generator.device.type == "cpu":
+        return generator
+    return torch.Generator().manual_seed(draw_seed(generator) if seed is None else seed)
 
 
 # ------------------------------------------------------------------------------------- "auto" and GPUs

@@ -59,6 +59,7 @@ def isolated_numerics(device: torch.device) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     stack.enter_context(torch.no_grad())
     for device_type in {"cpu", device.type}:
-        stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        if torch.amp.is_autocast_available(device_type):  # not on meta (shapes only)
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
     stack.enter_context(ieee_float32_matmuls())
     return stack

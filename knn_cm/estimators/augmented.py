@@ -26,11 +26,11 @@ of per-image tensors with ``orthogonal_only`` [B] bool, ``apply_orthogonal`` and
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import torch
 
+from knn_cm.device import host_generator, to_device_async
 from knn_cm.estimators.base import Estimator
 from knn_cm.estimators.draws import draw_uniform_rows
 from knn_cm.estimators.exact import ExactPosterior, PosteriorMC
@@ -38,7 +38,10 @@ from knn_cm.estimators.knn import KNN
 from knn_cm.estimators.single import SingleSample
 from knn_cm.estimators.stf import STF
 from knn_cm.estimators.uniform import UniformSNIS
+from knn_cm.models.dropout import active_dropout_seed
 
+# Distinguishes STF's reference augmentation from the other draws made under one micro-step's seed.
+_STF_AUGMENT_STREAM = 0x2545F4914F6CDD1D
 # rule(estimator, pipe, augmentation, z, sigma, x_augmented, generator) -> (target, statistics)
 Rule = Callable[..., tuple[torch.Tensor, dict]]
 
@@ -74,7 +77,7 @@ def stf_over_augmented_reference(estimator: STF, pipe, augmentation, z, sigma, x
     count = estimator.other_count(z.shape[0], with_sources=True)
     others = draw_uniform_rows(estimator.rows, count, generator, estimator.sync_free)
     if count:  # each other reference image gets its own augmentation (STF's training code augments the whole batch)
-        others = pipe.augment(others.reshape(count, *z.shape[1:]), _cpu_generator(generator))[0]
+        others = pipe.augment(others.reshape(count, *z.shape[1:]), _host_generator(generator))[0]
         others = others.reshape(count, -1).to(device=estimator.device, dtype=estimator.dtype)
     with estimator._computing():
         out = estimator.mean_with_sources(z_flat, sigma, x_flat, others)
@@ -82,14 +85,20 @@ def stf_over_augmented_reference(estimator: STF, pipe, augmentation, z, sigma, x
 
 
 def estimate_in_the_unaugmented_frame(estimator: Estimator, pipe, augmentation, z, sigma, x_augmented, generator):
-    """The dataset estimators' rule: T_a est(T_a^-1 z) where T_a is orthogonal, else T_a x."""
-    exact_rule = augmentation.orthogonal_only.to(z.device)
-    target = x_augmented.clone()
-    if bool(exact_rule.any()):
-        query = augmentation.invert_orthogonal(z)[exact_rule]
-        estimate = estimator(query, sigma[exact_rule], generator=generator)
-        target[exact_rule] = _subset(augmentation, exact_rule.cpu()).apply_orthogonal(estimate)
-    return target, {"augment_source_targets": float((~exact_rule).float().mean())}
+    """The dataset estimators' rule: T_a est(T_a^-1 z) where T_a is orthogonal, else T_a x.
+
+    Which images take which rule is known on the host (the pipe drew it there): no device value is read.
+    """
+    exact_rule = augmentation.orthogonal_only  # [B] bool, host
+    share_of_sources = float((~exact_rule).float().mean())  # a host read
+    if not bool(exact_rule.any()):
+        return x_augmented.clone(), {"augment_source_targets": share_of_sources}
+    rows = exact_rule.nonzero().flatten()
+    rows_on_device = to_device_async(rows, z.device)
+    query = augmentation.invert_orthogonal(z).index_select(0, rows_on_device)
+    estimate = estimator(query, sigma.index_select(0, rows_on_device), generator=generator)
+    target = x_augmented.index_copy(0, rows_on_device, augmentation.subset(rows).apply_orthogonal(estimate))
+    return target, {"augment_source_targets": share_of_sources}
 
 
 RULES: dict[type[Estimator], Rule] = {
@@ -102,15 +111,9 @@ RULES: dict[type[Estimator], Rule] = {
 }
 
 
-def _subset(augmentation, keep: torch.Tensor):
-    """The augmentation record of the images where ``keep`` [B] bool holds."""
-    return type(augmentation)(**{field.name: getattr(augmentation, field.name)[keep.to(getattr(
-        augmentation, field.name).device)] for field in dataclasses.fields(augmentation)})
-
-
-def _cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
-    """The pipe draws on the CPU: a CUDA generator seeds a CPU one (deterministically, from its own stream)."""
-    if generator is None or generator.device.type == "cpu":
-        return generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    return torch.Generator().manual_seed(seed)
+def _host_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """The pipe draws on the host: a CPU generator is used as it is; a device generator is replaced, inside a
+    training step, by a CPU one seeded from the step's seed (nothing read from the device), else by one seeded
+    with a draw from it."""
+    seed = active_dropout_seed()
+    return host_generator(generator, None if seed is None else seed ^ _STF_AUGMENT_STREAM)

@@ -50,9 +50,9 @@ class Estimator:
             on CUDA, float32 on CPU up to 4 GiB, else the store's own array mapped in place).
         sync_free: use the code path that never synchronises with the host: fixed shapes, no
             ``.item()`` / ``bool(tensor)`` / ``.cpu()``, no branch on tensor values (draws and duplicate
-            handling included). Default: on CUDA. On CPU the default path groups queries by their
-            number of distinct draws instead, which is faster there; both give the same estimates up to
-            float rounding (tested).
+            handling included). Default: on an accelerator (CUDA, or meta standing in for it). On CPU the
+            default path groups queries by their number of distinct draws instead, which is faster there; both
+            give the same estimates up to float rounding (tested).
         value_checks: how values (sigma range, NaN / inf in z and x) of CUDA tensors are checked:
             "async" (default: device-side assertion) or "off". See :data:`VALUE_CHECKS`.
     """
@@ -73,7 +73,7 @@ class Estimator:
         self.device = as_device(device, "estimator device")
         self.dtype = dtype
         self.storage = storage
-        self.sync_free = self.device.type == "cuda" if sync_free is None else bool(sync_free)
+        self.sync_free = self.device.type != "cpu" if sync_free is None else bool(sync_free)
         self.value_checks = value_checks
         if store is not None:
             resolve_storage(storage, self.device, len(store), store.dim, dtype)  # fail early on a bad storage

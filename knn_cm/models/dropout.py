@@ -30,6 +30,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from knn_cm.device import draw_seed, new_generator
+
 
 class _SharedDropoutState:
     """Per-device generators seeded with one seed, created on first use inside one context."""
@@ -43,9 +45,7 @@ class _SharedDropoutState:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._generators:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(self.seed)
-            self._generators[device] = generator
+            self._generators[device] = new_generator(device, self.seed)
         return self._generators[device]
 
 
@@ -83,8 +83,8 @@ def active_dropout_seed() -> int | None:
 
 
 def draw_dropout_seed(generator: torch.Generator | None = None) -> int:
-    """One seed for ``shared_dropout``, drawn from ``generator`` (default: the global CPU RNG)."""
-    return int(torch.randint(0, 2**62, (), generator=generator).item())
+    """One seed for ``shared_dropout``, drawn from ``generator`` on its device (default: the global CPU RNG)."""
+    return draw_seed(generator)
 
 
 def uniform_noise(shape: Sequence[int], device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -60,7 +60,8 @@ def build_index(store, kind: str = "flat", nlist: int | None = None, nprobe: int
         in a :class:`~knn_cm.search.two_stage.TwoStageIndex` when ``project_dim`` is set.
     """
     device = as_device("cpu" if device is None else device, "index device")
-    if kind == "flat" and device.type == "cuda" and not hasattr(faiss_module(), "StandardGpuResources"):
+    if kind == "flat" and (device.type == "meta" or (device.type == "cuda" and
+                                                     not hasattr(faiss_module(), "StandardGpuResources"))):
         log.info("faiss has no GPU support: the flat index on %s is the torch index", device)
         kind = "torch"
     spec = IndexSpec(kind=kind, nlist=nlist, nprobe=nprobe, train_size=train_size, seed=seed, precision=precision,

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from knn_cm.device import to_device_async
+
 # Label entries per transform, in the order transforms are applied and labels are laid out.
 LABEL_SIZES = {"xflip": 1, "yflip": 1, "rotate_int": 2, "translate_int": 2, "scale": 1, "rotate_frac": 2,
                "aniso": 2, "translate_frac": 2}
@@ -56,13 +58,17 @@ EDM_CIFAR10 = {"p": 0.12, "xflip": 1e8, "yflip": 1.0, "scale": 1.0, "rotate_frac
 class Augmentation:
     """What the pipe did to each image of a batch of B images.
 
+    The per-image parameters stay on the host, where they were drawn: decisions on them (which images to
+    turn, shift or resample) read host memory and never wait for the device; the device gets its copies once,
+    without waiting (:meth:`on_device`).
+
     Attributes:
-        labels: [B, L] float32 augmentation labels (L = :attr:`AugmentPipe.label_dim`).
-        xflip, yflip: [B] bool, mirrored left-right / top-bottom.
-        quarter_turns: [B] int64 in 0..3, counter-clockwise quarter turns after the flips.
-        shift: [B, 2] int64 integer translation (tx right, ty up) in pixels after the quarter turns.
-        inverse_map: [B, 3, 3] float64, output -> input centred coordinates of the general transform.
-        resampled: [B] bool, the general transform was applied (inverse_map is not the identity).
+        labels: [B, L] float32 augmentation labels on the images' device (L = :attr:`AugmentPipe.label_dim`).
+        xflip, yflip: [B] bool, mirrored left-right / top-bottom (host).
+        quarter_turns: [B] int64 in 0..3, counter-clockwise quarter turns after the flips (host).
+        shift: [B, 2] int64 integer translation (tx right, ty up) in pixels after the quarter turns (host).
+        inverse_map: [B, 3, 3] float64, output -> input centred coordinates of the general transform (host).
+        resampled: [B] bool, the general transform was applied (inverse_map is not the identity) (host).
     """
 
     labels: torch.Tensor
@@ -73,30 +79,53 @@ class Augmentation:
     inverse_map: torch.Tensor
     resampled: torch.Tensor
 
+    def __post_init__(self):
+        self._device_copies: dict[torch.device, dict[str, torch.Tensor]] = {}
+
     @property
     def orthogonal_only(self) -> torch.Tensor:
-        """[B] bool: only flips and quarter turns were applied, a permutation of pixels (an orthogonal map)."""
+        """[B] bool (host): only flips and quarter turns were applied, a permutation of pixels (an orthogonal map)."""
         return ~self.resampled & (self.shift == 0).all(dim=1)
+
+    def on_device(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The flips and turns as [B] tensors on ``device`` ("xflip", "yflip", "quarter_turns"), copied once."""
+        device = torch.device(device)
+        if device not in self._device_copies:
+            packed = torch.stack([self.xflip.long(), self.yflip.long(), self.quarter_turns])  # one copy for three
+            xflip, yflip, turns = to_device_async(packed, device).unbind(0)
+            self._device_copies[device] = {"xflip": xflip.bool(), "yflip": yflip.bool(), "quarter_turns": turns}
+        return self._device_copies[device]
+
+    def subset(self, rows: torch.Tensor) -> Augmentation:
+        """The record of the images ``rows`` [b] int64 (host), in that order."""
+        device = self.labels.device
+        return Augmentation(labels=self.labels.index_select(0, to_device_async(rows, device)),
+                            **{name: getattr(self, name).index_select(0, rows) for name in
+                               ("xflip", "yflip", "quarter_turns", "shift", "inverse_map", "resampled")})
 
     def apply_orthogonal(self, images: torch.Tensor) -> torch.Tensor:
         """The flips and quarter turns of each image applied to ``images`` [B, C, H, W]."""
-        images = torch.where(self.xflip.reshape(-1, 1, 1, 1).to(images.device), images.flip(3), images)
-        images = torch.where(self.yflip.reshape(-1, 1, 1, 1).to(images.device), images.flip(2), images)
-        return _quarter_turns(images, self.quarter_turns)
+        flags = self.on_device(images.device)
+        images = torch.where(flags["xflip"].reshape(-1, 1, 1, 1), images.flip(3), images)
+        images = torch.where(flags["yflip"].reshape(-1, 1, 1, 1), images.flip(2), images)
+        return _quarter_turns(images, self.quarter_turns, flags["quarter_turns"])
 
     def invert_orthogonal(self, images: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`apply_orthogonal`: undo the quarter turns, then the flips."""
-        images = _quarter_turns(images, (-self.quarter_turns) % 4)
-        images = torch.where(self.yflip.reshape(-1, 1, 1, 1).to(images.device), images.flip(2), images)
-        return torch.where(self.xflip.reshape(-1, 1, 1, 1).to(images.device), images.flip(3), images)
+        flags = self.on_device(images.device)
+        images = _quarter_turns(images, (-self.quarter_turns) % 4, (-flags["quarter_turns"]) % 4)
+        images = torch.where(flags["yflip"].reshape(-1, 1, 1, 1), images.flip(2), images)
+        return torch.where(flags["xflip"].reshape(-1, 1, 1, 1), images.flip(3), images)
 
 
-def _quarter_turns(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
-    out = images.clone()
+def _quarter_turns(images: torch.Tensor, turns: torch.Tensor, turns_on_device: torch.Tensor) -> torch.Tensor:
+    """Each image turned by its ``turns`` (host [B], deciding which turns happen at all; the same values
+    on the images' device, choosing per image)."""
+    out = images
     for count in (1, 2, 3):
-        chosen = (turns == count).to(images.device)
-        if bool(chosen.any()):
-            out[chosen] = torch.rot90(images[chosen], count, dims=(2, 3))
+        if bool((turns == count).any()):  # a host read: no wait for the device
+            chosen = (turns_on_device == count).reshape(-1, 1, 1, 1)
+            out = torch.where(chosen, torch.rot90(images, count, dims=(2, 3)), out)
     return out
 
 
@@ -259,9 +288,9 @@ class AugmentPipe:
             labels.append(w)
 
         resampled = (inverse_map - torch.eye(3, dtype=torch.float64)).abs().amax(dim=(1, 2)) > 0
+        labels = torch.cat(labels, dim=1) if labels else torch.zeros(batch, 0, dtype=torch.float64)
         augmentation = Augmentation(
-            labels=(torch.cat(labels, dim=1) if labels else torch.zeros(batch, 0, dtype=torch.float64)).to(
-                device=images.device, dtype=torch.float32),
+            labels=to_device_async(labels.to(torch.float32), images.device),
             xflip=xflip, yflip=yflip, quarter_turns=turns, shift=shift, inverse_map=inverse_map, resampled=resampled)
         out = augmentation.apply_orthogonal(images)
         out = self._translate(out, shift)
@@ -270,28 +299,31 @@ class AugmentPipe:
 
     @staticmethod
     def _translate(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """Integer translation by (tx right, ty up) pixels with reflect padding; exact pixel moves."""
-        moved = (shift != 0).any(dim=1)
-        if not bool(moved.any()):
+        """Integer translation by (tx right, ty up) pixels with reflect padding; exact pixel moves.
+
+        The source rows and columns of every image are computed on the host from ``shift`` [B, 2] (host) and
+        gathered on the device in one pass (unshifted images gather themselves).
+        """
+        if not bool((shift != 0).any()):  # a host read
             return images
         batch, channels, height, width = images.shape
-        out = images.clone()
-        shift = shift.to(images.device)
-        columns = torch.arange(width, device=images.device)
-        rows = torch.arange(height, device=images.device)
-        for i in moved.nonzero().flatten().tolist():
-            source_x = _reflect(columns - shift[i, 0], width)  # content moves right by tx
-            source_y = _reflect(rows + shift[i, 1], height)    # and up by ty (row index grows downwards)
-            out[i] = images[i][:, source_y][:, :, source_x]
-        return out
+        source_x = _reflect(torch.arange(width).unsqueeze(0) - shift[:, :1], width)   # content moves right by tx
+        source_y = _reflect(torch.arange(height).unsqueeze(0) + shift[:, 1:], height)  # and up by ty
+        source_x, source_y = to_device_async(torch.cat([source_x, source_y], dim=1), images.device).split(
+            [width, height], dim=1)
+        out = images.gather(2, source_y.reshape(batch, 1, height, 1).expand(batch, channels, height, width))
+        return out.gather(3, source_x.reshape(batch, 1, 1, width).expand(batch, channels, height, width))
 
     @staticmethod
     def _resample(images: torch.Tensor, inverse_map: torch.Tensor, resampled: torch.Tensor) -> torch.Tensor:
         """The general affine transforms: output pixel p reads the input at inverse_map @ p (centred, y up),
-        bicubic, reflect padding; images whose map is the identity are not touched."""
-        if not bool(resampled.any()):
+        bicubic, reflect padding; images whose map is the identity are not touched.
+
+        Which images and their sampling grids are worked out on the host; the device gets them in one copy.
+        """
+        if not bool(resampled.any()):  # a host read
             return images
-        chosen = resampled.nonzero().flatten().to(images.device)
+        chosen = resampled.nonzero().flatten()
         _, _, height, width = images.shape
         cx, cy = (width - 1) / 2, (height - 1) / 2
         ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
@@ -302,10 +334,10 @@ class AugmentPipe:
         # whose reflection padding mirrors about the edge pixels like the integer translation.
         grid_x = (source[..., 0] + cx) / max(width - 1, 1) * 2 - 1
         grid_y = (cy - source[..., 1]) / max(height - 1, 1) * 2 - 1
-        grid = torch.stack([grid_x, grid_y], dim=-1).reshape(-1, height, width, 2)
+        grid = torch.stack([grid_x, grid_y], dim=-1).reshape(-1, height, width, 2).to(torch.float32)
+        grid = to_device_async(grid, images.device)
+        chosen = to_device_async(chosen, images.device)
         selected = images.index_select(0, chosen)
-        warped = F.grid_sample(selected.to(torch.float32), grid.to(device=images.device, dtype=torch.float32),
-                               mode="bicubic", padding_mode="reflection", align_corners=True)
-        out = images.clone()
-        out[chosen] = warped.to(images.dtype)
-        return out
+        warped = F.grid_sample(selected.to(torch.float32), grid, mode="bicubic", padding_mode="reflection",
+                               align_corners=True)
+        return images.index_copy(0, chosen, warped.to(images.dtype))

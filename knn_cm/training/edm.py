@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from knn_cm.device import host_generator
 from knn_cm.estimators.augmented import augmented_target
 from knn_cm.models.dropout import active_dropout_seed
 from knn_cm.training.augment import AugmentPipe
@@ -28,11 +29,12 @@ def _host_generator(noise_generator: torch.Generator) -> torch.Generator:
     """A CPU generator for the augmentation's draws (the pipe decides per image on the host).
 
     Inside the trainer it is seeded from the micro-step's seed (per rank and step, nothing to checkpoint), so
-    a GPU run's noise generator can stay on the GPU; called alone, the CPU ``noise_generator`` itself.
+    a GPU run's noise generator can stay on the GPU; called alone, the CPU ``noise_generator`` itself, or one
+    seeded with a draw from a device's ``noise_generator``.
     """
     seed = active_dropout_seed()
     if seed is None:
-        return noise_generator
+        return host_generator(noise_generator)
     return torch.Generator().manual_seed(seed ^ _AUGMENT_STREAM)
 
 
@@ -99,10 +101,21 @@ class EDMObjective:
                 target, stats = augmented_target(self.estimator, self.augment, augmentation, z, sigma, x,
                                                  generator=estimator_generator)
         weight = (sigma.square() + self.sigma_data**2) / (sigma * self.sigma_data).square()
-        labels = {} if augmentation is None else {"augment_labels": augmentation.labels}
+        labels = {"augment_labels": augmentation.labels} if augmentation is not None else \
+            self._unaugmented_labels(teacher, batch, z.device)
         per_sample = (student(z, sigma, **labels) - target).square().flatten(1).sum(dim=1)
         loss = (weight * per_sample).mean()
         return loss, {"estimator_seconds": estimator_time, **stats}
+
+    @staticmethod
+    def _unaugmented_labels(network, batch: int, device: torch.device) -> dict:
+        """Zero labels ("not augmented") for a network with ``augment_dim`` > 0 trained without the pipe.
+
+        Its augmentation weights then take part in every step (with zero gradient), as under the pipe; left
+        out, they would get no gradient at all, which DDP refuses ("Expected to have finished reduction").
+        """
+        augment_dim = getattr(getattr(network, "model", network), "augment_dim", 0) or 0
+        return {"augment_labels": torch.zeros(batch, augment_dim, device=device)} if augment_dim else {}
 
     def samplers(self) -> dict:
         """Sample-grid sampler for a trained denoiser: EDM's Heun sampler, 18 steps (35 evaluations)."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from knn_cm.device import to_device_async
 from knn_cm.diffusion import ODE_SOLVERS, pf_ode_step
 from knn_cm.models import draw_dropout_seed, shared_dropout
 from knn_cm.models.dropout import active_dropout_seed
@@ -106,13 +107,13 @@ class ICTObjective:
 
     def levels(self, step: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(sigmas [N] float64, p(i) [N - 1] float64) of the curriculum at ``step`` on ``device``, cached per N
-        (computed on the CPU, then copied once, so every device uses the same levels)."""
+        (computed on the CPU, then copied once without waiting, so every device uses the same levels)."""
         num_levels = curriculum_steps(step, self.total_steps, self.s0, self.s1)
         key = (num_levels, torch.device(device))
         if key not in self._levels:
             sigmas = karras_levels(num_levels, self.sigma_min, self.sigma_max, self.rho)
             probabilities = level_probabilities(sigmas, self.p_mean, self.p_std)
-            self._levels[key] = (sigmas.to(device), probabilities.to(device))
+            self._levels[key] = (to_device_async(sigmas, device), to_device_async(probabilities, device))
         return self._levels[key]
 
     def __call__(self, student, teacher, x: torch.Tensor, step: int, noise_generator: torch.Generator,

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "knn_cm"
 # Each unit of the layout and the units it may import (besides itself). The foundations import nothing of
 # knn_cm; the apps (train.py, sample.py, ...) and scripts sit above everything and are not listed.
 FOUNDATIONS = {"knn_cm.io", "knn_cm.settings", "knn_cm.device", "knn_cm.weights_only", "knn_cm.numerics",
-               "knn_cm.cli"}  # cli: the apps' command-line edge (errors, output folders), no knn_cm import
+               "knn_cm.host_syncs", "knn_cm.cli"}  # cli: the apps' command-line edge, no knn_cm import
 ALLOWED = {
     "foundations": set(),
     "knn_cm.data": {"foundations"},
