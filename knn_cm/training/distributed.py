@@ -9,15 +9,23 @@
   that waits longer for a hung or stopped rank fails, and the job ends instead of holding its allocation.
   Flags, barriers and object gathers run on a gloo group (host memory), so on CUDA they never read a device
   tensor back. Under torchrun's agent store every start (first or restarted) uses its own key namespace.
+- **Gloo across nodes.** The host group (and CPU training) is gloo, a TCP mesh between all ranks; each rank
+  offers the address its hostname resolves to. Where that is a loopback address (``127.0.1.1`` in many
+  ``/etc/hosts``), ranks of other nodes cannot connect: without ``GLOO_SOCKET_IFNAME`` such a rank sets it to the
+  interface that reaches ``MASTER_ADDR``, and says so (or warns when it finds none).
 - **Threads.** Under torchrun or SLURM each rank gets its share of the task's CPUs (torchrun sets
   ``OMP_NUM_THREADS=1``, which would leave faiss index builds and CPU searches on one core).
 """
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
 import logging
 import os
 import shutil  # noqa: F401  (existing callers reach shutil.which through this module)
+import socket
+import struct
 import time
 import uuid
 from dataclasses import dataclass
@@ -95,6 +103,7 @@ class DistributedContext:
             chosen = torch.device("cpu")
         host_group = None
         if world_size > 1 and not dist.is_initialized():
+            choose_gloo_interface(os.environ)
             timeout = timedelta(minutes=timeout_minutes)
             backend = "nccl" if use_cuda else "gloo"
             store = _restart_safe_store(rank, world_size, timeout)
@@ -184,6 +193,71 @@ def cuda_device_index(local_rank: int, device_count: int, environ=None) -> int:
                          f"device(s) (CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES', '(not set)')}): "
                          f"start one process per GPU (--nproc_per_node={device_count})")
     return local_rank % device_count
+
+
+# ------------------------------------------------------------------------------------------ gloo interface
+def choose_gloo_interface(environ, resolve=None, interface_towards=None) -> str | None:
+    """On a multi-node job whose hostname resolves to loopback, set ``GLOO_SOCKET_IFNAME`` in ``environ``.
+
+    gloo listens on, and tells its peers, the address this host's name resolves to; a loopback address there
+    makes start-up fail on every other node. Nothing changes on one node (``LOCAL_WORLD_SIZE`` equal to
+    ``WORLD_SIZE``, or ``MASTER_ADDR`` on loopback), when ``GLOO_SOCKET_IFNAME`` is set, or when the hostname
+    resolves elsewhere. Returns the interface set, or None.
+
+    Args:
+        resolve: host name -> IP address or None (default: :func:`socket.gethostbyname`).
+        interface_towards: IP address -> name of the local interface that reaches it, or None.
+    """
+    resolve = resolve or _resolve
+    interface_towards = interface_towards or _interface_towards
+    world = int(environ.get("WORLD_SIZE", "1"))
+    if environ.get("GLOO_SOCKET_IFNAME") or int(environ.get("LOCAL_WORLD_SIZE", str(world))) >= world:
+        return None
+    hostname = socket.gethostname()
+    own, master = resolve(hostname), resolve(environ.get("MASTER_ADDR", ""))
+    if own is None or not ipaddress.ip_address(own).is_loopback:
+        return None
+    if master is None or ipaddress.ip_address(master).is_loopback:
+        return None  # every rank is on this host: loopback reaches them all
+    interface = interface_towards(master)
+    if interface is None:
+        log.warning("this host's name %s resolves to %s (loopback), so ranks on other nodes cannot reach gloo here "
+                    "and start-up will fail; set GLOO_SOCKET_IFNAME to the network interface that reaches "
+                    "MASTER_ADDR=%s (docs/slurm.md)", hostname, own, environ.get("MASTER_ADDR"))
+        return None
+    environ["GLOO_SOCKET_IFNAME"] = interface
+    log.warning("this host's name %s resolves to %s (loopback), which ranks on other nodes cannot reach: set "
+                "GLOO_SOCKET_IFNAME=%s, the interface that reaches MASTER_ADDR=%s (set it yourself to choose "
+                "another)", hostname, own, interface, environ.get("MASTER_ADDR"))
+    return interface
+
+
+def _resolve(name: str) -> str | None:
+    if not name:
+        return None
+    try:
+        return socket.gethostbyname(name)
+    except OSError:
+        return None
+
+
+def _interface_towards(address: str) -> str | None:
+    """The local interface whose IPv4 address this host uses to reach ``address`` (Linux), or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((address, 9))  # a UDP connect sends nothing: it only picks the route
+            local = probe.getsockname()[0]
+            for _, name in socket.if_nameindex():
+                try:
+                    request = struct.pack("256s", name[:15].encode())
+                    reply = fcntl.ioctl(probe.fileno(), 0x8915, request)  # SIOCGIFADDR: the interface's address
+                except OSError:
+                    continue
+                if socket.inet_ntoa(reply[20:24]) == local:
+                    return name
+    except OSError:
+        return None
+    return None
 
 
 # --------------------------------------------------------------------------------------------- threads

@@ -196,3 +196,60 @@ def test_a_cpu_state_offered_to_a_cuda_generator_reseeds_it_and_a_matching_state
     assert restore_generator(cuda_like, saved, seed=7) and torch.equal(cuda_like.get_state(), saved)
     cpu = torch.Generator().manual_seed(1)
     assert restore_generator(cpu, cpu_state, seed=9) and torch.equal(cpu.get_state(), cpu_state)
+
+
+# ------------------------------------------------------------------------------------ gloo across nodes
+NODES = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "node001"}  # two nodes of eight ranks
+ADDRESSES = {"node001": "10.0.0.1", socket.gethostname(): "127.0.1.1"}  # /etc/hosts maps the own name to loopback
+
+
+def _choose(environ, addresses=ADDRESSES, interface="ib0"):
+    from knn_cm.training.distributed import choose_gloo_interface
+
+    return choose_gloo_interface(environ, resolve=addresses.get, interface_towards=lambda address: interface)
+
+
+def test_a_hostname_on_loopback_in_a_multi_node_job_sets_the_gloo_interface(caplog):
+    environ = dict(NODES)
+    with caplog.at_level(logging.WARNING, logger="knn_cm.training.distributed"):
+        assert _choose(environ) == "ib0"
+    assert environ["GLOO_SOCKET_IFNAME"] == "ib0"
+    assert "resolves to 127.0.1.1 (loopback)" in caplog.text and "GLOO_SOCKET_IFNAME=ib0" in caplog.text
+
+
+def test_without_an_interface_towards_the_master_it_says_what_to_set(caplog):
+    environ = dict(NODES)
+    with caplog.at_level(logging.WARNING, logger="knn_cm.training.distributed"):
+        assert _choose(environ, interface=None) is None
+    assert "GLOO_SOCKET_IFNAME" not in environ
+    assert "set GLOO_SOCKET_IFNAME to the network interface that reaches MASTER_ADDR=node001" in caplog.text
+
+
+@pytest.mark.parametrize("environ, addresses", [
+    (NODES | {"GLOO_SOCKET_IFNAME": "eth1"}, ADDRESSES),  # the user's choice stays
+    (NODES | {"LOCAL_WORLD_SIZE": "16"}, ADDRESSES),  # one node: loopback reaches every rank
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "node001"}, ADDRESSES),  # no LOCAL_WORLD_SIZE: one node (mp.spawn)
+    (NODES, ADDRESSES | {"node001": "127.0.0.1"}),  # "nodes" that are all this host (tests, torchrun on loopback)
+    (NODES, ADDRESSES | {socket.gethostname(): "10.0.0.2"}),  # the hostname resolves to the network
+])
+def test_the_gloo_interface_is_left_alone_where_loopback_does_no_harm(environ, addresses):
+    before = dict(environ)
+    assert _choose(environ, addresses) is None and environ == before
+
+
+def test_the_interface_towards_an_address_is_one_of_this_hosts():
+    from knn_cm.training.distributed import _interface_towards
+
+    found = _interface_towards("10.255.255.1")  # None where no route leads there
+    assert found is None or found in {name for _, name in socket.if_nameindex()}
+
+
+@pytest.mark.parametrize("setting, expected", [(None, "knn-cm: gloo interface not set (a rank whose hostname "
+                                                      "resolves to loopback picks the one that reaches node1)"),
+                                               ("ib0", "knn-cm: gloo interface ib0")])
+def test_train_sbatch_says_which_gloo_interface_a_multi_node_job_uses(tmp_path, setting, expected):
+    from tests.e2e.test_elastic import _template_launch
+
+    result = _template_launch(tmp_path, SLURM_NNODES="2", GLOO_SOCKET_IFNAME=setting or "")
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout.splitlines()
