@@ -18,13 +18,14 @@ train.py keeps the index in its own config group (``index=ivf``) and passes it a
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from collections.abc import Mapping
 from contextlib import contextmanager
 
 import torch
 
-from knn_cm.device import as_device
+from knn_cm.device import as_device, is_accelerator
 from knn_cm.estimators.base import Estimator
 from knn_cm.estimators.exact import ExactPosterior, PosteriorMC
 from knn_cm.estimators.gaussian import GaussianDenoiser
@@ -34,6 +35,8 @@ from knn_cm.estimators.network import NetworkEstimator
 from knn_cm.estimators.single import SingleSample
 from knn_cm.estimators.stf import STF
 from knn_cm.estimators.uniform import UniformSNIS
+
+log = logging.getLogger(__name__)
 
 ESTIMATORS: dict[str, type[Estimator]] = {
     "single": SingleSample,
@@ -162,6 +165,10 @@ def _index(index_spec: dict, store, device: torch.device, indexes: dict | None):
 
     if "device" in index_spec and index_spec["device"] is None:  # null: search where the estimator computes
         index_spec["device"] = device
+    if is_accelerator(device) and as_device(index_spec.get("device") or "cpu", "index device").type == "cpu":
+        log.warning("the %s index searches on the CPU for an estimator on %s: every search copies its queries to the "
+                    "host and the neighbours back, a host synchronisation per training step; index.device=cuda "
+                    "(faiss-gpu) or index=torch (exact, no faiss) searches on the GPU", index_spec.get("kind"), device)
     if indexes is None:
         return build_index(store, **index_spec)
     key = tuple(sorted(index_spec.items()))

@@ -1,16 +1,13 @@
 """What the CUDA and multi-rank training path needs, shown on the CPU (issue 19).
 
 A CPU cannot run CUDA, but it can run the same logic: a resume onto a device whose tensors are not CPU tensors
-(``meta``), the host reads of a training step counted by patching the tensor methods that read, dropout masks
-of two gloo DDP ranks, and the trainer's device setting.
+(``meta``), dropout masks of two gloo DDP ranks, and the trainer's device setting.
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import socket
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +19,10 @@ from hydra.utils import instantiate
 
 from knn_cm.data import DataStore
 from knn_cm.estimators import make_estimator
-from knn_cm.search import build_index
-from knn_cm.training import EMA, EDMObjective, FlowMatchingObjective, ICTObjective, Trainer, TrainerConfig
+from knn_cm.training import EMA, EDMObjective, ICTObjective, Trainer, TrainerConfig
 from knn_cm.training.distributed import DistributedContext
 
 ROOT = Path(__file__).resolve().parents[3]
-READS = ("item", "__bool__", "__float__", "__int__", "cpu", "tolist", "numpy")
 
 
 @pytest.fixture(scope="module")
@@ -82,88 +77,7 @@ def test_the_trainer_trains_where_trainer_device_says(tmp_path, store):
                      context=DistributedContext(device=torch.device("meta")))
 
 
-# ---------------------------------------------------------------------------------------- host reads
-# Reads of tensors that stay on the host in a GPU run too, by function: the optimizer's step counters (torch keeps
-# them on the CPU unless capturable=True), the batch's indices, the NumPy row sort (CPU tensors only), and the
-# value checks of estimators and preconditioners, whose CPU branch reads while device tensors get an asynchronous
-# device-side assert (tests/unit/estimators/test_sync_free.py runs those under sync-debug "error" on CUDA).
-HOST_ONLY = {"optimizer": "torch/optim/", "uint8": "store.py", "sort_rows": "sorting.py", "sorted_rows": "sorting.py",
-             "_check_sigma_values": "base.py", "_check_finite": "base.py", "_check_sigma": "precond.py"}
-
-
-def _caller() -> tuple[str, str]:
-    """(the innermost function outside torch, "file:line"), or ("optimizer", ...) inside torch.optim."""
-    frame = sys._getframe(2)
-    inner = None
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if f"torch{os.sep}optim{os.sep}" in filename:
-            return "optimizer", "torch/optim/"
-        if inner is None and f"{os.sep}torch{os.sep}" not in filename:
-            inner = (frame.f_code.co_name, f"{Path(filename).name}:{frame.f_lineno}")
-        frame = frame.f_back
-    return inner or ("?", "?")
-
-
-class HostReads:
-    """Counts calls of the tensor methods that read a tensor back to the host (a sync on a GPU), but for
-    :data:`HOST_ONLY`'s reads of tensors that live on the host in every run."""
-
-    def __init__(self, monkeypatch):
-        self.where = []
-        for name in READS:
-            original = getattr(torch.Tensor, name)
-
-            def counted(tensor, *args, _original=original, _name=name, **kwargs):
-                function, place = _caller()
-                if not (function in HOST_ONLY and HOST_ONLY[function] in place):
-                    self.where.append(f"{_name} in {function} at {place}")
-                return _original(tensor, *args, **kwargs)
-
-            monkeypatch.setattr(torch.Tensor, name, counted)
-
-    @property
-    def count(self) -> int:
-        return len(self.where)
-
-
-@pytest.mark.parametrize("estimator, solver", [("single", "euler"), ("single", "heun"), ("knn", "heun"),
-                                               ("edm_single", None), ("edm_stf", None), ("fm_knn", None)])
-def test_a_step_that_neither_logs_nor_writes_reads_nothing_back(tmp_path, store, monkeypatch, estimator, solver):
-    """Item 9: no host read on a step that neither logs nor checkpoints (was about ten per step).
-
-    KNN runs its fixed-shape path (``sync_free=True``, the CUDA default) on the CPU.
-    """
-    if estimator == "knn":
-        built = make_estimator("knn", store, index=build_index(store, "torch"), k=32, n=8, sync_free=True)
-    elif estimator == "fm_knn":
-        built = make_estimator("knn", store, index=build_index(store, "torch"), k=32, n=8, sync_free=True)
-    else:
-        built = make_estimator(estimator.removeprefix("edm_"), store, sync_free=True, **(
-            {"n": 8} if estimator.endswith("stf") else {}))
-    if estimator.startswith("edm"):
-        objective = EDMObjective(built)
-    elif estimator.startswith("fm"):
-        objective = FlowMatchingObjective(built)
-    else:
-        objective = ICTObjective(built, total_steps=6, solver=solver)
-    network = tiny_network("ncsnpp_tiny", 0.0, "model.precond=fm", "~model.precond_kwargs.sigma_min",
-                           "~model.precond_kwargs.sigma_max") if estimator.startswith("fm") else None
-    trainer = make_trainer(tmp_path, store, objective, network=network, log_every=6, checkpoint_every=6, grad_clip=1.0)
-    marks = []
-    original = trainer.train_step
-
-    def marked():
-        marks.append(reads.count)
-        return original()
-
-    trainer.train_step = marked
-    reads = HostReads(monkeypatch)
-    record = trainer.fit()
-    monkeypatch.undo()
-    per_step = [later - earlier for earlier, later in zip(marks[1:], marks[2:])]  # steps 2-5 of 6 (the first warms up)
-    assert per_step == [0, 0, 0, 0], collections.Counter(reads.where[marks[1]:marks[-1]])
-    assert record["step"] == 6 and np.isfinite(record["loss"]) and "grad_norm" in record
+# Host reads of a training step: tests/unit/training/test_host_syncs.py counts them at the dispatcher.
 
 
 # ---------------------------------------------------------------------------------------------- EMA

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from knn_cm.cli import compose_app
+from knn_cm.device import new_generator
 from knn_cm.estimators import build_estimator
 from knn_cm.host_syncs import HostSyncCounter
 from knn_cm.training import EMA, Trainer
@@ -110,3 +111,19 @@ def test_the_counter_keeps_a_meta_program_going_with_zero_values():
         assert values.nonzero().shape == (0, 1)
         assert values[values > 0].shape == (0,)
         assert torch.equal(values.cpu(), torch.zeros(3))
+
+
+# ------------------------------------------------------------------------------------ the named exception
+def test_a_cpu_faiss_index_under_an_accelerator_is_the_named_exception_and_says_so(caplog):
+    """A faiss index on the CPU (IVF, approximate) searched for an estimator on a device copies the queries to the
+    host and the neighbours back on every call: counted, and warned about where the index is chosen."""
+    config = compose_experiment("quickstart", "index=ivf")
+    store = instantiate(config.dataset.store)
+    with HostSyncCounter(), caplog.at_level("WARNING"):
+        estimator = build_estimator(estimator_spec(config), store, META, index_setting="index")
+    assert "searches on the CPU for an estimator on meta" in caplog.text
+    queries = torch.zeros(4, *store.shape, device=META)
+    with HostSyncCounter() as counter:
+        estimator(queries, torch.full((4,), 2.0, device=META), generator=new_generator(META, 0))
+    kinds = {(sync.kind, sync.where.split(":")[0]) for sync in counter.syncs}
+    assert ("to-host", "faiss_index.py") in kinds and ("blocking-copy", "faiss_index.py") in kinds, counter.summary()
