@@ -81,6 +81,15 @@ class FilteredPosterior:
         self.rows = rows
         self.channels, self.height, self.width = shape
         self.chunk_elements = chunk_elements
+        self._banks: dict[tuple[int, int], PatchBank] = {}  # kept across calls: their norms cost a pass to build
+
+    def bank(self, group: Group, anchor: int | None = None) -> PatchBank:
+        """The searchable bank of ``group`` (of its anchor ``anchor`` alone for paired groups), built once."""
+        key = (id(group.bank), -1 if anchor is None else anchor)
+        if key not in self._banks:
+            wmap = group.bank if anchor is None else group.bank.select(slice(anchor, anchor + 1))
+            self._banks[key] = PatchBank(self.rows, wmap, self.channels)
+        return self._banks[key]
 
     # ------------------------------------------------------------------------------------------ shared
     def query_windows(self, z: torch.Tensor, group: Group) -> torch.Tensor:
@@ -137,6 +146,7 @@ class FilteredPosterior:
         best = torch.full((batch, count), -math.inf, dtype=queries.dtype, device=queries.device)
         total = torch.zeros(batch, count, dtype=queries.dtype, device=queries.device)
         weighted = None
+        doubled = queries * (2.0 / two_var)  # the cross term's factor, applied once to the queries
         for _, images in self.rows.chunks(step):
             size = images.shape[0]
             windows = windows_of(images.view(size, self.channels, -1), group.bank)  # [n, L, C, T]
@@ -145,26 +155,27 @@ class FilteredPosterior:
             if group.paired:  # query j against every element's window at anchor j: [B, Q, n]
                 if direct:
                     sq = (queries.unsqueeze(2) - sources.transpose(0, 1).unsqueeze(0)).square().sum(-1)
-                    logits = -sq / two_var
+                    logits = sq.div_(-two_var)
                 else:
-                    dots = torch.einsum("bqm,nqm->bqn", queries, sources)
-                    logits = (2.0 * dots - sources.square().sum(-1).T.unsqueeze(0)) / two_var
+                    dots = torch.bmm(doubled.transpose(0, 1), sources.permute(1, 2, 0)).transpose(0, 1)  # [B, Q, n]
+                    logits = dots.sub_(sources.square().sum(-1).T.unsqueeze(0) / two_var)
             else:  # every query against all n * L windows: [B, Q, n * L]
                 sources = sources.reshape(size * anchors, dim)
                 responses = responses.reshape(size * anchors, -1)
                 if direct:
                     sq = (queries.unsqueeze(2) - sources.view(1, 1, *sources.shape)).square().sum(-1)
-                    logits = -sq / two_var
+                    logits = sq.div_(-two_var)
                 else:
-                    logits = (2.0 * queries @ sources.T - sources.square().sum(-1)) / two_var
+                    logits = torch.baddbmm(sources.square().sum(-1).view(1, 1, -1) / -two_var, doubled,
+                                           sources.T.unsqueeze(0).expand(batch, -1, -1))
             # The running log-sum-exp: rescale what was summed so far when the maximum grows.
             new_best = torch.maximum(best, logits.amax(dim=-1))
             rescale = torch.exp(best - new_best)
-            weights = torch.exp(logits - new_best.unsqueeze(-1))
+            weights = logits.sub_(new_best.unsqueeze(-1)).exp_()
             if group.paired:
-                contribution = torch.einsum("bqn,nqr->bqr", weights, responses)
+                contribution = torch.bmm(weights.transpose(0, 1), responses.transpose(0, 1)).transpose(0, 1)
             else:
-                contribution = weights @ responses
+                contribution = weights @ responses.contiguous()
             total = total * rescale + weights.sum(-1)
             weighted = contribution if weighted is None else weighted * rescale.unsqueeze(-1) + contribution
             best = new_best
@@ -190,11 +201,11 @@ class FilteredPosterior:
             k = min(k, elements)
             ids = torch.empty(batch, count, k, dtype=torch.int64, device=queries.device)
             for anchor in range(count):
-                bank = PatchBank(self.rows, group.bank.select(slice(anchor, anchor + 1)), self.channels)
+                bank = self.bank(group, anchor)
                 ids[:, anchor] = chunked_topk(search_queries[:, anchor], bank, k)[1].to(queries.device)
             anchor_ids = torch.arange(count, device=queries.device).view(1, -1, 1).expand(batch, count, k)
             return ids.reshape(batch * count, k), anchor_ids.reshape(batch * count, k), elements
-        bank = PatchBank(self.rows, group.bank, self.channels)
+        bank = self.bank(group)
         k = min(k, bank.size)
         ids = chunked_topk(search_queries.reshape(batch * count, dim), bank, k)[1].to(queries.device)
         return ids, ids % group.bank.anchors, bank.size
@@ -224,7 +235,7 @@ class FilteredPosterior:
         for start in range(0, batch * count, step):
             stop = min(start + step, batch * count)
             windows = gather_windows(self.rows, elements[start:stop].reshape(-1), anchor_ids[start:stop].reshape(-1),
-                                     group.bank, self.channels, self.width).to(queries.dtype)  # [m * width, C, T]
+                                     group.bank, self.channels).to(queries.dtype)  # [m * width, C, T]
             scale = group.bank.scale[anchor_ids[start:stop].reshape(-1)].unsqueeze(1)
             sources = (windows * scale).reshape(stop - start, width, dim)
             sq = (flat_queries[start:stop].unsqueeze(1) - sources).square().sum(-1)

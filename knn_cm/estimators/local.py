@@ -52,6 +52,7 @@ class FilteredEstimator(Estimator):
         self.n = None if n is None else non_negative_int(n, "n")
         self.chunk_elements = None if chunk_elements is None else positive_int(chunk_elements, "chunk_elements")
         self._layouts: dict[int, Layout] = {}
+        self._filtered: FilteredPosterior | None = None
 
     @property
     def form(self) -> str:
@@ -59,7 +60,10 @@ class FilteredEstimator(Estimator):
         return "exhaustive" if self.k is None else "knn"
 
     def filtered(self) -> FilteredPosterior:
-        return FilteredPosterior(self.rows, self.store.shape, self.chunk_elements)
+        """The two forms over this estimator's rows (one instance: it keeps the KNN form's banks)."""
+        if self._filtered is None:
+            self._filtered = FilteredPosterior(self.rows, self.store.shape, self.chunk_elements)
+        return self._filtered
 
     def layout_for(self, size: int) -> Layout:
         if size not in self._layouts:

@@ -131,7 +131,7 @@ def windows_of(images: torch.Tensor, wmap: WindowMap) -> torch.Tensor:
 
 
 def gather_windows(rows: ResidentRows, elements: torch.Tensor, anchor_ids: torch.Tensor, wmap: WindowMap,
-                   channels: int, width: int) -> torch.Tensor:
+                   channels: int) -> torch.Tensor:
     """Windows of single (element, anchor) pairs read straight from the resident rows: [K, C, T], unscaled.
 
     Args:
@@ -143,6 +143,7 @@ def gather_windows(rows: ResidentRows, elements: torch.Tensor, anchor_ids: torch
     if rows.flip_shape is not None:
         flipped = elements >= rows.base_size
         stored = torch.remainder(elements, rows.base_size)
+        width = rows.flip_shape[2]
         # Pixel (y, x) of a mirrored image is pixel (y, W - 1 - x) of the stored one.
         mirrored = (pixels // width) * width + (width - 1 - pixels % width)
         pixels = torch.where(flipped.unsqueeze(1), mirrored, pixels)
@@ -181,10 +182,12 @@ class PatchBank:
 
     def _elements(self, first: int, last: int) -> torch.Tensor:
         """Scaled windows of elements [first, last) at every anchor: [last - first, L, C * T]."""
-        images = self.source_rows.gather(torch.arange(first, last, device=self.device))
-        images = images.view(last - first, self.channels, -1)
-        windows = windows_of(images, self.wmap) * self.wmap.scale.unsqueeze(1).to(images.dtype)
-        return windows.reshape(last - first, self.anchors, self.dim).to(self.dtype)
+        count = last - first
+        elements = torch.arange(first, last, device=self.device).repeat_interleave(self.anchors)
+        anchor_ids = torch.arange(self.anchors, device=self.device).repeat(count)
+        windows = gather_windows(self.source_rows, elements, anchor_ids, self.wmap, self.channels)
+        windows = windows * self.wmap.scale[anchor_ids].unsqueeze(1).to(windows.dtype)
+        return windows.reshape(count, self.anchors, self.dim).to(self.dtype)
 
     def raw_range(self, start: int, stop: int) -> torch.Tensor:
         """Sources [start, stop) as rows [stop - start, C * T] in the bank's dtype."""
