@@ -4,7 +4,7 @@
     bash scripts/digits_seeds.sh [all|table1|figure4|evaluate] [--dry-run]     # (this script, from the repository root)
 
 Parts: ``table1`` (iCT, iCT + STF, iCT + KNN, 3 seeds each), ``figure4`` (KNN k 16 / 64 at n 64 and n 16 at k 256,
-2 seeds each; the k 256 / n 64 point and the iCT baseline are Table 1's runs), ``all`` (both), ``evaluate`` (score
+3 seeds each; the k 256 / n 64 point and the iCT baseline are Table 1's runs), ``all`` (both), ``evaluate`` (score
 the finished runs of every part only). Each sweep runs with the local launcher, one job after another, seed-major so
 an interrupted sweep leaves balanced methods; run folders are named by the swept values:
 ``multirun/train/<sweep>_steps<STEPS>/<key=value,...>``. Scoring: digits-feature FID / IS on 2,000 one-step samples

@@ -159,8 +159,8 @@ def test_digits_seeds_runs_the_documented_sweeps():
     assert trains == [
         "-m seed=0,1,2 experiment=digits_ict,digits_ict_stf,quickstart "
         f"'run_name=${{hydra:runtime.choices.experiment}}_steps${{trainer.max_steps}}' {length}",
-        f"-m seed=0,1 estimator.k=16,64 experiment=quickstart run_name=digits_figure4_k_steps400 {length}",
-        f"-m seed=0,1 experiment=quickstart run_name=digits_figure4_n_steps400 estimator.n=16 {length}"]
+        f"-m seed=0,1,2 estimator.k=16,64 experiment=quickstart run_name=digits_figure4_k_steps400 {length}",
+        f"-m seed=0,1,2 experiment=quickstart run_name=digits_figure4_n_steps400 estimator.n=16 {length}"]
     assert all(line.startswith(f"nice -n 5 {sys.executable} train.py") for line in result.stdout.splitlines()
                if " train.py " in line)
     bad = subprocess.run(["bash", "scripts/digits_seeds.sh", "table2"], cwd=ROOT, env=env, capture_output=True,
@@ -192,4 +192,4 @@ def test_the_seeded_report_reads_the_folders_the_sweeps_write(tmp_path):
     assert not unfinished
     expected = {method.key: set(sweep.seeds) for sweep in study.sweeps() for method in sweep.methods}
     assert {key: set(seeds) for key, seeds in runs.items()} == expected
-    assert len(expected) == 6 and expected["knn_k64_n64"] == {0, 1} and expected["ict_knn"] == {0, 1, 2}
+    assert len(expected) == 6 and expected["knn_k64_n64"] == {0, 1, 2} and expected["ict_knn"] == {0, 1, 2}
