@@ -35,7 +35,9 @@ def run_app(app: str, *args: str, cwd: Path, env: dict | None = None,
     """(exit status, stdout, stderr) of ``python <app> args`` from ``cwd`` (tests.processes.run_process)."""
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("HYDRA_FULL_ERROR", "KNN_CM_SHORT_ERRORS")}
-    environment |= {"OMP_NUM_THREADS": "1", "TMPDIR": str(cwd / "tmp"), **(env or {})}
+    environment |= {"OMP_NUM_THREADS": "1", "TMPDIR": str(cwd / "tmp"),
+                    # torch's compile cache, which torch >= 2.14 creates when torch._dynamo is imported: not the app's
+                    "TORCHINDUCTOR_CACHE_DIR": str(cwd.parent / f"{cwd.name}-torchinductor"), **(env or {})}
     (cwd / "tmp").mkdir(parents=True, exist_ok=True)
     return run_process([sys.executable, str(ROOT / app), *args], cwd, environment, timeout)
 
@@ -193,7 +195,7 @@ def test_the_corrected_command_trains_and_each_launch_says_where_the_run_stands(
     assert summary[1:] == [f"  run folder:      {run}",
                            f"  newest snapshot: {run}/snapshots/network-000000002.pt",
                            summary[3],  # the last loss, a number
-                           f"  sample:          python sample.py network={run}",
+                           f"  sample:          python sample.py network={run} sampler.sigmas=[80,0.821]",
                            f"  evaluate:        python evaluate.py run_dir={run} num_samples=2000"]
     assert summary[3].startswith("  last loss:       ") and summary[3].endswith("(step 2)")
     assert again[0] == 0 and "this run had already finished (step 2 of 2); nothing to train" in again[1]
