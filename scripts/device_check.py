@@ -9,7 +9,11 @@ it ends, so a run cut short keeps every line written before the cut:
 - ``resume``: the real Trainer with a small iCT + KNN model on the GPU: 3 steps, stop (checkpoint), 3
   more in a new Trainer from the checkpoint, bit-identical to 6 straight steps (fp32 and fp16);
 - ``syncs``: host synchronisations per training step under ``torch.cuda.set_sync_debug_mode("warn")``,
-  counted over steps that neither log nor checkpoint, with the source lines that synchronised;
+  counted over steps that neither log nor checkpoint, with the source lines that synchronised, for iCT + KNN,
+  EDM + KNN with EDM's augmentation pipe and flow matching + KNN (on the CPU: two steps of each, uncounted);
+- ``ddp``: two DDP ranks with the real Trainer, 3 steps, a resume, a 4th step; both ranks end on the same
+  weights. With one GPU both ranks run on it over gloo (NCCL refuses two ranks on one GPU); with two or more, one
+  GPU each over NCCL; on the CPU, two gloo processes;
 - ``training``: iCT (Euler, single-sample targets) against iCT + KNN (Heun, k 2,048, n 256) with the
   paper's NCSN++ (``configs/train/model/ncsnpp_ict.yaml``, 56M parameters) at batch 128 and 512, float32 and
   bf16: seconds per step, their ratio, the estimator's share (CUDA events), peak memory;
@@ -26,7 +30,13 @@ CPU at toy sizes, which is how the tests exercise this script.
 
 Budgets (seconds, ``--budget PART=S`` to change) bound each part; a part over its budget is killed with
 its process group and reported as ``cut`` with whatever it had reported so far. ``--deadline`` bounds
-the whole run (default 340 s: under 6 minutes with the bundle's install).
+the whole run (default 340 s: under 6 minutes with the machine's start). The default parts run most important
+first, and their budgets plus :data:`RESERVE_SECONDS` (preconditions, the offline install) add up to at most the
+deadline, so every part gets its whole budget; a shorter ``--deadline`` cuts the last parts first.
+
+Preconditions, checked first: the wheel bundle (``--bundle``, else ``.whl``) holds wheels, and ``python3 -m pip``
+works (the install needs it). A missing one is said in one line on stderr and recorded in the summary; the check
+then goes on with what is installed (the environment line names what does not import).
 """
 
 from __future__ import annotations
@@ -48,12 +58,18 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 NO_CUDA_MESSAGE = ("device-check: CUDA is not available on this machine (torch.cuda.is_available() is False; "
                    "the environment line says which torch and driver); run it on a GPU node, or pass "
                    "--device cpu --quick for a CPU rehearsal. Nothing else was checked.")
-# Part name -> budget in seconds on one H200 (expected: well under half of each).
-BUDGETS = {"environment": 30, "tests": 75, "resume": 45, "syncs": 40, "training": 110, "estimators": 60,
-           "store": 75, "stall": 30}
-DEFAULT_PARTS = ["environment", "tests", "resume", "syncs", "training", "estimators", "store"]
+# The parts a default run makes, most important first: whether the GPU works with the bundle at all, the CUDA
+# tests, bit-identical resume, host syncs of every objective, DDP, then the speed measurements.
+DEFAULT_PARTS = ["environment", "tests", "resume", "syncs", "ddp", "training", "estimators", "store"]
+# Part name -> budget in seconds on one H200. The speed parts are sized to their budgets (steps, batches),
+# not the other way round: what does not fit is measured less, not cut.
+BUDGETS = {"environment": 20, "tests": 55, "resume": 30, "syncs": 45, "ddp": 40, "training": 75, "estimators": 30,
+           "store": 35, "stall": 30}
+RESERVE_SECONDS = 10.0  # the preconditions, the bundle's offline install and the runner's own start
 DEFAULT_DEADLINE = 340.0
 MIN_PART_SECONDS = 5.0  # with less than this left before --deadline, a part is skipped, not started
+if sum(BUDGETS[part] for part in DEFAULT_PARTS) + RESERVE_SECONDS > DEFAULT_DEADLINE:
+    raise AssertionError("the default parts' budgets exceed the default deadline")
 
 
 # ============================================================================================ parts
@@ -174,35 +190,70 @@ def part_tests(ctx: PartContext) -> dict:
 
 
 # ---------------------------------------------------------------------------- small training runs
-def small_ict_knn(device: str, run_dir: Path, *, precision: str = "fp32", max_steps: int = 6,
-                  stop_after_steps: int | None = None, init_seed: int = 0, log_every: int = 1,
-                  checkpoint_every: int = 1000, images: int = 2048, quick: bool = False):
-    """A real Trainer on ``device``: iCT + KNN (Heun, k 64, n 16) with a small NCSN-style U-Net (16 x 16,
-    dropout and attention on) on synthetic images, x-flips included. ``init_seed`` seeds the weights."""
+# The objectives the small trainer runs: the paper's iCT + KNN (Heun), EDM + KNN with EDM's augmentation pipe
+# (the edm experiments' recipe, configs/train/augment/edm_cifar10.yaml) and flow matching + KNN.
+SMALL_OBJECTIVES = ("ict_knn", "edm_augment_knn", "fm_knn")
+
+
+def edm_augment_pipe():
+    """The augmentation pipe of ``experiment=edm`` (p 0.12, 9 labels), as train.py builds it."""
+    from hydra.utils import instantiate
+
+    from knn_cm.cli import compose_app
+
+    return instantiate(compose_app("train.py", ["experiment=edm"]).trainer.objective.augment)
+
+
+def small_trainer(device: str, run_dir: Path, *, objective: str = "ict_knn", precision: str = "fp32",
+                  max_steps: int = 6, stop_after_steps: int | None = None, init_seed: int = 0, log_every: int = 1,
+                  checkpoint_every: int = 1000, images: int = 2048, quick: bool = False, context=None):
+    """A real Trainer on ``device`` with a small NCSN-style U-Net (16 x 16, dropout and attention on) on synthetic
+    images, x-flips included, and a KNN estimator (k 64, n 16): ``objective`` is one of :data:`SMALL_OBJECTIVES`.
+    ``init_seed`` seeds the weights; ``context`` is the DistributedContext (one process on ``device`` when None)."""
     import numpy as np
     import torch
 
     from knn_cm.data import DataStore
     from knn_cm.estimators import make_estimator
-    from knn_cm.models import CMPrecond, SongUNet
+    from knn_cm.models import CMPrecond, EDMPrecond, FMPrecond, SongUNet
     from knn_cm.search import build_index
-    from knn_cm.training import DistributedContext, ICTObjective, Trainer, TrainerConfig
+    from knn_cm.training import (
+        DistributedContext,
+        EDMObjective,
+        FlowMatchingObjective,
+        ICTObjective,
+        Trainer,
+        TrainerConfig,
+    )
 
+    if objective not in SMALL_OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(SMALL_OBJECTIVES)}, got {objective!r}")
     resolution, count = (8, 256) if quick else (16, images)
     pixels = np.random.default_rng(0).integers(0, 256, (count, 3, resolution, resolution), dtype=np.uint8)
     store = DataStore.from_array(pixels, name="device_check_small", xflip=True)
     estimator = make_estimator("knn", store, index=build_index(store, "torch", device=device), k=64, n=16,
                                device=device)
+    augment = edm_augment_pipe() if objective == "edm_augment_knn" else None
     torch.manual_seed(init_seed)
-    network = CMPrecond(SongUNet(img_resolution=resolution, in_channels=3, out_channels=3,
-                                 model_channels=16 if quick else 32, channel_mult=[1, 2], num_blocks=1,
-                                 attn_resolutions=[resolution // 2], dropout=0.2))
+    unet = SongUNet(img_resolution=resolution, in_channels=3, out_channels=3, model_channels=16 if quick else 32,
+                    channel_mult=[1, 2], num_blocks=1, attn_resolutions=[resolution // 2], dropout=0.2,
+                    augment_dim=augment.label_dim if augment is not None else 0)
+    if objective == "ict_knn":
+        network, loss = CMPrecond(unet), ICTObjective(estimator, total_steps=max_steps, solver="heun")
+    elif objective == "edm_augment_knn":
+        network, loss = EDMPrecond(unet), EDMObjective(estimator, augment=augment)
+    else:
+        network, loss = FMPrecond(unet), FlowMatchingObjective(estimator)
     config = TrainerConfig(max_steps=max_steps, stop_after_steps=stop_after_steps, batch_size=8 if quick else 32,
                            precision=precision, checkpoint_every=checkpoint_every, log_every=log_every,
-                           num_sample_images=4, progress=False, resume="auto", device=device)
-    objective = ICTObjective(estimator, total_steps=max_steps, solver="heun")
-    return Trainer(config, run_dir, store, network, objective, lambda params: torch.optim.RAdam(params, lr=1e-3),
-                   context=DistributedContext(device=torch.device(device)), estimator_device=device)
+                           num_sample_images=4, progress=False, resume="auto", device=torch.device(device).type)
+    return Trainer(config, run_dir, store, network, loss, lambda params: torch.optim.RAdam(params, lr=1e-3),
+                   context=context or DistributedContext(device=torch.device(device)), estimator_device=device)
+
+
+def small_ict_knn(device: str, run_dir: Path, **settings):
+    """:func:`small_trainer` with iCT + KNN (Heun, k 64, n 16)."""
+    return small_trainer(device, run_dir, objective="ict_knn", **settings)
 
 
 def _weights(trainer) -> dict:
@@ -320,22 +371,113 @@ def cuda_sync_warnings():
         torch.set_warn_always(always)
 
 
+# (objective, precision) pairs the sync part counts; fp16 needs its grad scaler's read of found-inf.
+SYNC_RUNS = [("ict_knn", "fp32"), ("ict_knn", "bf16"), ("ict_knn", "fp16"), ("edm_augment_knn", "fp32"),
+             ("edm_augment_knn", "bf16"), ("fm_knn", "fp32"), ("fm_knn", "bf16")]
+
+
 def part_syncs(ctx: PartContext) -> dict:
-    """Host synchronisations per training step (iCT + KNN, small model) on steps that neither log nor
-    checkpoint; fp16 needs its grad scaler's read of found-inf, so its target is not 0."""
+    """Host synchronisations per training step on steps that neither log nor checkpoint, for iCT + KNN, EDM + KNN
+    with EDM's augmentation pipe, and flow matching + KNN (small model); target 0 except fp16 (its grad scaler
+    reads found-inf). Without CUDA there is nothing to count: each objective runs two steps as a rehearsal."""
     if ctx.device != "cuda":
-        return {"not_run": "counting host synchronisations needs CUDA (torch.cuda.set_sync_debug_mode)"}
+        rehearsed = {}
+        for objective in SMALL_OBJECTIVES:
+            with tempfile.TemporaryDirectory() as folder:
+                trainer = small_trainer(ctx.device, Path(folder), objective=objective, max_steps=2,
+                                        checkpoint_every=10_000, log_every=10_000, quick=ctx.quick)
+                trainer.fit()
+                rehearsed[objective] = trainer.step
+            ctx.report(rehearsed=dict(rehearsed))
+        return {"not_run": "counting host synchronisations needs CUDA (torch.cuda.set_sync_debug_mode); each "
+                           "objective trained 2 steps instead", "rehearsed_steps": rehearsed}
     results = {}
-    for precision in ("fp32", "bf16", "fp16"):
+    for objective, precision in SYNC_RUNS:
         with tempfile.TemporaryDirectory() as folder:
-            trainer = small_ict_knn(ctx.device, Path(folder), precision=precision, max_steps=10_000,
-                                    stop_after_steps=2 + 4 + 1, log_every=10_000, checkpoint_every=10_000,
-                                    quick=ctx.quick)
-            results[precision] = count_syncs_per_step(trainer, warmup=2, counted=4, sync_warnings=cuda_sync_warnings)
+            trainer = small_trainer(ctx.device, Path(folder), objective=objective, precision=precision,
+                                    max_steps=10_000, stop_after_steps=2 + 4 + 1, log_every=10_000,
+                                    checkpoint_every=10_000, quick=ctx.quick)
+            results[f"{objective}_{precision}"] = count_syncs_per_step(trainer, warmup=2, counted=4,
+                                                                       sync_warnings=cuda_sync_warnings)
         ctx.report(runs=dict(results))
-    targets = {f"{precision}_no_sync_per_step": max(results[precision]["per_fit_iteration"]) == 0
-               for precision in ("fp32", "bf16")}
+    targets = {f"{name}_no_sync_per_step": max(run["per_fit_iteration"]) == 0
+               for name, run in results.items() if not name.endswith("fp16")}
     return {"runs": results, "targets": targets, "warmup_steps": 2, "counted_steps": 4}
+
+
+# ------------------------------------------------------------------------------------ two-process DDP
+def ddp_mode(device: str, gpu_count: int) -> str:
+    """How the two ranks share this machine: one GPU each over NCCL with two or more GPUs; both on GPU 0 over gloo
+    with one (NCCL refuses two ranks on one GPU); two CPU processes over gloo on the CPU."""
+    if device != "cuda":
+        return "two CPU processes over gloo"
+    if gpu_count >= 2:
+        return "one GPU per rank (cuda:0, cuda:1) over NCCL, with the gloo host group"
+    return "two ranks on cuda:0 over gloo (NCCL refuses two ranks on one GPU)"
+
+
+def _ddp_rank(rank: int, device: str, port: int, folder: str, quick: bool) -> None:
+    """One rank of the DDP part: 3 steps (a checkpoint at step 2 and at the end), then a new Trainer resumes from
+    the newest checkpoint (rank 0 chooses it) and trains a 4th; leaves its weights' digest in ``folder``."""
+    import hashlib
+
+    import torch
+    import torch.distributed as dist
+
+    from knn_cm.training import DistributedContext
+
+    world = 2
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        torch.cuda.set_device(0)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        context = DistributedContext(rank, world, rank, torch.device("cuda", 0))
+    else:
+        context = DistributedContext.from_env(device, timeout_minutes=2)
+    try:
+        run_dir = Path(folder) / "run"
+        first = small_trainer(str(context.device), run_dir, max_steps=3, checkpoint_every=2, log_every=1,
+                              quick=quick, context=context)
+        first.fit()
+        second = small_trainer(str(context.device), run_dir, max_steps=4, checkpoint_every=2, log_every=1,
+                               init_seed=1, quick=quick, context=context)
+        resumed_at = second.step
+        second.fit()
+        digest = hashlib.blake2b(digest_size=16)
+        for name, value in sorted(_weights(second).items()):
+            digest.update(name.encode() + value.numpy().tobytes())
+        result = {"rank": rank, "device": str(context.device), "first_steps": first.step, "resumed_at": resumed_at,
+                  "final_step": second.step, "weights_digest": digest.hexdigest()}
+    finally:
+        context.close()
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def part_ddp(ctx: PartContext) -> dict:
+    """Two DDP ranks on this machine (:func:`ddp_mode` says how), each with the real Trainer: after 3 steps and a
+    resume for a 4th both ranks hold the same weights, and the resume started where the first run stopped."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    gpus = torch.cuda.device_count() if ctx.device == "cuda" else 0
+    mode = ddp_mode(ctx.device, gpus)
+    ctx.report(mode=mode)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_ddp_rank, args=(ctx.device, port, folder, ctx.quick), nprocs=2, join=True)
+        ranks = [json.loads((Path(folder) / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    checks = {"ranks_hold_the_same_weights": ranks[0]["weights_digest"] == ranks[1]["weights_digest"],
+              "resumed_where_it_stopped": all(r["first_steps"] == 3 and r["resumed_at"] == 3 and
+                                              r["final_step"] == 4 for r in ranks),
+              "trained_on_device": all(r["device"].startswith(ctx.device) for r in ranks)}
+    return {"mode": mode, "ranks": ranks, "checks": checks,
+            "model": "SongUNet 16x16 (32 channels), iCT + KNN Heun k 64 n 16, 3 steps + 1 after a resume"}
 
 
 # ------------------------------------------------------------------------------ training speed
@@ -364,7 +506,7 @@ def part_training(ctx: PartContext) -> dict:
     device = torch.device(ctx.device)
     cuda = device.type == "cuda"
     batches, k, n = ((4, 8), 32, 8) if ctx.quick else ((128, 512), 2048, 256)
-    warmup, steps = (1, 1) if ctx.quick else (2, 5)
+    warmup, steps = (1, 1) if ctx.quick else (2, 3)  # 8 settings of a 56M network within the part's budget
     if ctx.synthetic or ctx.quick:
         count = 512 if ctx.quick else 50_000
         images = np.random.default_rng(0).integers(0, 256, (count, 3, 32, 32), dtype=np.uint8)
@@ -451,7 +593,7 @@ def part_estimators(ctx: PartContext) -> dict:
         argv = ["--synthetic", "1500", "--k", "32", "--n", "8", "--batch", "4", "--times", "0.5", "20",
                 "--repeats", "1", "--mse-repeats", "1", "--peak-shapes", "small"]
     else:
-        argv = ["--repeats", "5", "--mse-repeats", "2", "--threads", str(os.cpu_count() or 1)]
+        argv = ["--repeats", "3", "--mse-repeats", "1", "--threads", str(os.cpu_count() or 1)]  # within its budget
         argv += ["--synthetic", "50000"] if ctx.synthetic else ["--data", ctx.data]
     argv = ["--device", ctx.device, *argv, "--methods"]
     result = bench_estimators.main(argv)
@@ -566,7 +708,8 @@ def part_stall(ctx: PartContext) -> dict:
 
 
 PARTS = {"environment": part_environment, "tests": part_tests, "resume": part_resume, "syncs": part_syncs,
-         "training": part_training, "estimators": part_estimators, "store": part_store, "stall": part_stall}
+         "ddp": part_ddp, "training": part_training, "estimators": part_estimators, "store": part_store,
+         "stall": part_stall}
 
 
 # ============================================================================================ child
@@ -657,6 +800,7 @@ class Runner:
         self.lines: list[dict] = []
         self.started = time.monotonic()
         self.interrupted: Interrupted | None = None
+        self.preconditions: dict | None = None
 
     def emit(self, line: dict) -> None:
         """Print the line (flushed) and rewrite the --jsonl file with every line so far (atomically)."""
@@ -725,9 +869,28 @@ class Runner:
         missed = [f"{line['part']}.{target}" for line in self.lines
                   for target, met in (line.get("targets") or {}).items() if not met]
         line = {"part": "summary", "status": "failed" if failed else "ok", "parts": parts, "failed_parts": failed,
-                "targets_missed": missed, "seconds": round(time.monotonic() - self.started, 1), **(extra or {})}
+                "targets_missed": missed, "seconds": round(time.monotonic() - self.started, 1),
+                "preconditions": self.preconditions, **(extra or {})}
         self.emit(line)
         return line
+
+
+def check_preconditions(bundle: Path, python: str = sys.executable) -> dict:
+    """What the check needs before it starts: wheels in ``bundle`` (the offline install's input) and ``python -m
+    pip`` (the install's tool). ``missing`` lists, in words, what is not there."""
+    wheels = sorted(Path(bundle).glob("*.whl")) if Path(bundle).is_dir() else []
+    try:
+        probe = subprocess.run([python, "-m", "pip", "--version"], capture_output=True, text=True, timeout=60)
+        pip = probe.stdout.split(" from ")[0].strip() if probe.returncode == 0 else None
+        why = (probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"])[-1][:200]
+    except (OSError, subprocess.TimeoutExpired) as error:
+        pip, why = None, str(error)[:200]
+    missing = []
+    if not wheels:
+        missing.append(f"no wheels in {bundle} (make device-bundle where PyPI is reachable, and carry the folder)")
+    if pip is None:
+        missing.append(f"{Path(python).name} -m pip does not work ({why})")
+    return {"bundle": str(bundle), "wheels": len(wheels), "pip": pip, "missing": missing}
 
 
 def _read_json(path: Path) -> dict:
@@ -781,7 +944,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="device-check-") as workdir:
         runner = Runner(args, env, Path(workdir))
         try:
-            if args.bundle:
+            runner.preconditions = check_preconditions(Path(args.bundle) if args.bundle else ROOT / ".whl")
+            if runner.preconditions["missing"]:
+                print(f"device-check: preconditions missing: {'; '.join(runner.preconditions['missing'])}; going "
+                      f"on with what is installed", file=sys.stderr, flush=True)
+            if args.bundle and runner.preconditions["missing"]:
+                runner.emit({"part": "install", "status": "skipped",
+                             "reason": "; ".join(runner.preconditions["missing"])})
+            elif args.bundle:
                 sys.path.insert(0, str(Path(__file__).resolve().parent))
                 import device_bundle
 

@@ -151,6 +151,7 @@ def test_a_part_over_its_budget_is_cut_reported_and_the_check_goes_on(tmp_path):
     assert cut["partial"]["note"] == "waiting to be cut"  # what the part had reported before the cut
     assert _gone_soon([cut["partial"]["pid"]])
     assert lines[2]["status"] == "skipped" and "needs CUDA" in lines[2]["not_run"]
+    assert lines[2]["rehearsed_steps"] == {objective: 2 for objective in device_check.SMALL_OBJECTIVES}
     assert lines[3]["status"] == "failed" and lines[3]["failed_parts"] == ["stall"]
     assert process.returncode == 1
     assert [json.loads(line) for line in jsonl.read_text().splitlines()] == lines
@@ -223,6 +224,7 @@ def test_cpu_rehearsal_runs_every_part_in_order_on_the_cpu(tmp_path):
     assert {run[name]["device"] for run in parts["training"]["runs"].values() for name in ("ict", "ict_knn")} == {"cpu"}
     assert set(parts["training"]["runs"]) == {"batch4_fp32", "batch4_bf16", "batch8_fp32", "batch8_bf16"}
     assert parts["store"]["checks"]["knn_finite"] and parts["store"]["dim"] == 12_288
+    assert parts["ddp"]["mode"] == "two CPU processes over gloo" and all(parts["ddp"]["checks"].values())
     measured = [line for line in lines if line["part"] != "summary"]
     assert len({line["pid"] for line in measured}) == len(measured)
     assert len({line["torch_threads_at_start"] for line in measured}) == 1
@@ -230,6 +232,62 @@ def test_cpu_rehearsal_runs_every_part_in_order_on_the_cpu(tmp_path):
     assert {"faiss", "hydra", "omegaconf"} <= imported
     assert imported - _allowed_modules() == set(), "a part imports what neither the image nor the bundle has"
     assert [json.loads(line) for line in jsonl.read_text().splitlines()] == lines
+
+
+def test_the_default_parts_budgets_fit_the_deadline_most_important_first():
+    """The budgets summed to 435 s against a 340 s deadline, so whichever part came last was cut whenever earlier
+    ones used their budgets. Now they fit with the install's reserve, in order of importance."""
+    parts = device_check.DEFAULT_PARTS
+    assert sum(device_check.BUDGETS[part] for part in parts) + device_check.RESERVE_SECONDS \
+        <= device_check.DEFAULT_DEADLINE
+    assert parts[:5] == ["environment", "tests", "resume", "syncs", "ddp"]  # works at all, then correctness
+    assert parts[5:] == ["training", "estimators", "store"]  # speed last: a short --deadline cuts these first
+    assert {"ddp", "syncs"} <= set(device_check.PARTS)
+
+
+def test_preconditions_name_a_bundle_without_wheels_and_a_python_without_pip(tmp_path):
+    found = device_check.check_preconditions(tmp_path)
+    assert found["wheels"] == 0 and found["pip"] is not None
+    assert found["missing"] == [f"no wheels in {tmp_path} (make device-bundle where PyPI is reachable, and carry "
+                                f"the folder)"]
+    no_pip = tmp_path / "python3"
+    no_pip.write_text("#!/bin/sh\necho 'No module named pip' >&2\nexit 1\n")
+    no_pip.chmod(0o755)
+    (tmp_path / "x-1.0-py3-none-any.whl").write_bytes(b"")
+    found = device_check.check_preconditions(tmp_path, python=str(no_pip))
+    assert found["wheels"] == 1 and found["missing"] == ["python3 -m pip does not work (No module named pip)"]
+
+
+def test_missing_preconditions_are_said_in_one_line_and_the_check_goes_on(tmp_path):
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--parts", "environment",
+                                "--bundle", str(tmp_path / "empty")], cwd=ROOT, capture_output=True, text=True,
+                               timeout=300)
+    said = [line for line in completed.stderr.splitlines() if "preconditions missing" in line]
+    assert said == [f"device-check: preconditions missing: no wheels in {tmp_path / 'empty'} (make device-bundle "
+                    f"where PyPI is reachable, and carry the folder); going on with what is installed"]
+    lines = [json.loads(line) for line in completed.stdout.splitlines()]
+    assert [line["part"] for line in lines] == ["install", "environment", "summary"], completed.stderr[-2000:]
+    assert lines[0]["status"] == "skipped" and "no wheels" in lines[0]["reason"]
+    assert lines[2]["status"] == "ok" and lines[2]["preconditions"]["wheels"] == 0
+    assert completed.returncode == 0
+
+
+def test_two_ddp_ranks_train_resume_and_agree_on_the_cpu(tmp_path):
+    """The DDP part as the rehearsal runs it: two gloo processes, the real Trainer, 3 steps, a resume, a 4th."""
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--parts", "environment",
+                                "ddp"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    lines = {json.loads(line)["part"]: json.loads(line) for line in completed.stdout.splitlines()}
+    ddp = lines["ddp"]
+    assert ddp["status"] == "ok", (ddp.get("error"), completed.stderr[-3000:])
+    assert ddp["mode"] == "two CPU processes over gloo"
+    assert [rank["resumed_at"] for rank in ddp["ranks"]] == [3, 3]
+    assert all(ddp["checks"].values())
+
+
+def test_the_ddp_mode_says_how_the_ranks_share_the_machine():
+    assert device_check.ddp_mode("cuda", 1) == "two ranks on cuda:0 over gloo (NCCL refuses two ranks on one GPU)"
+    assert device_check.ddp_mode("cuda", 8).startswith("one GPU per rank")
+    assert device_check.ddp_mode("cpu", 0) == "two CPU processes over gloo"
 
 
 # ------------------------------------------------------------------------------------------ parts
