@@ -260,7 +260,7 @@ DIGITS_SEEDS = SeededStudy(
                                            ("ict_knn", "KNN n 64")))),
     steps=1600, snapshot_every=400,  # the quickstart's length and snapshots
     evaluation=("metrics.feature_extractor=digits", "num_samples=2000", "progress=false"))
-# Beyond the paper (issue 22): flow matching on digits with the single-sample (eps - x), STF and KNN targets,
+# Beyond the paper: flow matching on digits with the single-sample (eps - x), STF and KNN targets,
 # 3 seeds each, at a quarter of the quickstart's length (docs/flow_matching.md); scored at several Euler / Heun
 # step counts besides these overrides. scripts/flow_matching_seeds.sh and flow_matching_report.py still spell
 # these runs; they read this entry once moved onto it, as digits_seeds.py and seeded_report.py read DIGITS_SEEDS.

@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 NICE=${NICE:-nice -n 10}
-STEPS=${STEPS:-400}                  # the measured budget on the shared 2-core CPU (docs/flow_matching.md)
+STEPS=${STEPS:-400}                  # the budget docs/flow_matching.md gives for the shared 2-core CPU
 SNAPSHOT_EVERY=${SNAPSHOT_EVERY:-100}
 WARMUP_IMAGES=${WARMUP_IMAGES:-6400} # 1/8 of the run, as digits_fm's 200 of 1,600 steps
 NUM_SAMPLES=${NUM_SAMPLES:-1000}

@@ -36,8 +36,7 @@ from knn_cm.io import atomic_path, cache_dir, file_digest, fsync_path
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 MEMMAP_BYTES = 1 << 30  # decoded datasets larger than this stay on disk, memory-mapped
-CACHE_FORMAT = "knn_cm.decoded_images.v3"  # v3: named by content alone (v2 prefixed the dataset name; v1 keyed
-#                                            by names, sizes and mtime)
+CACHE_FORMAT = "knn_cm.decoded_images.v3"  # entries are named by their source's content alone
 NATIVE = "native"  # the resolution option of a decode that crops and resizes nothing
 SPLIT_NAMES = {"train", "test", "val", "valid", "validation"}  # top folders that name a dataset's splits
 

@@ -39,7 +39,7 @@ VOLATILE_KEYS = (
 )
 # Keys configs once had and no longer have, left out when a folder's record is compared, so a folder bound with
 # them resumes: Hydra's instantiation keys of the estimator and index groups, which named the code that built
-# them before knn_cm/estimators/factory.py did (issue 20); they never said what a run computes.
+# them before knn_cm/estimators/factory.py did; they never said what a run computes.
 RETIRED_KEYS = ("estimator._target_", "estimator._partial_", "index._target_", "index._partial_")
 
 
@@ -73,7 +73,7 @@ def identity(config: Mapping, volatile_keys=VOLATILE_KEYS) -> dict:
             if not any(key == v or key.startswith(v + ".") for v in volatile_keys)}
 
 
-# ``_target_`` values of configs bound by an older knn-cm that name code which has moved since (issue 20).
+# ``_target_`` values of configs bound by an older knn-cm that name code which has moved since.
 RENAMED_TARGETS = {"knn_cm.index.build_index": "knn_cm.search.build_index"}
 
 

@@ -1,7 +1,7 @@
 """Row-wise sorting for the estimators' index bookkeeping, fast on every device.
 
-torch's CPU sort of a [128, 2048] tensor takes 13-15 ms on one core (measured, int64 and float32 alike),
-NumPy's 1.5-4 ms: on the CPU the rows are sorted by NumPy (the tensors share memory, no copy in), on
+torch's CPU sort of rows such as [128, 2048] is several times slower than NumPy's (int64 and float32
+alike; docs/benchmarks.md): on the CPU the rows are sorted by NumPy (the tensors share memory, no copy in), on
 other devices (and for bfloat16, which NumPy lacks) by torch.sort. Ties may come out in either order, as
 with torch.sort; NaN sorts last in both.
 """

@@ -1,4 +1,4 @@
-"""What a run folder guarantees once a run exists (issue 13, items 1-3), tested with real faults.
+"""What a run folder guarantees once a run exists, tested with real faults.
 
 - bound to one config and dataset: a relaunch with another lr or other data stops before writing anything;
 - one process per folder: a second launch fails at once naming the holder's PID;

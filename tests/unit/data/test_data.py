@@ -195,7 +195,7 @@ def test_corrupt_dataset_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch, 
         assert load_image_folder(tmp_path / "images", progress=False).fingerprint == first.fingerprint
 
 
-# ------------------------------------------------------------------ issue 21, item 5: names, paths, one cache entry
+# ------------------------------------------------------------------ names, paths, one cache entry
 def _write_jpegs(folder, count: int = 4) -> list:
     """Tiny real JPEGs in two class folders, like the CIFAR-10 JPEG archive's train/<class>/NNNN.jpg."""
     files = []

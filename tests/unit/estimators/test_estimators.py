@@ -420,7 +420,7 @@ def test_repeated_matches_the_estimators_distribution(random_store, flat_index):
             assert not torch.equal(draws[0], draws[1]), f"{name}: repeats must be independent draws"
 
 
-# ------------------------------------------------------------------------- input checks (issue 13.6)
+# ------------------------------------------------------------------------- input checks
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
 def test_integer_inputs_are_refused(random_store, flat_index, dtype):
     """Integer pixels would be answered in their dtype (-1 becoming 255): refused with the fix named."""

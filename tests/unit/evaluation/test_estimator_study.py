@@ -121,7 +121,7 @@ def test_study_with_a_network_checkpoint_and_approximate_index(tmp_path):
         build_estimator_set({"edm": {"name": "network"}}, store)
 
 
-# ------------------------------------------------------------------ issue 21, item 7: exact zeros are zeros
+# ------------------------------------------------------------------ exact zeros are zeros
 def _study_rows(targets, times, zero):
     """Rows for two estimators, every value positive except ``zero`` = (estimator, target, metric, t)."""
     from knn_cm.evaluation.estimator_error import METRICS

@@ -75,7 +75,7 @@ def test_training_hours_count_each_invocation_once_at_its_newest_line(tmp_path):
     assert summarise_run(folder)["training_hours"] == 1.9
 
 
-# ------------------------------------------------------------------ issue 21, item 3: the report says what it made
+# ------------------------------------------------------------------ the report says what it made
 def _report_main():
     import importlib.util
 

@@ -1,4 +1,4 @@
-"""pyproject's ranges admit only what the code needs (issue 19, item 5)."""
+"""pyproject's ranges admit only what the code needs."""
 
 from __future__ import annotations
 

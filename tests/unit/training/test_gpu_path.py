@@ -1,4 +1,4 @@
-"""What the CUDA and multi-rank training path needs, shown on the CPU (issue 19).
+"""What the CUDA and multi-rank training path needs, shown on the CPU.
 
 A CPU cannot run CUDA, but it can run the same logic: a resume onto a device whose tensors are not CPU tensors
 (``meta``), dropout masks of two gloo DDP ranks, and the trainer's device setting.

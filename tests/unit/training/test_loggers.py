@@ -1,4 +1,4 @@
-"""Training loggers: an offline wandb run says where it is and how to upload it (issue 21, item 3)."""
+"""Training loggers: an offline wandb run says where it is and how to upload it."""
 
 from __future__ import annotations
 
