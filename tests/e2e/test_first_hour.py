@@ -1,4 +1,4 @@
-"""The first hour (issue 21), as a newcomer meets it: the real apps run as processes with tiny settings.
+"""The first hour, as a newcomer meets it: the real apps run as processes with tiny settings.
 
 - Bad settings are refused before anything is written: the message's first line names the full key, the value
   and what is allowed, at most one hint follows, the exit status is 1, no traceback, and no folder is left

@@ -1,4 +1,4 @@
-"""The second hour (issue 28), past the quickstart: the real apps run as processes with tiny settings.
+"""The second hour, past the quickstart: the real apps run as processes with tiny settings.
 
 - A refusal says what differs and what to do: a run folder bound to another config lists each differing key (run
   value -> this launch's value) under its first line, says that nothing was written and gives both ways forward;
