@@ -34,7 +34,7 @@ from knn_cm.training.config import TrainerConfig, trainer_config
 from knn_cm.training.ema import EMA
 
 INDEX_SPEC_FIELDS = {field.name for field in dataclasses.fields(IndexSpec)}
-FITTED_KEYS = ("estimator.k",)  # the settings fit_to_dataset may change: known once the data are loaded
+FITTED_KEYS = ("estimator.k", "index.nprobe", "index.train_size")  # what fit_to_dataset may change
 
 
 def estimator_spec(config: DictConfig) -> dict:
@@ -90,15 +90,32 @@ def check_optimizer(optimizer: Mapping, setting: str = "trainer.optimizer") -> N
 
 
 def fit_to_dataset(config: DictConfig, size: int) -> list[str]:
-    """Settings bounded by the dataset's size N, set to what runs on it (so config.yaml records what ran): a KNN
-    estimator's ``estimator.k`` > N searches all N elements and becomes N. Returns one line per change, for the
-    log."""
+    """Settings bounded by the dataset's size N, set to what runs on it (so config.yaml records what ran), with one
+    line per change for the log: a KNN estimator's ``estimator.k`` > N searches all N elements and becomes N; an
+    index's ``index.nprobe`` beyond its nlist lists and ``index.train_size`` beyond N become those bounds. ``n``
+    (draws, with replacement) and ``nlist`` (refused beyond N by the index) are left as they are."""
     changes = []
-    if config.estimator.get("name") == "knn" and isinstance(config.estimator.get("k"), int) \
-            and config.estimator.k > size:
-        changes.append(f"estimator.k={config.estimator.k} exceeds the dataset size N={size}: the estimator searches "
-                       f"all {size} elements (k = N, the exact posterior), and estimator.k={size} is recorded")
+    if config.estimator.get("name") != "knn":
+        return changes
+    k = config.estimator.get("k")
+    if isinstance(k, int) and not isinstance(k, bool) and k > size:
+        changes.append(f"estimator.k={k} exceeds the dataset size N={size}: the estimator searches all {size} "
+                       f"elements (k = N, the exact posterior), and estimator.k={size} is recorded")
         config.estimator.k = size
+    index = OmegaConf.to_container(config.index, resolve=True)
+    fields = {key: value for key, value in index.items() if key in INDEX_SPEC_FIELDS}
+    if fields.get("kind", "flat") not in ("ivf", "ivf_sq8", "sq8"):
+        return changes
+    try:
+        resolved = IndexSpec(**fields).resolved(size)
+    except ValueError:
+        return changes  # the index refuses it itself, naming the setting (index.nlist=... exceeds N)
+    bounds = {"nprobe": f"the index's nlist={resolved.nlist} lists", "train_size": f"the dataset size N={size}"}
+    for name, bound in bounds.items():
+        given, ran = fields.get(name), getattr(resolved, name)
+        if given is not None and ran != given:
+            changes.append(f"index.{name}={given} exceeds {bound}: index.{name}={ran} runs and is recorded")
+            config.index[name] = ran
     return changes
 
 

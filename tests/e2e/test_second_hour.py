@@ -5,8 +5,8 @@
   the folder's lock and config are checked before the dataset loads.
 - A key that does not exist gets the closest real keys as its hint; a library's value error is restated with the
   setting's full key and its allowed range; a folder that cannot be created names the setting that chose it.
-- Nothing mixes silently: estimator.k > N is stated once and recorded as what ran; an image folder holding train/
-  and test/ needs a subfolder.
+- Nothing mixes silently: estimator.k > N (and an IVF index's nprobe > nlist) is stated once and recorded as what
+  ran; an image folder holding train/ and test/ needs a subfolder.
 - report.py draws no Figure 4 without data and says why.
 """
 
@@ -176,16 +176,21 @@ def test_a_folder_in_use_is_refused_before_the_dataset_loads(bound):
         "folder with run_name=NEW_NAME"], stderr
 
 
-def test_k_beyond_the_dataset_is_stated_once_and_recorded_as_what_ran(tmp_path):
-    command = [*TRAIN, "output_root=outputs/train", "run_name=k", "estimator.k=100000"]
+def test_settings_beyond_their_bounds_are_stated_once_and_recorded_as_what_ran(tmp_path):
+    """estimator.k > N searches all N; an IVF index's nprobe beyond its nlist lists probes them all."""
+    command = [*TRAIN, "output_root=outputs/train", "run_name=k", "estimator.k=100000", "index=ivf", "index.nlist=16",
+               "index.nprobe=64"]
     status, stdout, stderr = run_app("train.py", *command, cwd=tmp_path)
     assert status == 0, stderr[-2000:]
-    statement = ("estimator.k=100000 exceeds the dataset size N=1797: the estimator searches all 1797 elements "
-                 "(k = N, the exact posterior), and estimator.k=1797 is recorded")
-    assert (stdout + stderr).count(statement) == 1, stdout + stderr
+    statements = ["estimator.k=100000 exceeds the dataset size N=1797: the estimator searches all 1797 elements "
+                  "(k = N, the exact posterior), and estimator.k=1797 is recorded",
+                  "index.nprobe=64 exceeds the index's nlist=16 lists: index.nprobe=16 runs and is recorded"]
+    assert all((stdout + stderr).count(statement) == 1 for statement in statements), stdout + stderr
     run = tmp_path / "outputs" / "train" / "k"
-    assert yaml.safe_load((run / "config.yaml").read_text())["estimator"]["k"] == 1797
-    assert json.loads((run / "run.json").read_text())["identity"]["estimator.k"] == 1797
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert recorded["estimator"]["k"] == 1797 and recorded["index"]["nprobe"] == 16
+    identity = json.loads((run / "run.json").read_text())["identity"]
+    assert identity["estimator.k"] == 1797 and identity["index.nprobe"] == 16
     status, stdout, stderr = run_app("train.py", *command, cwd=tmp_path)  # the same command, again: the same run
     assert status == 0 and "this run had already finished (step 2 of 2)" in stdout, stderr[-2000:]
 
