@@ -34,6 +34,11 @@ IMAGE_DISTRIBUTIONS = ["torch", "torchvision", "numpy", "scipy", "scikit-learn",
                        "pytest"]
 
 
+# The ddp part's two processes each import torch and torch._dynamo (the optimizer's first use) and build a
+# Trainer: on a GPU node's 16 cores within the part's budget, on two shared cores beside other jobs not always.
+DDP_ON_A_SHARED_CPU = ("--budget", "ddp=150")
+
+
 # ------------------------------------------------------------------------------------------ helpers
 def _start(*arguments, env=None) -> subprocess.Popen:
     """The real script as its own process group (the test kills the group, never anything else)."""
@@ -206,7 +211,7 @@ def test_cpu_rehearsal_runs_every_part_in_order_on_the_cpu(tmp_path):
     (the benchmark's thread count cannot leak into the training parts), resume bit-identical, and every
     module the parts import is the GPU image's or the bundle's."""
     jsonl = tmp_path / "out.jsonl"
-    process = _start("--device", "cpu", "--quick", "--jsonl", str(jsonl))
+    process = _start("--device", "cpu", "--quick", "--jsonl", str(jsonl), *DDP_ON_A_SHARED_CPU)
     try:
         stdout, stderr = process.communicate(timeout=900)
     finally:
@@ -275,7 +280,7 @@ def test_missing_preconditions_are_said_in_one_line_and_the_check_goes_on(tmp_pa
 def test_two_ddp_ranks_train_resume_and_agree_on_the_cpu(tmp_path):
     """The DDP part as the rehearsal runs it: two gloo processes, the real Trainer, 3 steps, a resume, a 4th."""
     completed = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--parts", "environment",
-                                "ddp"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                                "ddp", *DDP_ON_A_SHARED_CPU], cwd=ROOT, capture_output=True, text=True, timeout=600)
     lines = {json.loads(line)["part"]: json.loads(line) for line in completed.stdout.splitlines()}
     ddp = lines["ddp"]
     assert ddp["status"] == "ok", (ddp.get("error"), completed.stderr[-3000:])
