@@ -9,8 +9,8 @@ transform, E[T x | z, T] = sum_i softmax_i(-||z - T x_i||^2 / (2 t^2)) T x_i, by
 images transformed by T (for images the pipe resampled, all 50,000 images are warped by that image's T,
 so only ``--resampled`` of them per level are scored). Per-pixel MSE against it, for:
 
-- rule: the training target (knn_cm.estimators.augmented): KNN (k 2048, n 256) on T^-1 z, then T, for
-  flips; the augmented source T x where T resamples;
+- rule: the training target (KNN.augmented_target, the dataset estimators' rule): KNN (k 2048, n 256) on
+  T^-1 z, then T, for flips; the augmented source T x where T resamples;
 - unaugmented: the KNN estimate on z itself, the posterior mean of the unaugmented data (what a silent
   fall-back would use);
 - knn_ignoring_resampling (resampled images only): KNN with only the flips undone, as if T were a flip.
@@ -28,7 +28,6 @@ import torch
 
 from knn_cm.data import load_image_folder
 from knn_cm.estimators import make_estimator
-from knn_cm.estimators.augmented import augmented_target
 from knn_cm.search import build_index
 from knn_cm.training.augment import EDM_CIFAR10, Augmentation, AugmentPipe
 
@@ -78,7 +77,7 @@ def main(argv=None) -> None:
         z = augmented + t * torch.randn(augmented.shape, generator=generator)
         sigma = torch.full((args.sources,), t)
         draws = torch.Generator().manual_seed(args.seed * 1000 + level + 500)
-        rule, _ = augmented_target(knn, pipe, augmentation, z, sigma, augmented, draws)
+        rule, _ = knn.augmented_target(pipe, augmentation, z, sigma, augmented, draws)
         unaugmented = knn(z, sigma, generator=draws)
         ignoring = augmentation.apply_orthogonal(knn(augmentation.invert_orthogonal(z), sigma, generator=draws))
         orthogonal = augmentation.orthogonal_only

@@ -17,7 +17,7 @@ import torch
 
 from knn_cm.data.resident import resolve_storage
 from knn_cm.data.store import DataStore
-from knn_cm.device import as_device
+from knn_cm.device import as_device, to_device_async
 from knn_cm.numerics import isolated_numerics
 from knn_cm.settings import positive_int
 
@@ -57,7 +57,8 @@ class Estimator:
             "async" (default: device-side assertion) or "off". See :data:`VALUE_CHECKS`.
     """
 
-    name = "base"
+    name = "base"  # set by register_estimator (knn_cm.estimators.registry)
+    needs_store = True  # False for estimators that need no dataset (single, network)
     needs_source = False  # True when the estimator requires the clean source x
     uses_rows = True  # False for estimators that never read the store's rows (single, network)
     needs_index = False  # True when the estimator searches an index (knn; see knn_cm.estimators.factory)
@@ -130,6 +131,43 @@ class Estimator:
         x_hat = self(z, sigma, x=x, generator=generator)
         sigma = self._sigma_vector(sigma, z.shape[0], z.device, z.dtype)
         return (x_hat - z) / sigma.reshape(-1, *([1] * (z.ndim - 1))) ** 2
+
+    def augmented_target(self, pipe, augmentation, z: torch.Tensor, sigma: torch.Tensor, x_augmented: torch.Tensor,
+                         generator: torch.Generator | None = None, host_seed: int | None = None
+                         ) -> tuple[torch.Tensor, dict]:
+        """The regression target [B, C, H, W] under EDM's augmentation, and statistics (docs/training.md).
+
+        The network D(z, sigma, a) sees z = T_a x + sigma eps, x from the data, with the labels a of the transform
+        T_a; its ideal output is the posterior mean over the distribution it is trained on,
+        E[T_a x | z, sigma, a] = sum_i softmax_i(-||z - T_a x_i||^2 / (2 sigma^2)) T_a x_i. Every estimator's
+        target is an estimate of that, never of the unaugmented E[x | z]. This default serves estimators over
+        the dataset (knn, exact, mc, uniform, the local denoisers): where T_a only flips and turns the image (a
+        permutation of pixels, so ||z - T x_i|| = ||T^-1 z - x_i||) the target is T_a est(T_a^-1 z), exactly the
+        estimator's estimate of the augmented posterior mean; where T_a also resamples or translates (distances
+        to T_a x_i cannot be searched in the dataset), the augmented source T_a x, the unbiased single-sample
+        estimate of the same mean. The share of such targets is ``augment_source_targets``.
+
+        Which images take which rule is known on the host (the pipe drew it there): no device value is read.
+
+        Args:
+            pipe: the augmentation pipe (``pipe.augment(images, generator) -> (images, augmentation)``).
+            augmentation: what the pipe did to the sources (``orthogonal_only`` [B] bool on the host,
+                ``subset``, ``apply_orthogonal``, ``invert_orthogonal``).
+            z: noisy images [B, C, H, W] = x_augmented + sigma eps; sigma [B].
+            x_augmented: the augmented sources T_a x [B, C, H, W].
+            generator: the estimator's generator.
+            host_seed: the training step's seed for draws made on the host (STF's reference augmentation).
+        """
+        exact_rule = augmentation.orthogonal_only  # [B] bool, host
+        share_of_sources = float((~exact_rule).float().mean())  # a host read
+        if not bool(exact_rule.any()):
+            return x_augmented.clone(), {"augment_source_targets": share_of_sources}
+        rows = exact_rule.nonzero().flatten()
+        rows_on_device = to_device_async(rows, z.device)
+        query = augmentation.invert_orthogonal(z).index_select(0, rows_on_device)
+        estimate = self(query, sigma.index_select(0, rows_on_device), generator=generator)
+        target = x_augmented.index_copy(0, rows_on_device, augmentation.subset(rows).apply_orthogonal(estimate))
+        return target, {"augment_source_targets": share_of_sources}
 
     def posterior_mean(self, z: torch.Tensor, sigma: torch.Tensor, x: torch.Tensor | None,
                        generator: torch.Generator | None) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 from knn_cm.estimators.base import Estimator
 from knn_cm.estimators.distances import exact_log_likelihoods
 from knn_cm.estimators.draws import combine_duplicates, sample_categorical
+from knn_cm.estimators.registry import register_estimator
 from knn_cm.estimators.snis import normalised_weights, weighted_mean, weights_times_rows
 from knn_cm.settings import positive_int
 
@@ -20,6 +21,7 @@ def _query_chunks(batch: int, size: int, dtype: torch.dtype):
     return [(start, min(start + step, batch)) for start in range(0, batch, step)]
 
 
+@register_estimator("exact")
 class ExactPosterior(Estimator):
     """mu = sum_i p(x_i | z) x_i over all N elements (Eq. 8).
 
@@ -28,7 +30,6 @@ class ExactPosterior(Estimator):
     times data ([B, N] x [N, d]).
     """
 
-    name = "exact"
 
     def posterior_mean(self, z, sigma, x, generator):
         out = torch.empty_like(z)
@@ -46,13 +47,13 @@ class ExactPosterior(Estimator):
             return torch.log_softmax(log_likelihoods, dim=1)
 
 
+@register_estimator("mc")
 class PosteriorMC(Estimator):
     """Posterior Monte Carlo: the mean of n draws from p(x_i | z) (Eq. 9); unbiased, variance / n.
 
     Needs the exact posterior (a pass over the data), so it is a reference, not a fast estimator.
     """
 
-    name = "mc"
 
     def __init__(self, store, n: int = 256, **kwargs):
         super().__init__(store, **kwargs)

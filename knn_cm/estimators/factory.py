@@ -5,7 +5,8 @@ configs/estimator_study/estimator_set/*.yaml, the ``estimator`` block of sample.
 every app and the study through :func:`build_estimator`::
 
     name: knn               # single | exact | mc | uniform | stf | knn | network, or a local denoiser:
-                            # ls | els | pspc_square | cfdm | gaussian (:data:`ESTIMATORS`, docs/denoisers.md)
+                            # ls | els | pspc_square | cfdm | gaussian (docs/denoisers.md), or any name a
+                            # package registers (knn_cm.estimators.registry)
     k: 2048                 # the estimator's own arguments
     n: 256
     index: {kind: flat}     # estimators that search (knn): build_index arguments (default {kind: flat});
@@ -27,50 +28,26 @@ import torch
 
 from knn_cm.device import as_device, is_accelerator
 from knn_cm.estimators.base import Estimator
-from knn_cm.estimators.exact import ExactPosterior, PosteriorMC
-from knn_cm.estimators.gaussian import GaussianDenoiser
-from knn_cm.estimators.knn import KNN
-from knn_cm.estimators.local import ClosedFormSmoothed, EquivariantLocalScore, LocalScore, PSPCSquare
-from knn_cm.estimators.network import NetworkEstimator
-from knn_cm.estimators.single import SingleSample
-from knn_cm.estimators.stf import STF
-from knn_cm.estimators.uniform import UniformSNIS
+from knn_cm.estimators.registry import estimator_class, estimator_names
 
 log = logging.getLogger(__name__)
 
-ESTIMATORS: dict[str, type[Estimator]] = {
-    "single": SingleSample,
-    "exact": ExactPosterior,
-    "mc": PosteriorMC,
-    "uniform": UniformSNIS,
-    "stf": STF,
-    "knn": KNN,
-    "network": NetworkEstimator,
-    # Local (generalising) empirical denoisers, docs/denoisers.md: exhaustive unless k and n are given.
-    "ls": LocalScore,
-    "els": EquivariantLocalScore,
-    "pspc_square": PSPCSquare,
-    "cfdm": ClosedFormSmoothed,
-    "gaussian": GaussianDenoiser,
-}
 DEFAULT_INDEX = {"kind": "flat"}
 
 
 def make_estimator(name: str, store=None, **kwargs) -> Estimator:
-    """Build an estimator by name: "single" "exact" "mc" "uniform" "stf" "knn" "network".
+    """Build the estimator registered as ``name`` (:mod:`knn_cm.estimators.registry`) over ``store``.
 
-    Keyword arguments go to the estimator: ``n`` (mc, uniform, stf, knn), ``k`` and ``index`` (knn),
-    ``variant`` (stf), ``denoiser`` (network), and ``device`` / ``dtype`` (all). The local denoisers "ls" "els"
-    "pspc_square" "cfdm" and "gaussian" take ``patch_size``, ``window``, ``padding`` (els), ``smoothing`` and
-    ``draws`` (cfdm), and ``k`` with ``n`` for their KNN form (docs/denoisers.md).
+    knn-cm's own: "single" "exact" "mc" "uniform" "stf" "knn" "network", and the local denoisers "ls" "els"
+    "pspc_square" "cfdm" "gaussian". Keyword arguments go to the estimator: ``n`` (mc, uniform, stf, knn), ``k``
+    and ``index`` (knn), ``variant`` (stf), ``denoiser`` (network), and ``device`` / ``dtype`` (all); the local
+    denoisers take ``patch_size``, ``window``, ``padding`` (els), ``smoothing`` and ``draws`` (cfdm), and ``k``
+    with ``n`` for their KNN form (docs/denoisers.md).
     """
-    if name not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {name!r}; allowed: {', '.join(ESTIMATORS)}")
-    if name == "network":
-        return NetworkEstimator(store=store, **kwargs)
-    if store is None and name != "single":
+    cls = estimator_class(name)
+    if store is None and cls.needs_store:
         raise ValueError(f"the {name!r} estimator needs a DataStore: make_estimator({name!r}, store, ...)")
-    return ESTIMATORS[name](store, **kwargs)
+    return cls(store=store, **kwargs)
 
 
 def build_estimator(spec: Mapping, store, device: str | torch.device = "cpu", *, indexes: dict | None = None,
@@ -89,14 +66,15 @@ def build_estimator(spec: Mapping, store, device: str | torch.device = "cpu", *,
     """
     arguments = dict(spec)
     name = arguments.pop("name", None)
-    if name not in ESTIMATORS:
-        raise ValueError(f"{setting}.name must be one of {', '.join(ESTIMATORS)}, got {name!r}")
+    if name not in estimator_names():
+        raise ValueError(f"{setting}.name must be one of {', '.join(estimator_names())}, got {name!r}")
+    cls = estimator_class(name)
     index_spec = arguments.pop("index", None)
     checkpoint = arguments.pop("checkpoint", None)
     index_setting = index_setting or f"{setting}.index"
-    _refuse_unknown(arguments, _parameters(ESTIMATORS[name]), setting, f"the {name!r} estimator")
+    _refuse_unknown(arguments, _parameters(cls), setting, f"the {name!r} estimator")
     device = as_device(device, f"{setting} device")
-    if ESTIMATORS[name].needs_index:  # the others ignore an index (train.py's index group is always there)
+    if cls.needs_index:  # the others ignore an index (train.py's index group is always there)
         index_spec = dict(index_spec or DEFAULT_INDEX)
         from knn_cm.search import build_index
 

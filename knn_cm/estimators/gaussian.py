@@ -14,14 +14,15 @@ from __future__ import annotations
 import torch
 
 from knn_cm.estimators.base import Estimator
+from knn_cm.estimators.registry import register_estimator
 
 _CHUNK = 4096
 
 
+@register_estimator("gaussian")
 class GaussianDenoiser(Estimator):
     """mu + U diag(s / (s + sigma^2)) U^T (z - mu) for the store's mean mu [d] and covariance U diag(s) U^T."""
 
-    name = "gaussian"
 
     def __init__(self, store, **kwargs):
         super().__init__(store, **kwargs)

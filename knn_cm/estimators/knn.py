@@ -22,6 +22,7 @@ import torch
 from knn_cm.estimators.base import Estimator
 from knn_cm.estimators.distances import log_likelihood, sq_norms
 from knn_cm.estimators.draws import combine_duplicates, sample_categorical, uniform_outside
+from knn_cm.estimators.registry import register_estimator
 from knn_cm.estimators.snis import snis_mean
 from knn_cm.settings import positive_int
 
@@ -45,6 +46,7 @@ class KNNProposal:
     log_likelihood_neighbours: torch.Tensor
 
 
+@register_estimator("knn")
 class KNN(Estimator):
     """Nearest-neighbour SNIS estimator of E[x | z, sigma] (Algorithm 1).
 
@@ -59,7 +61,6 @@ class KNN(Estimator):
             index's float32 rounding).
     """
 
-    name = "knn"
     needs_index = True
 
     def __init__(self, store, index=None, k: int = 2048, n: int = 256, refine_proposal: bool = False, **kwargs):

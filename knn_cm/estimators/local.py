@@ -29,6 +29,7 @@ import torch
 from knn_cm.estimators.base import Estimator
 from knn_cm.estimators.filtered import FilteredPosterior, Group, Layout
 from knn_cm.estimators.patches import PADDINGS, PatchSchedule, make_window, window_map
+from knn_cm.estimators.registry import register_estimator
 from knn_cm.settings import non_negative_int, positive_int
 
 
@@ -112,11 +113,11 @@ def _all_pixels(height: int, width: int) -> torch.Tensor:
     return torch.arange(height * width)
 
 
+@register_estimator("ls")
 class LocalScore(PatchEstimator):
     """``ls``: pixel u from the posterior over the store's images with the likelihood of the window around u
     (zero padding: the window truncated at the border), the same location in every image (Kamb & Ganguli)."""
 
-    name = "ls"
 
     def build_layout(self, size: int) -> Layout:
         _, height, width = self.store.shape
@@ -125,6 +126,7 @@ class LocalScore(PatchEstimator):
         return Layout([Group(wmap, wmap, paired=True)], "centre", window.centre)
 
 
+@register_estimator("els")
 class EquivariantLocalScore(PatchEstimator):
     """``els``: the bank is every window at every location of every image; pixel u = the posterior-weighted
     mean of the windows' centre pixels given z's window at u (Kamb & Ganguli).
@@ -135,7 +137,6 @@ class EquivariantLocalScore(PatchEstimator):
     windows, so corners meet only the same corner.
     """
 
-    name = "els"
 
     def __init__(self, store, patch_size=3, padding: str = "circular", **kwargs):
         if padding not in PADDINGS:
@@ -162,13 +163,13 @@ class EquivariantLocalScore(PatchEstimator):
         return Layout(groups, "centre", window.centre)
 
 
+@register_estimator("pspc_square")
 class PSPCSquare(PatchEstimator):
     """``pspc_square``: each ``patch_size`` crop position where the crop fits (no padding) has the posterior mean
     over the images' crops at that position; a pixel is the uniform mean over the crops covering it (Niedoba et
     al., ICML 2025). A size above the image's height or width is cut to it (a size at least both is the whole
     image: the exact posterior mean)."""
 
-    name = "pspc_square"
     centred = False
 
     def build_layout(self, size: int) -> Layout:
@@ -182,6 +183,7 @@ class PSPCSquare(PatchEstimator):
         return Layout([Group(wmap, wmap, paired=True)], "window")
 
 
+@register_estimator("cfdm")
 class ClosedFormSmoothed(FilteredEstimator):
     """``cfdm``: the empirical posterior mean averaged over jittered queries (Scarvelis et al., TMLR 2025),
 
@@ -192,7 +194,6 @@ class ClosedFormSmoothed(FilteredEstimator):
     (N - k) / n: the estimator Scarvelis et al. use.
     """
 
-    name = "cfdm"
 
     def __init__(self, store, smoothing: float = 0.1, draws: int = 8, **kwargs):
         super().__init__(store, **kwargs)

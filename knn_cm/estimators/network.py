@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 from knn_cm.estimators.base import Estimator
+from knn_cm.estimators.registry import register_estimator
 from knn_cm.settings import positive_int
 
 
+@register_estimator("network")
 class NetworkEstimator(Estimator):
     """Wraps any denoiser ``D(z [B, C, H, W], sigma [B]) -> x_hat [B, C, H, W]`` (e.g. EDMPrecond).
 
@@ -15,7 +17,7 @@ class NetworkEstimator(Estimator):
     only checks z's shape.
     """
 
-    name = "network"
+    needs_store = False
     uses_rows = False
 
     def __init__(self, denoiser, store=None, **kwargs):
@@ -34,3 +36,8 @@ class NetworkEstimator(Estimator):
         """A network is deterministic: one evaluation, repeated R times [R, B, C, H, W]."""
         repeats = positive_int(repeats, "repeats")
         return self(z, sigma).unsqueeze(0).expand(repeats, *z.shape)
+
+    def augmented_target(self, pipe, augmentation, z, sigma, x_augmented, generator=None, host_seed=None):
+        """Refused: a network's estimate is not a posterior mean over the augmented training images."""
+        raise ValueError("the 'network' estimator has no target under augmentation; set "
+                         "trainer.objective.augment=null or train with a dataset estimator")

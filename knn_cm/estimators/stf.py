@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import torch
 
+from knn_cm.device import host_generator
 from knn_cm.estimators.base import Estimator
 from knn_cm.estimators.distances import log_likelihood, reference_log_likelihoods, reference_sq_dists, sq_norms
 from knn_cm.estimators.draws import draw_uniform_rows
+from knn_cm.estimators.registry import register_estimator
 from knn_cm.settings import positive_int
 
 STF_VARIANTS = ("per_sample", "shared")
+# Distinguishes the reference batch's augmentation from the other draws made under one training step's seed.
+_REFERENCE_AUGMENT_STREAM = 0x2545F4914F6CDD1D
 
 
+@register_estimator("stf")
 class STF(Estimator):
     """STF posterior-mean estimator with reference size n (Xu et al. 2023)."""
 
-    name = "stf"
 
     def __init__(self, store, n: int = 256, variant: str = "per_sample", **kwargs):
         super().__init__(store, **kwargs)
@@ -63,3 +67,20 @@ class STF(Estimator):
                                                  fixed_shapes=self.sync_free), source_sq_dist.unsqueeze(1)], dim=1)
         weights = torch.softmax(log_likelihood(sq_dists, sigma), dim=1)
         return weights[:, :-1] @ others + weights[:, -1:] * x
+
+    def augmented_target(self, pipe, augmentation, z, sigma, x_augmented, generator=None, host_seed=None):
+        """STF's own recipe under augmentation (its training code augments the whole reference batch): the
+        minibatch's augmented sources plus the other reference images, each augmented independently; the
+        target is STF's self-normalised average over them, a posterior mean over the augmented empirical
+        distribution. The other images' augmentation is drawn on the host from ``generator`` when it is a CPU
+        generator, else from one seeded with ``host_seed`` (no device read) or a draw from ``generator``."""
+        z_flat, sigma, x_flat = self._validate(z, sigma, x_augmented)
+        count = self.other_count(z.shape[0], with_sources=True)
+        others = draw_uniform_rows(self.rows, count, generator, self.sync_free)
+        if count:
+            seed = None if host_seed is None else host_seed ^ _REFERENCE_AUGMENT_STREAM
+            others = pipe.augment(others.reshape(count, *z.shape[1:]), host_generator(generator, seed))[0]
+            others = others.reshape(count, -1).to(device=self.device, dtype=self.dtype)
+        with self._computing():
+            out = self.mean_with_sources(z_flat, sigma, x_flat, others)
+        return out.reshape(z.shape).to(device=z.device, dtype=z.dtype), {"augment_source_targets": 0.0}

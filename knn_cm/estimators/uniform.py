@@ -7,9 +7,11 @@ import torch
 from knn_cm.estimators.base import Estimator
 from knn_cm.estimators.distances import reference_log_likelihoods
 from knn_cm.estimators.draws import draw_uniform_rows
+from knn_cm.estimators.registry import register_estimator
 from knn_cm.settings import positive_int
 
 
+@register_estimator("uniform")
 class UniformSNIS(Estimator):
     """Eq. 11 with q = 1/N: n uniform draws, weights proportional to p(z | x_j).
 
@@ -18,7 +20,6 @@ class UniformSNIS(Estimator):
     are two matrix products.
     """
 
-    name = "uniform"
 
     def __init__(self, store, n: int = 256, **kwargs):
         super().__init__(store, **kwargs)

@@ -6,7 +6,7 @@ ln sigma ~ N(P_mean, P_std^2), weight lambda(sigma) = (sigma^2 + sd^2) / (sigma 
 
 With ``augment`` (EDM's CIFAR-10 recipe: p 0.12, 9 labels), the sources are augmented first, the network
 gets the augmentation labels (``augment_dim``), and the target is the estimator's estimate of the posterior
-mean over the augmented distribution (``knn_cm.estimators.augmented``).
+mean over the augmented distribution (each estimator's ``augmented_target``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from knn_cm.device import host_generator
-from knn_cm.estimators.augmented import augmented_target
 from knn_cm.models.dropout import active_dropout_seed
 from knn_cm.training.augment import AugmentPipe
 from knn_cm.training.stage_timer import StageTimer
@@ -98,8 +97,9 @@ class EDMObjective:
             if augmentation is None:
                 target = self.estimator(z, sigma, x=x, generator=estimator_generator)
             else:
-                target, stats = augmented_target(self.estimator, self.augment, augmentation, z, sigma, x,
-                                                 generator=estimator_generator)
+                target, stats = self.estimator.augmented_target(self.augment, augmentation, z, sigma, x,
+                                                                generator=estimator_generator,
+                                                                host_seed=active_dropout_seed())
         weight = (sigma.square() + self.sigma_data**2) / (sigma * self.sigma_data).square()
         labels = {"augment_labels": augmentation.labels} if augmentation is not None else \
             self._unaugmented_labels(teacher, batch, z.device)

@@ -97,7 +97,7 @@ def test_estimators_that_do_not_search_ignore_the_index(clustered_store):
 
 
 @pytest.mark.parametrize("spec, setting, message", [
-    ({"name": "kNN"}, "estimators.mine", r"estimators.mine.name must be one of single, exact, .* got 'kNN'"),
+    ({"name": "kNN"}, "estimators.mine", r"estimators.mine.name must be one of .*knn.*single.*, got 'kNN'"),
     ({"k": 3}, "estimator", r"estimator.name must be one of .* got None"),
     ({"name": "network"}, "tswitch.estimators.edm", r"tswitch.estimators.edm: a network estimator needs checkpoint"),
     ({"name": "knn", "k": 0}, "estimator", r"k must be an integer >= 1, got 0"),

@@ -10,7 +10,7 @@ import torch
 
 from knn_cm.data import DataStore
 from knn_cm.diffusion import VEProcess, VPProcess
-from knn_cm.estimators import ESTIMATORS, make_estimator
+from knn_cm.estimators import estimator_names, make_estimator
 from knn_cm.estimators.distances import gemm_is_accurate
 from knn_cm.estimators.draws import combine_duplicates
 from knn_cm.estimators.snis import snis_mean
@@ -340,7 +340,7 @@ def test_snis_mean_both_distance_paths_match_float64(random_store, data64):
 
 # ------------------------------------------------------------------------------------- bad input
 def test_unknown_estimator(random_store):
-    with pytest.raises(ValueError, match="unknown estimator 'kNN'.*allowed: single, exact, mc"):
+    with pytest.raises(ValueError, match="unknown estimator 'kNN'; allowed: .*exact.*knn.*single"):
         make_estimator("kNN", random_store)
 
 
@@ -396,8 +396,8 @@ def test_missing_source_and_store(random_store):
 
 
 def test_registry_lists_every_estimator():
-    assert set(ESTIMATORS) == {"single", "exact", "mc", "uniform", "stf", "knn", "network",
-                               "ls", "els", "pspc_square", "cfdm", "gaussian"}
+    assert {"single", "exact", "mc", "uniform", "stf", "knn", "network", "ls", "els", "pspc_square", "cfdm",
+            "gaussian"} <= set(estimator_names())
 
 
 def test_repeated_matches_the_estimators_distribution(random_store, flat_index):

@@ -12,7 +12,6 @@ from hydra.utils import instantiate
 
 from knn_cm.data import load_digits
 from knn_cm.estimators import make_estimator
-from knn_cm.estimators.augmented import augmented_target
 from knn_cm.models import EDMPrecond, SongUNet
 from knn_cm.search import build_index
 from knn_cm.training import EDMObjective
@@ -182,7 +181,7 @@ def test_knn_target_is_the_posterior_mean_over_the_flipped_data(digits):
     sigma = torch.full((x.shape[0],), 1.5)
     z = augmented + sigma.reshape(-1, 1, 1, 1) * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     exact = make_estimator("exact", digits, dtype=torch.float64)
-    target, stats = augmented_target(exact, pipe, augmentation, z, sigma, augmented)
+    target, stats = exact.augmented_target(pipe, augmentation, z, sigma, augmented)
     assert stats["augment_source_targets"] == 0.0
     data = digits.float(torch.arange(len(digits)))
     for i in range(x.shape[0]):
@@ -196,7 +195,7 @@ def test_knn_target_is_the_posterior_mean_over_the_flipped_data(digits):
     moved = augmentation.xflip | augmentation.yflip | (augmentation.quarter_turns > 0)
     assert float((plain[moved] - target[moved]).abs().max()) > 0.1
     knn = make_estimator("knn", digits, index=build_index(digits, "flat"), k=256, n=64)
-    knn_target, _ = augmented_target(knn, pipe, augmentation, z, sigma, augmented, torch.Generator().manual_seed(2))
+    knn_target, _ = knn.augmented_target(pipe, augmentation, z, sigma, augmented, torch.Generator().manual_seed(2))
     assert float((knn_target - target).square().mean()) < 0.1 * float((plain - target).square().mean())
 
 
@@ -213,29 +212,30 @@ def test_resampled_images_get_their_augmented_source_and_stf_augments_its_refere
     sigma = torch.full((32,), 2.0)
     z = augmented + 2.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
     knn = make_estimator("knn", digits, index=build_index(digits, "flat"), k=64, n=16)
-    target, stats = augmented_target(knn, pipe, augmentation, z, sigma, augmented, torch.Generator().manual_seed(5))
+    target, stats = knn.augmented_target(pipe, augmentation, z, sigma, augmented, torch.Generator().manual_seed(5))
     resampled = ~augmentation.orthogonal_only
     assert bool(resampled.any()) and torch.equal(target[resampled], augmented[resampled])
     assert stats["augment_source_targets"] == pytest.approx(float(resampled.float().mean()))
-    single, _ = augmented_target(make_estimator("single"), pipe, augmentation, z, sigma, augmented)
+    single, _ = make_estimator("single").augmented_target(pipe, augmentation, z, sigma, augmented)
     assert torch.equal(single, augmented)
     # STF with p = 0 is the STF estimator itself (same draws); with p > 0 its reference images are augmented.
     for variant, n in (("per_sample", 16), ("shared", 48)):
         stf = make_estimator("stf", digits, n=n, variant=variant)
         identity = AugmentPipe(p=0.0, **{k: v for k, v in EDM_CIFAR10.items() if k != "p"})
         plain = stf(z, sigma, x=augmented, generator=torch.Generator().manual_seed(6))
-        same, _ = augmented_target(stf, identity, augmentation, z, sigma, augmented, torch.Generator().manual_seed(6))
+        same, _ = stf.augmented_target(identity, augmentation, z, sigma, augmented, torch.Generator().manual_seed(6))
         assert torch.equal(same, plain)  # one implementation of STF's average (STF.mean_with_sources)
-        other, _ = augmented_target(stf, AugmentPipe(p=1.0, xflip=1, yflip=1), augmentation, z, sigma, augmented,
-                                    torch.Generator().manual_seed(6))
+        other, _ = stf.augmented_target(AugmentPipe(p=1.0, xflip=1, yflip=1), augmentation, z, sigma, augmented,
+                                        torch.Generator().manual_seed(6))
         assert not torch.allclose(other, plain)
-    with pytest.raises(ValueError, match="no augmented-target rule"):
-        augmented_target(make_estimator("network", denoiser=lambda z, s: z), pipe, augmentation, z, sigma, augmented)
+    with pytest.raises(ValueError, match="'network' estimator has no target under augmentation"):
+        make_estimator("network", denoiser=lambda z, s: z).augmented_target(pipe, augmentation, z, sigma, augmented)
 
 
 def test_the_rule_follows_the_estimator_class_not_its_name(digits):
-    """Rules are keyed by class (knn_cm.estimators.augmented.RULES): a subclass inherits its base's rule whatever
-    it is called, and a class without a rule is refused even when it borrows a known name."""
+    """The rule is the estimator's own method (Estimator.augmented_target): a subclass inherits its base's rule
+    whatever it is called, and a class that borrows the name "single" gets the dataset estimators' rule (its
+    estimate in the unaugmented frame), not the single-sample estimator's augmented source."""
     from knn_cm.estimators import KNN, Estimator
 
     pipe = AugmentPipe(p=1.0, xflip=1, yflip=1, rotate_int=1)
@@ -250,8 +250,8 @@ def test_the_rule_follows_the_estimator_class_not_its_name(digits):
     index = build_index(digits, "flat")
     renamed = RenamedKNN(digits, index=index, k=64, n=16)
     plain = make_estimator("knn", digits, index=index, k=64, n=16)
-    target, stats = augmented_target(renamed, pipe, augmentation, z, sigma, augmented, torch.Generator().manual_seed(2))
-    expected, _ = augmented_target(plain, pipe, augmentation, z, sigma, augmented, torch.Generator().manual_seed(2))
+    target, stats = renamed.augmented_target(pipe, augmentation, z, sigma, augmented, torch.Generator().manual_seed(2))
+    expected, _ = plain.augmented_target(pipe, augmentation, z, sigma, augmented, torch.Generator().manual_seed(2))
     assert torch.equal(target, expected) and stats["augment_source_targets"] == 0.0
 
     class Impostor(Estimator):  # says "single" but is not the single-sample estimator
@@ -260,8 +260,8 @@ def test_the_rule_follows_the_estimator_class_not_its_name(digits):
         def posterior_mean(self, z, sigma, x, generator):
             return torch.zeros_like(z)
 
-    with pytest.raises(ValueError, match="no augmented-target rule for the 'single' estimator"):
-        augmented_target(Impostor(digits), pipe, augmentation, z, sigma, augmented)
+    impostor, stats = Impostor(digits).augmented_target(pipe, augmentation, z, sigma, augmented)
+    assert torch.equal(impostor, torch.zeros_like(z)) and stats["augment_source_targets"] == 0.0
 
 
 # ------------------------------------------------------------------------------------------- EDM training
