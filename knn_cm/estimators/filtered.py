@@ -13,17 +13,21 @@ over windows scaled by sqrt(lambda). Two forms, one result up to their error:
   with a running log-sum-exp (max, sum of weights, weighted sum of responses, rescaled when the max grows), so
   the result does not depend on how the bank is cut into chunks (up to float rounding);
 - KNN (:meth:`FilteredPosterior.knn`): Algorithm 1 over the bank with its neighbour stratum summed instead of
-  sampled: the k nearest sources (by :func:`knn_cm.search.torch_index.chunked_topk`, exact L2 over the
-  scaled windows) enter with their likelihoods, and the tail of Eq. 13's proposal (the M - k others, each with
-  proposal mass proportional to p(z | x_k)) is estimated by n uniform draws from it, each weighted by
-  (M - k) / n, i.e. 1 / q within the tail; all k + n weights use exact distances and are self-normalised
-  (Eq. 11). k >= M gives the exhaustive form; the estimate is consistent as n grows for any k.
+  sampled: k candidate neighbours per query enter with their likelihoods, and the tail of Eq. 13's proposal
+  (the M - k' others, k' the candidates found) is estimated by n uniform draws from it, each weighted by
+  (M - k') / n, i.e. 1 / q within the tail; all k' + n weights use exact distances of the gathered windows and
+  are self-normalised (Eq. 11). The candidates come from an exact scan
+  (:func:`knn_cm.search.torch_index.chunked_topk`, one per anchor for paired groups) or from the layout's
+  cached bank index (:mod:`knn_cm.search.bank_index`: one approximate search for every group and anchor at
+  once). Either way the tail covers every source the candidates miss, so the estimate is consistent as n grows
+  for any candidates; exact candidates with k >= M give the exhaustive form.
 
 A :class:`Layout` says which queries meet which bank (:class:`Group`) and how the responses become pixels.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -32,13 +36,16 @@ import torch
 from knn_cm.data.resident import ResidentRows
 from knn_cm.estimators.distances import gemm_is_accurate
 from knn_cm.estimators.draws import uniform_outside
-from knn_cm.estimators.patches import PatchBank, WindowMap, gather_windows, windows_of
+from knn_cm.estimators.patches import LayoutBank, PatchBank, WindowMap, gather_windows, windows_of
+from knn_cm.search.bank_index import BankIndex, BankIndexSpec, build_bank_index
 from knn_cm.search.torch_index import chunked_topk
 
 # Values allowed in one block of log-weights [B, Q, sources] (times the window size where differences
 # are formed directly): bounds the exhaustive form's temporary memory.
 LOGITS_BUDGET = 1 << 24
 RESPONSES = ("centre", "window")
+# search="auto" builds a bank index for layouts with more sources than this (below, an exact scan costs less).
+AUTO_INDEX_SOURCES = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -67,21 +74,39 @@ class Layout:
             every pixel is the anchor of exactly one query) or ``"window"`` (the whole window [C * T], averaged
             at each pixel over the query windows that cover it).
         centre: index of the window's centre offset (``"centre"`` responses).
+        label: a readable name of the layout (estimator and patch size), part of its bank index's cache key.
     """
 
     groups: list[Group]
     response: str
     centre: int | None = None
+    label: str = "layout"
+
+    def geometry_key(self) -> str:
+        """``label`` plus a digest of every group's windows (offsets, validity, precision) and pairing: equal keys
+        mean equal banks over equal data."""
+        digest = hashlib.sha1(self.response.encode())
+        for group in self.groups:
+            digest.update(b"paired" if group.paired else b"shared")
+            for tensor in (group.bank.pixels, group.bank.valid, group.bank.scale.double()):
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return f"{self.label}-{digest.hexdigest()[:16]}"
 
 
 class FilteredPosterior:
     """Both forms of the filtered posterior mean over one store's resident rows, for images of ``shape``."""
 
-    def __init__(self, rows: ResidentRows, shape: tuple[int, int, int], chunk_elements: int | None = None):
+    def __init__(self, rows: ResidentRows, shape: tuple[int, int, int], chunk_elements: int | None = None,
+                 search: str | BankIndexSpec = "exact"):
+        """``search``: how the KNN form finds candidates: ``"exact"`` (a scan), a :class:`BankIndexSpec` (the
+        layout's bank index), or ``"auto"`` (a default bank index for layouts of more than
+        :data:`AUTO_INDEX_SOURCES` sources, else the scan)."""
         self.rows = rows
         self.channels, self.height, self.width = shape
         self.chunk_elements = chunk_elements
+        self.search_setting = search
         self._banks: dict[tuple[int, int], PatchBank] = {}  # kept across calls: their norms cost a pass to build
+        self._indexes: dict[int, tuple[LayoutBank, BankIndex] | None] = {}  # by id(layout), built once
 
     def bank(self, group: Group, anchor: int | None = None) -> PatchBank:
         """The searchable bank of ``group`` (of its anchor ``anchor`` alone for paired groups), built once."""
@@ -185,9 +210,53 @@ class FilteredPosterior:
     def knn(self, z: torch.Tensor, sigma: torch.Tensor, layout: Layout, k: int, n: int,
             generator: torch.Generator | None) -> torch.Tensor:
         """The KNN form (the module docstring): z [B, d], sigma [B] -> [B, d]."""
-        results = [self._knn_group(self.query_windows(z, group), sigma, group, layout, k, n, generator)
-                   for group in layout.groups]
+        queries = [self.query_windows(z, group) for group in layout.groups]
+        indexed = self.bank_index(layout)
+        if indexed is None:
+            found = [self.search(group_queries, group, k) for group_queries, group in zip(queries, layout.groups)]
+        else:
+            found = self.search_index(queries, layout, *indexed, k)
+        results = [self._knn_group(group_queries, sigma, group, layout, n, generator, *candidates)
+                   for group_queries, group, candidates in zip(queries, layout.groups, found)]
         return self.assemble(results, layout, z.shape[0])
+
+    def bank_index(self, layout: Layout) -> tuple[LayoutBank, BankIndex] | None:
+        """The layout's bank and its index (built or loaded on first use), or None when ``search`` scans."""
+        key = id(layout)
+        if key not in self._indexes:
+            setting = self.search_setting
+            bank = LayoutBank(self.rows, [group.bank for group in layout.groups],
+                              [group.paired for group in layout.groups], self.channels, layout.geometry_key())
+            if setting == "auto":
+                setting = BankIndexSpec() if bank.size > AUTO_INDEX_SOURCES else "exact"
+            self._indexes[key] = None if setting == "exact" else (bank, build_bank_index(bank, setting))
+        return self._indexes[key]
+
+    def search_index(self, queries: list[torch.Tensor], layout: Layout, bank: LayoutBank, index: BankIndex,
+                     k: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Candidates of every group's queries [B, Q_g, C * T] from one search of the layout's bank index.
+
+        Returns, per group, what :meth:`search` returns (ids -1 where the probed cells held fewer than k).
+        """
+        batch = queries[0].shape[0]
+        flat = torch.cat([group_queries.reshape(-1, group_queries.shape[-1]) for group_queries in queries])
+        buckets = torch.cat([bank.query_buckets(g, batch, group_queries.shape[1])
+                             for g, group_queries in enumerate(queries)])
+        _, ids = index.search(flat, buckets, min(k, bank.largest_bucket))
+        out, start = [], 0
+        for g, (group_queries, group) in enumerate(zip(queries, layout.groups)):
+            count = group_queries.shape[1]
+            found = ids[start : start + batch * count].to(group_queries.device)
+            start += batch * count
+            missing = found < 0
+            local = (found - int(bank.source_offsets[g])).masked_fill(missing, 0)
+            anchors = group.bank.anchors
+            anchor_ids = local % anchors
+            if group.paired:  # sources of the query's own anchor: the element is the id within its bank
+                out.append((torch.where(missing, -1, local // anchors), anchor_ids, self.rows.size))
+            else:
+                out.append((local.masked_fill(missing, -1), anchor_ids, self.rows.size * anchors))
+        return out
 
     def search(self, queries: torch.Tensor, group: Group, k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The k nearest bank sources of each query: source ids [B * Q, k], their anchor ids [B * Q, k], M.
@@ -210,22 +279,27 @@ class FilteredPosterior:
         ids = chunked_topk(search_queries.reshape(batch * count, dim), bank, k)[1].to(queries.device)
         return ids, ids % group.bank.anchors, bank.size
 
-    def _knn_group(self, queries: torch.Tensor, sigma: torch.Tensor, group: Group, layout: Layout, k: int,
-                   n: int, generator: torch.Generator | None) -> torch.Tensor:
+    def _knn_group(self, queries: torch.Tensor, sigma: torch.Tensor, group: Group, layout: Layout, n: int,
+                   generator: torch.Generator | None, ids: torch.Tensor, anchor_ids: torch.Tensor,
+                   bank_size: int) -> torch.Tensor:
+        """The KNN form of one group from its candidates ``ids`` [B * Q, k] (-1: none; bank-local source ids,
+        element ids for paired groups) at bank anchors ``anchor_ids`` [B * Q, k], in a bank of ``bank_size``."""
         batch, count, dim = queries.shape
-        ids, anchor_ids, bank_size = self.search(queries, group, k)
-        k = ids.shape[1]
+        missing = ids < 0
+        tail_size = bank_size - (~missing).sum(1)  # [B * Q]: the sources outside each query's candidates
+        log_corrections = torch.zeros(ids.shape, dtype=queries.dtype, device=queries.device).masked_fill_(
+            missing, -math.inf)
         sources_per_element = 1 if group.paired else group.bank.anchors
-        tail_size = bank_size - k
-        log_corrections = torch.zeros(batch * count, k, dtype=queries.dtype, device=queries.device)
-        if n > 0 and tail_size > 0:
-            tail = uniform_outside(ids, torch.full((batch * count,), tail_size, device=ids.device), n, generator)
+        if n > 0 and bool((tail_size > 0).any()):
+            tail = uniform_outside(ids, tail_size, n, generator)
             tail_anchors = (torch.arange(count, device=ids.device).repeat(batch).unsqueeze(1).expand(-1, n)
                             if group.paired else tail % group.bank.anchors)
-            ids = torch.cat([ids, tail], 1)
+            ids = torch.cat([ids.clamp(min=0), tail], 1)
             anchor_ids = torch.cat([anchor_ids, tail_anchors], 1)
-            log_corrections = torch.cat([log_corrections, torch.full_like(
-                tail, math.log(tail_size / n), dtype=queries.dtype)], 1)
+            tail_weight = (tail_size.to(queries.dtype) / n).log().unsqueeze(1).expand(-1, n)  # (M - k') / n
+            log_corrections = torch.cat([log_corrections, tail_weight], 1)
+        else:
+            ids = ids.clamp(min=0)
         elements = ids // sources_per_element
         flat_queries = queries.reshape(batch * count, dim)
         two_var = (2.0 * sigma.square()).repeat_interleave(count)
@@ -238,7 +312,7 @@ class FilteredPosterior:
                                      group.bank, self.channels).to(queries.dtype)  # [m * width, C, T]
             scale = group.bank.scale[anchor_ids[start:stop].reshape(-1)].unsqueeze(1)
             sources = (windows * scale).reshape(stop - start, width, dim)
-            sq = (flat_queries[start:stop].unsqueeze(1) - sources).square().sum(-1)
+            sq = sources.sub_(flat_queries[start:stop].unsqueeze(1)).square_().sum(-1)  # direct differences
             weights = torch.softmax(-sq / two_var[start:stop].unsqueeze(1) + log_corrections[start:stop], dim=1)
             responses = self.responses(windows, layout).reshape(stop - start, width, -1)
             block = torch.bmm(weights.unsqueeze(1), responses).squeeze(1)

@@ -22,6 +22,7 @@ They read sigma on the host, so a call synchronises a GPU once (no sync-free pat
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import torch
@@ -30,6 +31,7 @@ from knn_cm.estimators.base import Estimator
 from knn_cm.estimators.filtered import FilteredPosterior, Group, Layout
 from knn_cm.estimators.patches import PADDINGS, PatchSchedule, make_window, window_map
 from knn_cm.estimators.registry import register_estimator
+from knn_cm.search.bank_index import BankIndexSpec
 from knn_cm.settings import non_negative_int, positive_int
 
 
@@ -41,10 +43,15 @@ class FilteredEstimator(Estimator):
         k, n: the KNN form's neighbours per query and uniform tail draws (both None: the exhaustive form).
         chunk_elements: store elements per streamed chunk of the exhaustive form (default: by a memory budget;
             the result does not depend on it up to float rounding).
+        search: how the KNN form finds its k candidates: ``"auto"`` (a bank index for banks of more than 2^18
+            sources, else an exact scan), ``"exact"``, an index kind (``"ivf"``, ``"ivf_sq8"``), or a mapping of
+            :class:`~knn_cm.search.bank_index.BankIndexSpec` settings (``kind``, ``cells``, ``nprobe``,
+            ``train_size``, ``seed``, ``cache``, ``cache_folder``). The index is built per bank (patch size) on
+            first use and cached on disk.
     """
 
     def __init__(self, store, k: int | None = None, n: int | None = None, chunk_elements: int | None = None,
-                 **kwargs):
+                 search="auto", **kwargs):
         super().__init__(store, **kwargs)
         if (k is None) != (n is None):
             raise ValueError(f"give both k and n for the KNN form of {self.name!r}, or neither for the exhaustive "
@@ -52,6 +59,8 @@ class FilteredEstimator(Estimator):
         self.k = None if k is None else positive_int(k, "k")
         self.n = None if n is None else non_negative_int(n, "n")
         self.chunk_elements = None if chunk_elements is None else positive_int(chunk_elements, "chunk_elements")
+        self.search = search if search in ("auto", "exact") else BankIndexSpec.from_setting(
+            dict(search) if hasattr(search, "keys") else search)
         self._layouts: dict[int, Layout] = {}
         self._filtered: FilteredPosterior | None = None
 
@@ -63,12 +72,12 @@ class FilteredEstimator(Estimator):
     def filtered(self) -> FilteredPosterior:
         """The two forms over this estimator's rows (one instance: it keeps the KNN form's banks)."""
         if self._filtered is None:
-            self._filtered = FilteredPosterior(self.rows, self.store.shape, self.chunk_elements)
+            self._filtered = FilteredPosterior(self.rows, self.store.shape, self.chunk_elements, self.search)
         return self._filtered
 
     def layout_for(self, size: int) -> Layout:
         if size not in self._layouts:
-            self._layouts[size] = self.build_layout(size)
+            self._layouts[size] = dataclasses.replace(self.build_layout(size), label=f"{self.name}-p{size}")
         return self._layouts[size]
 
     def build_layout(self, size: int) -> Layout:

@@ -138,22 +138,31 @@ def gather_windows(rows: ResidentRows, elements: torch.Tensor, anchor_ids: torch
         elements: store element indices [K] (x-flipped ones, >= the number of stored images, read mirrored).
         anchor_ids: which anchor of ``wmap`` each window is taken at, [K].
     """
-    pixels = wmap.pixels[anchor_ids]  # [K, T]
-    stored = elements
-    if rows.flip_shape is not None:
-        flipped = elements >= rows.base_size
-        stored = torch.remainder(elements, rows.base_size)
+    index_dtype = torch.int32 if rows.rows.numel() < 2**31 else torch.int64  # int32: a cheaper gather
+    device = rows.rows.device
+    stored = elements.to(device=device, dtype=index_dtype)
+    hw = rows.dim // channels
+    channel_offsets = torch.arange(channels, device=device, dtype=index_dtype).view(1, -1, 1) * hw
+    if rows.flip_shape is None:
+        # Offsets of every anchor's window in a flat row [L, C * T], then one flat index into the stored rows.
+        table = (channel_offsets + wmap.pixels.to(device=device, dtype=index_dtype).unsqueeze(1)).flatten(1)
+        flat = table.index_select(0, anchor_ids.to(device)).add_((stored * rows.dim).unsqueeze(1))
+    else:
+        pixels = wmap.pixels[anchor_ids].to(device=device, dtype=index_dtype)  # [K, T]
+        flipped = stored >= rows.base_size
+        stored = torch.remainder(stored, rows.base_size)
         width = rows.flip_shape[2]
         # Pixel (y, x) of a mirrored image is pixel (y, W - 1 - x) of the stored one.
         mirrored = (pixels // width) * width + (width - 1 - pixels % width)
         pixels = torch.where(flipped.unsqueeze(1), mirrored, pixels)
-    hw = rows.dim // channels
-    columns = torch.arange(channels, device=pixels.device).view(1, -1, 1) * hw + pixels.unsqueeze(1)  # [K, C, T]
-    raw = rows.rows[stored.view(-1, 1, 1).to(rows.rows.device), columns.to(rows.rows.device)]
+        flat = ((stored * rows.dim).view(-1, 1, 1) + channel_offsets + pixels.unsqueeze(1)).flatten(1)
+    raw = rows.rows.reshape(-1).index_select(0, flat.reshape(-1)).view(-1, channels, wmap.pixels.shape[1])
     values = raw.to(rows.dtype)
     if raw.dtype == torch.uint8:
         values = values.div_(127.5).sub_(1.0)  # the pixel convention of knn_cm.data.pixels.uint8_to_float
     values = values.to(elements.device)
+    if bool(wmap.valid.all()):  # circular padding: nothing to zero
+        return values
     return values * wmap.valid[anchor_ids].unsqueeze(1).to(values.dtype)
 
 
@@ -259,3 +268,78 @@ class PatchSchedule:
             return [self.constant] * int(sigma.numel())
         distance = (sigma.detach().to("cpu", torch.float64).reshape(-1, 1).log() - self.sigmas.log()).abs()
         return [self.sizes[i] for i in distance.argmin(dim=1).tolist()]
+
+
+class LayoutBank:
+    """The sources of several window groups as one bucketed bank (the :class:`knn_cm.search.bank_index.Bank`
+    protocol), so that one index and one search call serve them all.
+
+    Group g has L_g anchors and N * L_g sources, numbered element-major within the group (source e * L_g + a is
+    element e at anchor a) and placed after the sources of groups 0..g-1. A *shared* group (ELS) is one bucket;
+    a *paired* group (LS, PSPC) is one bucket per anchor. Vectors are windows scaled by sqrt(lambda): [C * T].
+
+    Args:
+        rows: the store's resident rows.
+        maps: each group's bank :class:`WindowMap` (all with the same T).
+        paired: whether each group is paired.
+        channels: C.
+        key: the bank's geometry (patch size, window, padding), part of its index's cache key.
+    """
+
+    def __init__(self, rows: ResidentRows, maps: Sequence[WindowMap], paired: Sequence[bool], channels: int,
+                 key: str):
+        self.rows = rows
+        self.banks = [PatchBank(rows, wmap, channels, torch.float32) for wmap in maps]
+        self.paired = list(paired)
+        self.channels = channels
+        self.fingerprint = rows.fingerprint
+        self.dim = self.banks[0].dim
+        if any(bank.dim != self.dim for bank in self.banks):
+            raise ValueError("every group of a layout bank needs windows of one size")
+        sizes = [bank.size for bank in self.banks]
+        self.source_offsets = torch.tensor([0, *sizes]).cumsum(0)  # [G + 1]
+        bucket_counts = [bank.anchors if pair else 1 for bank, pair in zip(self.banks, self.paired)]
+        self.bucket_offsets = torch.tensor([0, *bucket_counts]).cumsum(0)  # [G + 1]
+        self.size = int(self.source_offsets[-1])
+        self.buckets = int(self.bucket_offsets[-1])
+        self.largest_bucket = max(rows.size if pair else bank.size for bank, pair in zip(self.banks, self.paired))
+        self.key = key
+
+    def _split(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(group [m], source id within the group [m]) of global source ids [m]."""
+        group = torch.searchsorted(self.source_offsets, ids, right=True) - 1
+        return group, ids - self.source_offsets[group]
+
+    def vectors(self, start: int, stop: int) -> torch.Tensor:
+        """Sources [start, stop) as float32 [stop - start, C * T]."""
+        parts = []
+        for g, bank in enumerate(self.banks):
+            first, last = int(self.source_offsets[g]), int(self.source_offsets[g + 1])
+            if start < last and stop > first:
+                parts.append(bank.raw_range(max(start, first) - first, min(stop, last) - first).cpu())
+        return torch.cat(parts)
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """Sources ``ids`` [m] as float32 [m, C * T]."""
+        out = torch.empty(ids.shape[0], self.dim, dtype=torch.float32)
+        group, local = self._split(ids)
+        for g, bank in enumerate(self.banks):
+            chosen = (group == g).nonzero()[:, 0]
+            if chosen.numel():
+                anchors = local[chosen] % bank.anchors
+                windows = gather_windows(self.rows, local[chosen] // bank.anchors, anchors, bank.wmap, self.channels)
+                out[chosen] = (windows * bank.wmap.scale[anchors].unsqueeze(1)).reshape(-1, self.dim).float().cpu()
+        return out
+
+    def buckets_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """The bucket of each source in ``ids`` [m]: int64 [m]."""
+        group, local = self._split(ids)
+        anchors = torch.tensor([bank.anchors for bank in self.banks])[group]
+        paired = torch.tensor(self.paired)[group]
+        return self.bucket_offsets[group] + torch.where(paired, local % anchors, torch.zeros_like(local))
+
+    def query_buckets(self, group: int, batch: int, count: int) -> torch.Tensor:
+        """The bucket of each of the batch * ``count`` queries of group ``group`` (batch-major, as the queries are
+        flattened; query j of a paired group is at bank anchor j): int64 [batch * count]."""
+        within = torch.arange(count) if self.paired[group] else torch.zeros(count, dtype=torch.int64)
+        return (self.bucket_offsets[group] + within).repeat(batch)

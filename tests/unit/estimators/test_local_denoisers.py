@@ -311,3 +311,84 @@ def test_each_denoiser_config_builds_and_estimates(store, name):
     est = build_estimator(spec, store)
     z = noisy(store, 1.0).float()
     assert est(z, torch.tensor([0.05, 1.0, 50.0]), generator=torch.Generator().manual_seed(0)).shape == z.shape
+
+
+# ----------------------------------------------------------------------------------------------- bank indexes
+INDEX_CASES = [("ls", {}), ("els", {"padding": "circular"}), ("els", {"padding": "zero"}), ("pspc_square", {}),
+               ("cfdm", {"smoothing": 0.2, "draws": 2})]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), INDEX_CASES, ids=[f"{n}-{k.get('padding', '')}" for n, k in INDEX_CASES])
+def test_a_bank_index_probing_every_cell_finds_what_the_exact_scan_finds(store, name, kwargs):
+    """Flat lists probed in full hold every source of the query's bucket with its exact distance, so the candidates
+    and (from the same generator) the tail draws and the estimate are the exact scan's. A bucket mixed up (a source
+    of another location or boundary class returned) would change the candidates."""
+    sigma, z = 1.0, noisy(store, 1.0)
+    search = {"kind": "ivf", "cells": 3, "nprobe": 3}
+    for k in (5, 10**9):  # some neighbours; more than any bucket holds (missing entries)
+        exact = estimate(store, name, z, sigma, torch.Generator().manual_seed(2), k=k, n=3, search="exact", **kwargs)
+        indexed = estimate(store, name, z, sigma, torch.Generator().manual_seed(2), k=k, n=3, search=search, **kwargs)
+        assert (indexed - exact).abs().max() < 1e-12, (name, k)
+
+
+def test_a_bank_index_over_x_flips_reads_mirrored_windows(store):
+    flipped = store.with_xflip()
+    z, sigma = noisy(flipped, 1.0), 1.0
+    for padding in ("circular", "zero"):
+        expected = brute_els(images_of(flipped), z, sigma, 3, padding)
+        got = estimate(flipped, "els", z, sigma, patch_size=3, padding=padding, k=10**9, n=1,
+                       search={"kind": "ivf_sq8", "cells": 2, "nprobe": 2})
+        assert (got - expected).abs().max() < TIGHT
+
+
+def test_a_coarse_bank_index_stays_consistent_through_the_tail(store):
+    """One cell probed of six: the candidates miss most of the posterior, and the uniform tail over everything they
+    miss, weighted (M - k') / n, still converges to the exhaustive form as n grows."""
+    sigma, z = 3.0, noisy(store, 3.0)
+    search = {"kind": "ivf_sq8", "cells": 6, "nprobe": 1}
+    few = _knn_error(store, "els", {"search": search}, z, sigma, k=2, n=4)
+    many = _knn_error(store, "els", {"search": search}, z, sigma, k=2, n=4000, seeds=2)
+    assert many < few / 50
+
+
+def test_a_bank_index_is_built_once_and_reused_from_the_cache(store, tmp_path):
+    search = {"kind": "ivf_sq8", "cells": 4, "cache_folder": str(tmp_path)}
+    z = noisy(store, 1.0).float()
+
+    def index_of(**kwargs):
+        est = make_estimator("els", store, patch_size=3, k=4, n=4, search=search, **kwargs)
+        est(z, 1.0, generator=torch.Generator().manual_seed(0))
+        return est.filtered().bank_index(est.layout_for(3))[1]
+
+    first, second = index_of(), index_of()
+    assert not first.loaded and second.loaded and first.build_seconds > 0
+    assert second.size == first.size == len(store) * SHAPE[1] * SHAPE[2] and second.buckets == 1
+    entries = sorted(path.name for path in tmp_path.glob("bank-*.json"))
+    assert len(entries) == 1 and store.fingerprint in entries[0] and "els-p3" in entries[0]
+    zero = index_of(padding="zero")  # another geometry: its own entry (one bucket per boundary class)
+    assert not zero.loaded and zero.buckets == 9 and len(list(tmp_path.glob("bank-*.json"))) == 2
+    meta = tmp_path / entries[0]
+    meta.write_text(meta.read_text().replace(store.fingerprint, "other"))  # a stale entry is rebuilt, not used
+    assert not index_of().loaded
+
+
+def test_auto_search_scans_small_banks_and_indexes_large_ones(store, monkeypatch):
+    import knn_cm.estimators.filtered as filtered
+
+    est = make_estimator("ls", store, patch_size=3, k=4, n=4)
+    assert est.filtered().bank_index(est.layout_for(3)) is None  # 24 x 30 sources: scanned
+    monkeypatch.setattr(filtered, "AUTO_INDEX_SOURCES", 100)
+    est = make_estimator("ls", store, patch_size=3, k=4, n=4)
+    bank, index = est.filtered().bank_index(est.layout_for(3))
+    assert index.spec.kind == "ivf_sq8" and index.buckets == SHAPE[1] * SHAPE[2] and bank.size == 24 * 30
+
+
+@pytest.mark.parametrize(("search", "message"), [
+    ({"kind": "hnsw"}, "search kind must be one of ivf, ivf_sq8, got 'hnsw'"),
+    ({"nlist": 3}, "search.nlist is not a setting of a bank index"),
+    ({"cells": 0}, "search cells must be an integer >= 1"),
+    (7, "search must be a kind (ivf, ivf_sq8) or a mapping of its settings, got 7"),
+])
+def test_bad_search_settings_are_refused_in_one_line(store, search, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make_estimator("els", store, k=4, n=4, search=search)
