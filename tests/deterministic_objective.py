@@ -13,6 +13,6 @@ from knn_cm.training import ICTObjective
 
 
 class DeterministicICT(ICTObjective):
-    def __call__(self, student, teacher, x, step, *args, **kwargs):
+    def __call__(self, net, x, step, random):
         sigma = torch.full((x.shape[0],), 0.5, device=x.device)
-        return (student(x, sigma) - x).square().mean(), {}
+        return (net(x, sigma) - x).square().mean(), {}

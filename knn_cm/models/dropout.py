@@ -76,12 +76,6 @@ def shared_dropout_active() -> bool:
     return _ACTIVE_STATE.get() is not None
 
 
-def active_dropout_seed() -> int | None:
-    """The seed of the innermost ``shared_dropout`` block, or None outside any (re-entering it replays its masks)."""
-    state = _ACTIVE_STATE.get()
-    return None if state is None else state.seed
-
-
 def draw_dropout_seed(generator: torch.Generator | None = None) -> int:
     """One seed for ``shared_dropout``, drawn from ``generator`` on its device (default: the global CPU RNG)."""
     return draw_seed(generator)

@@ -15,30 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
-from knn_cm.device import host_generator
-from knn_cm.models.dropout import active_dropout_seed
 from knn_cm.training.augment import AugmentPipe
+from knn_cm.training.objective import Objective, StepRandom, unwrapped
 from knn_cm.training.stage_timer import StageTimer
 
 # Distinguishes the augmentation's stream from the dropout masks drawn under the same micro-step seed.
 _AUGMENT_STREAM = 0x5DEECE66D
 
 
-def _host_generator(noise_generator: torch.Generator) -> torch.Generator:
-    """A CPU generator for the augmentation's draws (the pipe decides per image on the host).
-
-    Inside the trainer it is seeded from the micro-step's seed (per rank and step, nothing to checkpoint), so
-    a GPU run's noise generator can stay on the GPU; called alone, the CPU ``noise_generator`` itself, or one
-    seeded with a draw from a device's ``noise_generator``.
-    """
-    seed = active_dropout_seed()
-    if seed is None:
-        return host_generator(noise_generator)
-    return torch.Generator().manual_seed(seed ^ _AUGMENT_STREAM)
-
-
 @dataclass
-class EDMObjective:
+class EDMObjective(Objective):
     """EDM's loss: mean over the batch of lambda(sigma) ||D(x + sigma eps, sigma) - target||^2 (pixel sum).
 
     Attributes:
@@ -75,17 +61,18 @@ class EDMObjective:
                              f"model.network.augment_dim={self.augment.label_dim}")
         self._checked_network = True
 
-    def __call__(self, student, teacher, x: torch.Tensor, step: int, noise_generator: torch.Generator,
-                 estimator_generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    def __call__(self, net, x: torch.Tensor, step: int, random: StepRandom) -> tuple[torch.Tensor, dict]:
         """Loss (scalar) and statistics for clean images x [B, C, H, W].
 
-        ``teacher`` (the unwrapped network) is only read for its ``augment_dim``.
+        The augmentation's per-image draws are made on the host from a generator seeded with ``random.seed``
+        (nothing to checkpoint, nothing read from the device).
         """
         batch = x.shape[0]
+        noise_generator = random.noise
         augmentation = None
         if self.augment is not None:
-            self._check_network(teacher)
-            x, augmentation = self.augment.augment(x, _host_generator(noise_generator))
+            self._check_network(unwrapped(net))
+            x, augmentation = self.augment.augment(x, torch.Generator().manual_seed(random.seed ^ _AUGMENT_STREAM))
         # Drawn on the generator's device (the GPU's own generator in training: no host-to-device copy).
         draw_device = noise_generator.device
         sigma = (torch.randn(batch, generator=noise_generator, device=draw_device) * self.p_std + self.p_mean).exp()
@@ -95,15 +82,14 @@ class EDMObjective:
         stats = {}
         with StageTimer(x.device) as estimator_time:
             if augmentation is None:
-                target = self.estimator(z, sigma, x=x, generator=estimator_generator)
+                target = self.estimator(z, sigma, x=x, generator=random.estimator)
             else:
                 target, stats = self.estimator.augmented_target(self.augment, augmentation, z, sigma, x,
-                                                                generator=estimator_generator,
-                                                                host_seed=active_dropout_seed())
+                                                                generator=random.estimator, host_seed=random.seed)
         weight = (sigma.square() + self.sigma_data**2) / (sigma * self.sigma_data).square()
         labels = {"augment_labels": augmentation.labels} if augmentation is not None else \
-            self._unaugmented_labels(teacher, batch, z.device)
-        per_sample = (student(z, sigma, **labels) - target).square().flatten(1).sum(dim=1)
+            self._unaugmented_labels(unwrapped(net), batch, z.device)
+        per_sample = (net(z, sigma, **labels) - target).square().flatten(1).sum(dim=1)
         loss = (weight * per_sample).mean()
         return loss, {"estimator_seconds": estimator_time, **stats}
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from knn_cm.diffusion import FlowMatchingProcess
+from knn_cm.training.objective import Objective, StepRandom
 from knn_cm.training.stage_timer import StageTimer
 
 TIME_SAMPLINGS = ("logit_normal", "uniform")
@@ -52,7 +53,7 @@ def flow_matching_target(process: FlowMatchingProcess, estimator, x_t: torch.Ten
 
 
 @dataclass
-class FlowMatchingObjective:
+class FlowMatchingObjective(Objective):
     """The flow-matching loss with an estimator-driven target (module docstring).
 
     Attributes:
@@ -110,20 +111,19 @@ class FlowMatchingObjective:
             return torch.ones_like(t)
         return ((1 - t).square() * self.sigma_data**2 + t.square()) / self.sigma_data**2
 
-    def __call__(self, student, teacher, x: torch.Tensor, step: int, noise_generator: torch.Generator,
-                 estimator_generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    def __call__(self, net, x: torch.Tensor, step: int, random: StepRandom) -> tuple[torch.Tensor, dict]:
         """Loss (scalar) and statistics for clean images x [B, C, H, W].
 
-        Random numbers (t, then eps) come from ``noise_generator`` on its own device and move to x's (a no-op when
-        the generator lives there); nothing is read back to the host. ``teacher`` is not used.
+        Random numbers (t, then eps) come from ``random.noise`` on its own device and move to x's (a no-op when
+        the generator lives there); nothing is read back to the host.
         """
         batch = x.shape[0]
-        t = self.sample_times(batch, noise_generator).to(x.device)
-        noise = torch.randn(x.shape, generator=noise_generator, device=noise_generator.device).to(x.device)
+        t = self.sample_times(batch, random.noise).to(x.device)
+        noise = torch.randn(x.shape, generator=random.noise, device=random.noise.device).to(x.device)
         x_t = self.process.add_noise(x, t, noise)
         with StageTimer(x.device) as estimator_time:
-            target = flow_matching_target(self.process, self.estimator, x_t, t, x, noise, estimator_generator)
-        per_sample = (student(x_t, t) - target).square().flatten(1).mean(dim=1)
+            target = flow_matching_target(self.process, self.estimator, x_t, t, x, noise, random.estimator)
+        per_sample = (net(x_t, t) - target).square().flatten(1).mean(dim=1)
         loss = (self.weight(t) * per_sample).mean()
         return loss, {"estimator_seconds": estimator_time}
 

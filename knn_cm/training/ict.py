@@ -18,8 +18,8 @@ import torch
 
 from knn_cm.device import to_device_async
 from knn_cm.diffusion import ODE_SOLVERS, pf_ode_step
-from knn_cm.models import draw_dropout_seed, shared_dropout
-from knn_cm.models.dropout import active_dropout_seed
+from knn_cm.models import shared_dropout
+from knn_cm.training.objective import Objective, StepRandom, unwrapped
 from knn_cm.training.stage_timer import StageTimer
 
 DISTANCES = ("pseudo_huber", "pseudo_huber_per_element", "l2")
@@ -68,7 +68,7 @@ def pseudo_huber(student: torch.Tensor, teacher: torch.Tensor, c: float, per_ele
 
 
 @dataclass
-class ICTObjective:
+class ICTObjective(Objective):
     """The iCT loss with an estimator-driven ODE step.
 
     Attributes:
@@ -116,13 +116,13 @@ class ICTObjective:
             self._levels[key] = (to_device_async(sigmas, device), to_device_async(probabilities, device))
         return self._levels[key]
 
-    def __call__(self, student, teacher, x: torch.Tensor, step: int, noise_generator: torch.Generator,
-                 estimator_generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    def __call__(self, net, x: torch.Tensor, step: int, random: StepRandom) -> tuple[torch.Tensor, dict]:
         """Loss (scalar, mean over the batch) and statistics for clean images x [B, C, H, W].
 
-        ``student`` is the trained network (possibly DDP-wrapped), ``teacher`` the same weights without
-        the wrapper; the teacher runs without gradient under the student's dropout masks.
+        ``net`` is the trained network (possibly DDP-wrapped); the teacher is the same weights without the
+        wrapper, run without gradient under the student's dropout masks (``random.seed``).
         """
+        noise_generator = random.noise
         sigmas, probabilities = self.levels(step, noise_generator.device)
         batch = x.shape[0]
         index = torch.multinomial(probabilities, batch, replacement=True, generator=noise_generator)
@@ -132,15 +132,11 @@ class ICTObjective:
         z_high = x + sigma_high.reshape(-1, 1, 1, 1) * noise
         with StageTimer(x.device) as estimator_time:
             z_low = pf_ode_step(self.estimator, z_high, sigma_high, sigma_low, self.solver, x=x,
-                                generator=estimator_generator)
-        # Inside the trainer every micro-step has its own seed (per rank and step); called alone, draw one.
-        dropout_seed = active_dropout_seed()
-        if dropout_seed is None:
-            dropout_seed = draw_dropout_seed(noise_generator)
-        with shared_dropout(dropout_seed):
-            student_out = student(z_high, sigma_high)
-        with torch.no_grad(), shared_dropout(dropout_seed):
-            teacher_out = teacher(z_low, sigma_low)
+                                generator=random.estimator)
+        with shared_dropout(random.seed):
+            student_out = net(z_high, sigma_high)
+        with torch.no_grad(), shared_dropout(random.seed):
+            teacher_out = unwrapped(net)(z_low, sigma_low)
         dim = x[0].numel()
         if self.distance == "l2":
             distance = (student_out - teacher_out).flatten(1).square().mean(dim=1)

@@ -1,9 +1,9 @@
-"""One training loop for iCT and EDM: DDP, gradient accumulation, mixed precision, EMA, checkpoints, logs.
+"""One training loop for every objective: DDP, gradient accumulation, mixed precision, EMA, checkpoints, logs.
 
-The loop is objective-agnostic: an objective (``ICTObjective`` or ``EDMObjective``) turns a batch of
-clean images into a loss; the trainer owns data order, optimisation, the EMA, checkpoints (written
-atomically; ``resume="auto"`` continues bit for bit from the newest one in the run folder), metrics
-(``metrics.jsonl``), sample grids and EMA network snapshots for evaluation.
+The loop is objective-agnostic: an objective (:mod:`knn_cm.training.objective`: iCT, EDM, flow matching or a
+user's own) turns a batch of clean images into a loss; the trainer owns data order, optimisation, the EMA,
+checkpoints (written atomically; ``resume="auto"`` continues bit for bit from the newest one in the run folder),
+metrics (``metrics.jsonl``), sample grids and EMA network snapshots for evaluation.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from knn_cm.training.ema import EMA
 from knn_cm.training.guard import NonFiniteFlag, NonFiniteLossError, all_finite
 from knn_cm.training.loggers import NullLogger
 from knn_cm.training.metrics import window_record
+from knn_cm.training.objective import StepRandom
 from knn_cm.training.outputs import save_image_grid
 from knn_cm.training.preemption import PreemptionGuard
 from knn_cm.training.state import refuse_restart_over_checkpoints, splitmix64
@@ -81,8 +82,8 @@ class Trainer:
         run_dir: the run folder (stable across restarts, so ``resume="auto"`` finds its checkpoints).
         store: training data (with x-flip doubling when training uses x-flips).
         denoiser: the network (EDMPrecond / CMPrecond), on ``context.device``.
-        objective: callable (student, teacher, x, step, noise_generator, estimator_generator) ->
-            (loss, stats); with ``samplers()`` giving name -> sampler(model, noise, generator) for grids.
+        objective: an :class:`~knn_cm.training.objective.Objective`: ``objective(net, x, step, random) ->
+            (loss, stats)``, and ``samplers()`` giving name -> sampler(model, noise, generator) for grids.
         optimizer_factory: params -> torch optimizer (its lr is the base lr of the schedule).
         ema_factory: model -> :class:`EMA`.
         context: the distributed context (single process by default).
@@ -330,9 +331,9 @@ class Trainer:
         for micro_step in range(self.accumulation):
             last = micro_step == self.accumulation - 1
             sync = contextlib.nullcontext() if (last or not self.context.distributed) else self.student.no_sync()
-            with sync, shared_dropout(self.dropout_seed(micro_step)):
-                loss, stats = self.objective(self.student, self.model, self._batch(micro_step), self.step,
-                                             self.noise_generator, self.estimator_generator)
+            random = StepRandom(self.noise_generator, self.estimator_generator, self.dropout_seed(micro_step))
+            with sync, shared_dropout(random.seed):
+                loss, stats = self.objective(self.student, self._batch(micro_step), self.step, random)
                 self.scaler.scale(loss / self.accumulation).backward()
             loss = loss.detach().float()
             loss_sum = loss if loss_sum is None else loss_sum + loss

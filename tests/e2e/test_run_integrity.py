@@ -320,10 +320,10 @@ def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_previous_one_resumes
 def test_non_finite_gradients_with_a_finite_loss_never_reach_a_checkpoint(tmp_path, monkeypatch):
     original = ICTObjective.__call__
 
-    def poisoned(self, student, teacher, x, step, *args, **kwargs):
-        loss, stats = original(self, student, teacher, x, step, *args, **kwargs)
+    def poisoned(self, net, x, step, random):
+        loss, stats = original(self, net, x, step, random)
         if step == 3:  # finite value, NaN gradient (the where-sqrt trap)
-            weight = next(student.parameters())
+            weight = next(net.parameters())
             loss = loss + torch.where(torch.tensor(True), torch.zeros(()), torch.sqrt(-weight.sum() ** 2 - 1))
         return loss, stats
 

@@ -14,7 +14,7 @@ from knn_cm.data import load_digits
 from knn_cm.estimators import make_estimator
 from knn_cm.models import EDMPrecond, SongUNet
 from knn_cm.search import build_index
-from knn_cm.training import EDMObjective
+from knn_cm.training import EDMObjective, StepRandom
 from knn_cm.training.augment import EDM_CIFAR10, AugmentPipe
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -273,17 +273,22 @@ def test_edm_objective_passes_labels_and_checks_augment_dim(digits):
     network = EDMPrecond(SongUNet(**TINY, augment_dim=9))
     seen = []
 
-    def student(z, sigma, **kwargs):
-        seen.append(kwargs)
-        return network(z, sigma, **kwargs)
+    class Wrapped(torch.nn.Module):  # a stand-in for DDP's wrapper: the network is its .module
+        def __init__(self):
+            super().__init__()
+            self.module = network
+
+        def forward(self, z, sigma, **kwargs):
+            seen.append(kwargs)
+            return self.module(z, sigma, **kwargs)
 
     objective = EDMObjective(make_estimator("single"), augment=dict(EDM_CIFAR10))
-    loss, _ = objective(student, network, digits.float(torch.arange(16)), 0, torch.Generator().manual_seed(0))
+    loss, _ = objective(Wrapped(), digits.float(torch.arange(16)), 0, StepRandom.seeded(0))
     assert torch.isfinite(loss) and seen[0]["augment_labels"].shape == (16, 9)
     with pytest.raises(ValueError, match="augment_dim=9"):
         plain = EDMPrecond(SongUNet(**TINY))
-        EDMObjective(make_estimator("single"), augment=dict(EDM_CIFAR10))(plain, plain, digits.float(torch.arange(4)),
-                                                                          0, torch.Generator())
+        EDMObjective(make_estimator("single"), augment=dict(EDM_CIFAR10))(plain, digits.float(torch.arange(4)), 0,
+                                                                          StepRandom.seeded(0))
     # Sampling passes no labels, which is the network with zero labels (map_augment has no bias).
     z, sigma = torch.randn(4, 1, 8, 8), torch.full((4,), 1.0)
     torch.testing.assert_close(network(z, sigma), network(z, sigma, augment_labels=torch.zeros(4, 9)))

@@ -19,10 +19,9 @@ import torch.multiprocessing as mp
 
 from knn_cm.cli import compose_app
 from knn_cm.data import DataStore
-from knn_cm.device import new_generator
 from knn_cm.estimators import make_estimator
 from knn_cm.host_syncs import HostSyncCounter
-from knn_cm.training import EDMObjective, ICTObjective, Trainer, TrainerConfig
+from knn_cm.training import EDMObjective, ICTObjective, StepRandom, Trainer, TrainerConfig
 from knn_cm.training.augment import EDM_CIFAR10
 from knn_cm.training.distributed import DistributedContext
 
@@ -112,8 +111,9 @@ def strict_draws(monkeypatch):
 @pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
 @pytest.mark.parametrize("objective", ["ict", "edm_augmented"])
 def test_objectives_called_alone_take_the_generator_of_the_device_they_run_on(strict_draws, objective):
-    """Outside the Trainer (no step seed), iCT drew its dropout seed and EDM's pipe its parameters on the CPU from
-    the caller's device generator: refused on CUDA. Now each draw happens on the generator's own device."""
+    """Outside the Trainer, iCT drew its dropout seed and EDM's pipe its parameters on the CPU from the caller's
+    device generator: refused on CUDA. Now the step's seed travels with the generators (StepRandom): host draws
+    seed from it and device draws use the generator of their own device."""
     store = DataStore.from_array(np.random.default_rng(3).integers(0, 256, (32, 1, 8, 8), dtype=np.uint8))
     if objective == "ict":
         network = tiny_network("ncsnpp_tiny").to(META)
@@ -122,6 +122,5 @@ def test_objectives_called_alone_take_the_generator_of_the_device_they_run_on(st
         network = tiny_network("ddpmpp_tiny", "model.network.augment_dim=9").to(META)
         loss_of = EDMObjective(make_estimator("single", store, device=META), augment=EDM_CIFAR10)
     with HostSyncCounter():  # keeps the meta program going where a value is read
-        loss, _ = loss_of(network, network, torch.zeros(4, 1, 8, 8, device=META), 0, new_generator(META, 0),
-                          new_generator(META, 1))
+        loss, _ = loss_of(network, torch.zeros(4, 1, 8, 8, device=META), 0, StepRandom.seeded(0, META))
     assert loss.shape == () and loss.device == META

@@ -24,6 +24,7 @@ from knn_cm.training import (
     EMA,
     ICTObjective,
     NonFiniteLossError,
+    StepRandom,
     curriculum_steps,
     karras_levels,
     level_probabilities,
@@ -86,10 +87,9 @@ def test_ict_loss_uses_lambda_and_pseudo_huber():
     """With identity networks and the single-sample estimator, the loss is known in closed form."""
     objective = ICTObjective(make_estimator("single"), total_steps=100, solver="euler")
     x = torch.rand(6, 1, 4, 4) * 2 - 1
-    generator = torch.Generator().manual_seed(3)
     replay = torch.Generator().manual_seed(3)
     identity = lambda z, sigma: z
-    loss, stats = objective(identity, identity, x, 0, generator)
+    loss, stats = objective(identity, x, 0, StepRandom.seeded(3))
     sigmas, probabilities = objective.levels(0)
     index = torch.multinomial(probabilities, 6, replacement=True, generator=replay)
     noise = torch.randn(x.shape, generator=replay)
@@ -253,8 +253,8 @@ def test_two_process_cpu_ddp_keeps_ranks_identical(tmp_path):
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     original = ICTObjective.__call__
 
-    def poisoned(self, student, teacher, x, step, *args, **kwargs):
-        loss, stats = original(self, student, teacher, x, step, *args, **kwargs)
+    def poisoned(self, net, x, step, random):
+        loss, stats = original(self, net, x, step, random)
         return (loss * float("nan") if step == 2 else loss), stats
 
     monkeypatch.setattr(ICTObjective, "__call__", poisoned)
@@ -270,10 +270,10 @@ def _signal_at_step(monkeypatch, signum: int, at_step: int) -> None:
     """The objective sends ``signum`` to this process during step ``at_step`` (as a cluster would)."""
     original = ICTObjective.__call__
 
-    def signalling(self, student, teacher, x, step, *args, **kwargs):
+    def signalling(self, net, x, step, random):
         if step == at_step:
             os.kill(os.getpid(), signum)
-        return original(self, student, teacher, x, step, *args, **kwargs)
+        return original(self, net, x, step, random)
 
     monkeypatch.setattr(ICTObjective, "__call__", signalling)
 
@@ -344,9 +344,9 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, monkeypatch):
     """Two micro-batches of 4 give the optimizer step of one batch of 8 (with a deterministic loss, so
     only the accumulation differs; the real objectives draw their noise per micro-batch)."""
 
-    def deterministic(self, student, teacher, x, step, *args, **kwargs):
+    def deterministic(self, net, x, step, random):
         sigma = torch.full((x.shape[0],), 0.5)
-        return (student(x, sigma) - x).square().mean(), {}
+        return (net(x, sigma) - x).square().mean(), {}
 
     monkeypatch.setattr(ICTObjective, "__call__", deterministic)
     overrides = tiny_overrides("ict", steps=2) + ["trainer.grad_clip=0.01"]
