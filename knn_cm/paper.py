@@ -201,14 +201,52 @@ class SeededSweep:
         swept = self.swept()
         return tuple(sorted(tuple(o.partition("=")[::2]) for o in method.overrides if o.partition("=")[0] in swept))
 
+    def run_name(self, method: SeededMethod, seed: int) -> str:
+        """The name of ``method``'s run folder for ``seed`` in its sweep folder, as the stable sweeper names it
+        (hydra_plugins/knn_cm_sweeper): the swept ``key=value`` pairs but the experiment, sorted by key."""
+        items = [*self.swept_values(method), *((("seed", str(seed)),) if len(self.seeds) > 1 else ())]
+        return ",".join(f"{key}={value}" for key, value in sorted(items))
+
+
+@dataclass(frozen=True)
+class SeededScoring:
+    """One scoring of a part's finished runs: ``evaluate.py`` with the study's evaluation and these overrides."""
+
+    key: str  # the seeded report's name for it
+    overrides: tuple[str, ...] = ()  # e.g. sampler.num_steps=8
+    last_only: bool = False  # the final snapshot alone, through <run>/last (the run's config.yaml and a hard link
+    #                          to the snapshot: the same digest); otherwise every snapshot, in the run folder
+
+
+@dataclass(frozen=True)
+class SeededTSwitch:
+    """A t_switch sweep per seed (``python evaluate.py experiment=<experiment> tswitch.network=<snapshot>``) with
+    the final snapshot of each seed's run of ``method`` of part ``part``; it writes ``<run>/<folder>/tswitch.csv``."""
+
+    experiment: str
+    part: str
+    method: str
+    folder: str = "tswitch"
+
 
 @dataclass(frozen=True)
 class SeededPart:
-    """One part of a seeded study, run by ``digits_seeds.sh <name>``: its sweeps, then scoring their runs."""
+    """One part of a seeded study, run by ``digits_seeds.sh <name>``: its sweeps, then scoring their runs.
+
+    ``minutes`` and ``score_minutes`` are measured wall-clock ranges on 2 CPU cores, of training one run and of
+    scoring it (of one seed's t_switch sweep for a t_switch part), from the runs docs/reproducing.md lists: the
+    cost the dry-run prints. None: not measured.
+    """
 
     name: str
     title: str
     sweeps: tuple[SeededSweep, ...]
+    steps: int | None = None  # run length; None: the study's
+    snapshot_every: int | None = None  # None: the study's
+    scorings: tuple[SeededScoring, ...] = (SeededScoring("snapshots"),)
+    tswitch: SeededTSwitch | None = None  # t_switch sweeps on another part's runs (a part without sweeps)
+    minutes: tuple[float, float] | None = None
+    score_minutes: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -236,28 +274,58 @@ class SeededStudy:
     def part(self, name: str) -> SeededPart:
         return next(part for part in self.parts if part.name == name)
 
+    def steps_of(self, part: SeededPart) -> int:
+        return part.steps or self.steps
+
+    def snapshot_every_of(self, part: SeededPart) -> int:
+        return part.snapshot_every or self.snapshot_every
+
+    def method(self, key: str) -> tuple[SeededPart, SeededSweep, SeededMethod]:
+        """The part, sweep and method of method key ``key``."""
+        return next((part, sweep, method) for part in self.parts for sweep in part.sweeps
+                    for method in sweep.methods if method.key == key)
+
     def table(self, name: str) -> SeededTable:
         return next(table for table in self.tables if table.name == name)
 
 
 # Table 1 on digits with 3 seeds, then Figure 4 at digits scale (3 seeds): KNN k 16 / 64 at n 64 and n 16 at
-# k 256; the k 256 / n 64 point and the iCT baseline are Table 1's runs.
+# k 256; the k 256 / n 64 point and the iCT baseline are Table 1's runs. Table 2 on digits: EDM with the standard,
+# STF and KNN targets (3 seeds, digits_edm's 2,000 steps), every snapshot scored with Heun at EDM's 18 steps, the
+# last also at 4 and 8. Figure 5 with 3 seeds: the t_switch sweep on each seed's digits EDM network.
 DIGITS_SEEDS = SeededStudy(
     parts=(SeededPart("table1", "Table 1", (
                SeededSweep((0, 1, 2), (SeededMethod("ict", "digits_ict"), SeededMethod("ict_stf", "digits_ict_stf"),
-                                       SeededMethod("ict_knn", "quickstart"))),)),
+                                       SeededMethod("ict_knn", "quickstart"))),),
+               minutes=(6, 14), score_minutes=(0.5, 1.5)),
            SeededPart("figure4", "Figure 4", (
                SeededSweep((0, 1, 2), (SeededMethod("knn_k16_n64", "quickstart", ("estimator.k=16",)),
                                        SeededMethod("knn_k64_n64", "quickstart", ("estimator.k=64",))),
                            folder="digits_figure4_k"),
                SeededSweep((0, 1, 2), (SeededMethod("knn_k256_n16", "quickstart", ("estimator.n=16",)),),
-                           folder="digits_figure4_n")))),
+                           folder="digits_figure4_n")),
+               minutes=(6, 14), score_minutes=(0.5, 1.5)),
+           SeededPart("table2", "Table 2", (
+               SeededSweep((0, 1, 2), (SeededMethod("edm", FIGURE5.digits_network_run),
+                                       SeededMethod("edm_stf", "digits_edm_stf"),
+                                       SeededMethod("edm_knn", "digits_edm_knn"))),),
+               steps=2000, snapshot_every=500,  # digits_edm's length, 4 snapshots
+               scorings=(SeededScoring("heun4", ("sampler.kind=heun", "sampler.num_steps=4"), last_only=True),
+                         SeededScoring("heun8", ("sampler.kind=heun", "sampler.num_steps=8"), last_only=True),
+                         SeededScoring("heun18", ("sampler.kind=heun", "sampler.num_steps=18"))),
+               minutes=(3, 10.5), score_minutes=(2.5, 6)),
+           SeededPart("figure5", "Figure 5", (), tswitch=SeededTSwitch(FIGURE5.digits_experiment, "table2", "edm"),
+                      score_minutes=(4.5, 10))),
     tables=(SeededTable("table1", (("ict", "iCT (single-sample, Euler)"), ("ict_stf", "iCT + STF (n 64, Heun)"),
                                    ("ict_knn", "iCT + KNN (k 256, n 64, Heun)"))),
             SeededTable("figure4_top", (("ict", "iCT"), ("knn_k16_n64", "KNN k 16"), ("knn_k64_n64", "KNN k 64"),
                                         ("ict_knn", "KNN k 256"))),  # Figure 4's panels: k at n 64 (top),
             SeededTable("figure4_bottom", (("ict", "iCT"), ("knn_k256_n16", "KNN n 16"),  # n at k 256 (bottom)
-                                           ("ict_knn", "KNN n 64")))),
+                                           ("ict_knn", "KNN n 64"))),
+            SeededTable("table2", (("edm", "EDM (standard target)"), ("edm_stf", "EDM + STF (n 64)"),
+                                   ("edm_knn", "EDM + KNN (k 256, n 64)"))),
+            SeededTable("figure5", (("knn", "KNN, then the network"), ("stf", "STF, then the network"),
+                                    ("forward", "forward process, then the network")))),  # tswitch_digits' methods
     steps=1600, snapshot_every=400,  # the quickstart's length and snapshots
     evaluation=("metrics.feature_extractor=digits", "num_samples=2000", "progress=false"))
 # Beyond the paper: flow matching on digits with the single-sample (eps - x), STF and KNN targets,
@@ -297,7 +365,8 @@ def experiments() -> set[str]:
              *(method.experiment for method in TABLE1_DIGITS.methods),
              *(figure.experiment for figure in (*ESTIMATOR_FIGURES, ESTIMATOR_FIGURE3_REDUCED)),
              *(method.experiment for study in SEEDED_STUDIES.values() for sweep in study.sweeps()
-               for method in sweep.methods)}
+               for method in sweep.methods),
+             *(part.tswitch.experiment for study in SEEDED_STUDIES.values() for part in study.parts if part.tswitch)}
     return names
 
 
@@ -324,6 +393,9 @@ def describe() -> str:
                 methods = ", ".join(f"{m.key} (experiment={m.experiment}{''.join(' ' + o for o in m.overrides)})"
                                     for m in sweep.methods)
                 lines.append(f"seeded {name} {part.name}: seeds {list(sweep.seeds)}: {methods}")
+            if part.tswitch is not None:
+                lines.append(f"seeded {name} {part.name}: python evaluate.py experiment={part.tswitch.experiment} "
+                             f"with each seed's {part.tswitch.part} run of {part.tswitch.method}")
     return "\n".join(lines)
 
 

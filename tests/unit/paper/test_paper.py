@@ -8,6 +8,7 @@ import ast
 import csv
 import importlib.util
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -156,25 +157,27 @@ def test_digits_seeds_runs_the_documented_sweeps():
     assert result.returncode == 0, result.stderr
     length = "trainer.max_steps=400 trainer.snapshot_every=100 trainer.progress=false"
     trains = [line.split(" train.py ", 1)[1] for line in result.stdout.splitlines() if " train.py " in line]
-    assert trains == [
+    assert trains[:3] == [
         "-m seed=0,1,2 experiment=digits_ict,digits_ict_stf,quickstart "
         f"'run_name=${{hydra:runtime.choices.experiment}}_steps${{trainer.max_steps}}' {length}",
         f"-m seed=0,1,2 estimator.k=16,64 experiment=quickstart run_name=digits_figure4_k_steps400 {length}",
         f"-m seed=0,1,2 experiment=quickstart run_name=digits_figure4_n_steps400 estimator.n=16 {length}"]
     assert all(line.startswith(f"nice -n 5 {sys.executable} train.py") for line in result.stdout.splitlines()
                if " train.py " in line)
-    bad = subprocess.run(["bash", "scripts/digits_seeds.sh", "table2"], cwd=ROOT, env=env, capture_output=True,
+    bad = subprocess.run(["bash", "scripts/digits_seeds.sh", "table3"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
-    assert bad.returncode == 2 and "invalid choice: 'table2'" in bad.stderr
+    assert bad.returncode == 2 and "invalid choice: 'table3'" in bad.stderr
 
 
 def test_the_seeded_report_reads_the_folders_the_sweeps_write(tmp_path):
     """Each seeded command, expanded job by job as Hydra's grid does and named by the stable sweeper, writes the
-    run folders the seeded report counts: every method of the study with all its seeds."""
+    run folders the seeded scripts name (SeededSweep.run_name), and the report counts every method of the study with
+    all its seeds from them."""
     from hydra_plugins.knn_cm_sweeper.stable_sweeper import subdir_name
 
     digits_seeds, seeded_report = _load_script("digits_seeds"), _load_script("seeded_report")
     study, steps = paper.DIGITS_SEEDS, 8
+    written = set()
     for sweep in study.sweeps():
         arguments = digits_seeds.train_arguments(sweep, steps, 4)[2:]
         swept = {arg.partition("=")[0] for arg in arguments if "," in arg}
@@ -184,12 +187,39 @@ def test_the_seeded_report_reads_the_folders_the_sweeps_write(tmp_path):
             experiment = next(arg.partition("=")[2] for arg in job if arg.startswith("experiment="))
             sweep_folder = sweep.folder or experiment
             folder = tmp_path / f"{sweep_folder}_steps{steps}" / subdir_name(list(job), swept, ["experiment"])
-            folder.mkdir(parents=True)
-            with open(folder / "evaluation.csv", "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerows([("images_seen", "fid", "isc_mean"), (512, 9.0, 5.0), (1024, 8.0, 6.0)])
-    runs, unfinished = seeded_report.read_runs(tmp_path, 2, steps)
-    assert not unfinished
-    expected = {method.key: set(sweep.seeds) for sweep in study.sweeps() for method in sweep.methods}
-    assert {key: set(seeds) for key, seeds in runs.items()} == expected
-    assert len(expected) == 6 and expected["knn_k64_n64"] == {0, 1, 2} and expected["ict_knn"] == {0, 1, 2}
+            written.add(folder)
+    part_of = {run_dir: part for part in study.parts
+               for _, _, run_dir in digits_seeds.run_folders(study, part, steps, tmp_path)}
+    assert written == set(part_of)
+    for folder, part in part_of.items():  # every scoring of every snapshot, with the settings the study scores with
+        for scoring in part.scorings:
+            _scores(folder / "last" if scoring.last_only else folder, study, scoring, [9.0, 8.0])
+    found, expected = {}, {}
+    for part in study.parts:
+        if part.sweeps:
+            runs, missing = seeded_report.read_part(tmp_path, study, part, steps, 2)
+            assert not missing
+            for scoring in part.scorings:
+                found |= {(scoring.key, key): set(seeds) for key, seeds in runs[scoring.key].items()}
+                expected |= {(scoring.key, method.key): set(sweep.seeds) for sweep in part.sweeps
+                             for method in sweep.methods}
+    assert found == expected
+    assert expected[("snapshots", "knn_k64_n64")] == {0, 1, 2} and expected[("heun8", "edm_knn")] == {0, 1, 2}
+
+
+def _scores(folder: Path, study, scoring, fids, memorised=0.0, images=512):
+    """Rows of evaluation.csv as evaluate.py writes them: one per snapshot (``images`` apart) with these FIDs,
+    added to the rows of other scorings in ``folder``."""
+    settings = dict(o.partition("=")[::2] for o in (*study.evaluation, *scoring.overrides))
+    folder.mkdir(parents=True, exist_ok=True)
+    sampler_settings = {"num_steps": int(settings.get("sampler.num_steps", 18)), "sigma_min": 0.002}
+    new = not (folder / "evaluation.csv").exists()
+    with open(folder / "evaluation.csv", "a", newline="") as handle:
+        writer = csv.writer(handle)
+        if new:
+            writer.writerow(("step", "images_seen", "sampler", "sampler_settings", "num_samples",
+                             "feature_extractor", "fid", "isc_mean", "fraction_memorised"))
+        for i, fid in enumerate(fids, 1):
+            writer.writerow((i * 4, i * images, settings.get("sampler.kind", "consistency"),
+                             json.dumps(sampler_settings), settings["num_samples"],
+                             settings["metrics.feature_extractor"], fid, 10.0 - fid / 10, memorised))
