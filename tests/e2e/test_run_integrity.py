@@ -95,7 +95,7 @@ def test_a_relaunch_on_other_data_is_refused(tmp_path):
     np.save(tmp_path / "images.npy", images)
     before = folder_state(tmp_path / "run")
     with pytest.raises(RunFolderError, match="dataset fingerprint: .* the training data differ"):
-        train.run(compose_train(tiny(tmp_path, 4, *data)), tmp_path / "run")
+        train.run(compose_train(tiny(tmp_path, 2, *data)), tmp_path / "run")
     assert folder_state(tmp_path / "run") == before
 
 
