@@ -53,6 +53,9 @@ import time
 import traceback
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # part_runner beside this script
+from part_runner import Interrupted, Runner, check_preconditions, raise_interrupted, third_party_imports, write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 NO_CUDA_MESSAGE = ("device-check: CUDA is not available on this machine (torch.cuda.is_available() is False; "
@@ -67,7 +70,6 @@ BUDGETS = {"environment": 20, "tests": 55, "resume": 30, "syncs": 45, "ddp": 40,
            "store": 35, "stall": 30}
 RESERVE_SECONDS = 10.0  # the preconditions, the bundle's offline install and the runner's own start
 DEFAULT_DEADLINE = 340.0
-MIN_PART_SECONDS = 5.0  # with less than this left before --deadline, a part is skipped, not started
 if sum(BUDGETS[part] for part in DEFAULT_PARTS) + RESERVE_SECONDS > DEFAULT_DEADLINE:
     raise AssertionError("the default parts' budgets exceed the default deadline")
 
@@ -713,30 +715,6 @@ PARTS = {"environment": part_environment, "tests": part_tests, "resume": part_re
 
 
 # ============================================================================================ child
-def write_json(path: Path, payload: dict) -> None:
-    """``payload`` as JSON at ``path``, atomically (a reader sees the old file or the new one, whole)."""
-    from knn_cm.io import atomic_path
-
-    with atomic_path(path, sync_folder=False) as temp:
-        temp.write_text(json.dumps(payload, default=str))
-
-
-def third_party_imports() -> list[str]:
-    """Top-level modules imported so far that are neither the standard library nor this repository's
-    (installed packages: anything under a site-packages folder, a virtual environment in the repository too)."""
-    names = set()
-    for name, module in list(sys.modules.items()):
-        if name in sys.stdlib_module_names or name.startswith("_") or "." in name:
-            continue
-        location = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", None) or []), None)
-        if not location:
-            continue
-        path = Path(location).resolve()
-        if not path.is_relative_to(ROOT) or {"site-packages", "dist-packages"} & set(path.parts):
-            names.add(name)
-    return sorted(names)
-
-
 def child_main(args) -> int:
     """Run one part in this process and leave its result (or error) in ``args.result``."""
     result_file = Path(args.result)
@@ -754,150 +732,9 @@ def child_main(args) -> int:
     except Exception as error:  # the line names the error; the traceback goes to the log
         traceback.print_exc()
         payload = {"complete": False, "partial": ctx.partial, "error": f"{type(error).__name__}: {error}"[:2000]}
-    payload |= {"pid": os.getpid(), "torch_threads_at_start": threads, "imports": third_party_imports()}
+    payload |= {"pid": os.getpid(), "torch_threads_at_start": threads, "imports": third_party_imports(ROOT)}
     write_json(result_file, payload)
     return 0
-
-
-# =========================================================================================== parent
-class Interrupted(Exception):
-    """The runner received SIGTERM / SIGINT / SIGHUP: the running part is cut and reported."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the runner dies (Linux prctl PR_SET_PDEATHSIG), so a runner
-    killed with -9 leaves no part running."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=10)
-
-
-class Runner:
-    """Runs parts one by one in child processes and writes one JSON line per part."""
-
-    def __init__(self, args, env: dict, workdir: Path):
-        self.args = args
-        self.env = env
-        self.workdir = workdir
-        self.lines: list[dict] = []
-        self.started = time.monotonic()
-        self.interrupted: Interrupted | None = None
-        self.preconditions: dict | None = None
-
-    def emit(self, line: dict) -> None:
-        """Print the line (flushed) and rewrite the --jsonl file with every line so far (atomically)."""
-        self.lines.append(line)
-        print(json.dumps(line, default=str), flush=True)
-        if self.args.jsonl:
-            from knn_cm.io import atomic_path
-
-            with atomic_path(self.args.jsonl) as temp:
-                temp.write_text("".join(json.dumps(entry, default=str) + "\n" for entry in self.lines))
-
-    def remaining(self) -> float:
-        return self.args.deadline - (time.monotonic() - self.started)
-
-    def run_part(self, name: str) -> dict:
-        left = self.remaining()
-        budget = min(float(self.args.budget.get(name, BUDGETS.get(name, 60))), left)
-        line = {"part": name, "device": self.args.device, "quick": self.args.quick}
-        if left < MIN_PART_SECONDS:
-            line |= {"status": "skipped", "reason": f"no time left under --deadline {self.args.deadline:g} s"}
-            self.emit(line)
-            return line
-        result_file = self.workdir / f"{name}.json"
-        command = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--result", str(result_file),
-                   "--device", self.args.device, "--data", self.args.data]
-        command += ["--quick"] * self.args.quick + ["--synthetic"] * self.args.synthetic
-        print(f"device-check: part {name} (budget {budget:.0f} s)", file=sys.stderr, flush=True)
-        started = time.monotonic()
-        process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=sys.stderr.fileno(),
-                                   stderr=sys.stderr.fileno(), start_new_session=True, preexec_fn=_die_with_parent)
-        cut_reason = None
-        try:
-            process.wait(timeout=budget)
-        except subprocess.TimeoutExpired:
-            cut_reason = f"over its budget of {budget:.0f} s: killed"
-        except Interrupted as interrupted:
-            cut_reason = f"the check was interrupted ({interrupted}): killed"
-            self.interrupted = interrupted
-        finally:
-            if process.poll() is None:
-                _kill_group(process)
-        line["seconds"] = round(time.monotonic() - started, 2)
-        line["budget_s"] = round(budget, 1)
-        payload = _read_json(result_file)
-        if cut_reason:
-            line |= {"status": "cut", "reason": cut_reason, "partial": payload.get("partial", {})}
-        elif payload.get("complete"):
-            result = payload["result"]
-            status = "skipped" if "not_run" in result else (
-                "failed" if not all(result.get("checks", {}).values()) else "ok")
-            line |= {"status": status, **result}
-        elif "error" in payload:
-            line |= {"status": "error", "error": payload["error"], "partial": payload.get("partial", {})}
-        else:
-            line |= {"status": "error", "error": f"the part's process ended with status {process.returncode} and "
-                                                 f"no result", "partial": payload.get("partial", {})}
-        for key in ("imports", "torch_threads_at_start", "pid"):
-            if key in payload:
-                line[key] = payload[key]
-        self.emit(line)
-        return line
-
-    def summary(self, extra: dict | None = None) -> dict:
-        parts = {line["part"]: line["status"] for line in self.lines}
-        failed = [name for name, status in parts.items() if status not in ("ok", "skipped")]
-        missed = [f"{line['part']}.{target}" for line in self.lines
-                  for target, met in (line.get("targets") or {}).items() if not met]
-        line = {"part": "summary", "status": "failed" if failed else "ok", "parts": parts, "failed_parts": failed,
-                "targets_missed": missed, "seconds": round(time.monotonic() - self.started, 1),
-                "preconditions": self.preconditions, **(extra or {})}
-        self.emit(line)
-        return line
-
-
-def check_preconditions(bundle: Path, python: str = sys.executable) -> dict:
-    """What the check needs before it starts: wheels in ``bundle`` (the offline install's input) and ``python -m
-    pip`` (the install's tool). ``missing`` lists, in words, what is not there."""
-    wheels = sorted(Path(bundle).glob("*.whl")) if Path(bundle).is_dir() else []
-    try:
-        probe = subprocess.run([python, "-m", "pip", "--version"], capture_output=True, text=True, timeout=60)
-        pip = probe.stdout.split(" from ")[0].strip() if probe.returncode == 0 else None
-        why = (probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"])[-1][:200]
-    except (OSError, subprocess.TimeoutExpired) as error:
-        pip, why = None, str(error)[:200]
-    missing = []
-    if not wheels:
-        missing.append(f"no wheels in {bundle} (make device-bundle where PyPI is reachable, and carry the folder)")
-    if pip is None:
-        missing.append(f"{Path(python).name} -m pip does not work ({why})")
-    return {"bundle": str(bundle), "wheels": len(wheels), "pip": pip, "missing": missing}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _budgets(values: list[str]) -> dict:
@@ -940,9 +777,9 @@ def main(argv=None) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     paths = [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, _raise_interrupted)
+        signal.signal(signum, raise_interrupted)
     with tempfile.TemporaryDirectory(prefix="device-check-") as workdir:
-        runner = Runner(args, env, Path(workdir))
+        runner = Runner(Path(__file__), BUDGETS, args, env, Path(workdir))
         try:
             runner.preconditions = check_preconditions(Path(args.bundle) if args.bundle else ROOT / ".whl")
             if runner.preconditions["missing"]:
