@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from knn_cm.device import draw_seed, new_generator
+from knn_cm.device import concrete_device, draw_seed, new_generator
 
 
 class _SharedDropoutState:
@@ -41,9 +41,7 @@ class _SharedDropoutState:
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def generator(self, device: torch.device) -> torch.Generator:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = concrete_device(device)
         if device not in self._generators:
             self._generators[device] = new_generator(device, self.seed)
         return self._generators[device]
