@@ -313,7 +313,7 @@ DIGITS_SEEDS = SeededStudy(
                scorings=(SeededScoring("heun4", ("sampler.kind=heun", "sampler.num_steps=4"), last_only=True),
                          SeededScoring("heun8", ("sampler.kind=heun", "sampler.num_steps=8"), last_only=True),
                          SeededScoring("heun18", ("sampler.kind=heun", "sampler.num_steps=18"))),
-               minutes=(3, 10.5), score_minutes=(2.5, 6)),
+               minutes=(3, 10.5), score_minutes=(1.5, 3.5)),
            SeededPart("figure5", "Figure 5", (), tswitch=SeededTSwitch(FIGURE5.digits_experiment, "table2", "edm"),
                       score_minutes=(4.5, 10))),
     tables=(SeededTable("table1", (("ict", "iCT (single-sample, Euler)"), ("ict_stf", "iCT + STF (n 64, Heun)"),

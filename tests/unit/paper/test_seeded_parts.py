@@ -87,7 +87,7 @@ def test_the_dry_run_lists_table2_and_figure5_and_their_cost():
     # every part's cost on 2 cores, and a total
     assert lines[0].startswith("cost on 2 CPU cores")
     cost = {line.split(":")[0].strip(): line for line in lines[1:7]}
-    assert "9 runs x 3-10.5 min training + 9 scorings x 2.5-6 min" in cost["table2"]
+    assert "9 runs x 3-10.5 min training + 9 scorings x 1.5-3.5 min" in cost["table2"]
     assert "3 t_switch sweeps x 4.5-10 min" in cost["figure5"] and "total" in cost
     # the order: Table 1, Figure 4, Table 2, Figure 5
     trains = [i for i, c in enumerate(commands) if c.startswith("train.py")]
