@@ -14,6 +14,7 @@ tests/unit/estimators/test_reference.py checks this fast path against it.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from knn_cm.estimators.draws import combine_duplicates, sample_categorical, unif
 from knn_cm.estimators.registry import register_estimator
 from knn_cm.estimators.snis import snis_mean
 from knn_cm.settings import positive_int
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,6 +74,10 @@ class KNN(Estimator):
         index.check_data(store)
         self.index = index
         self.k = positive_int(k, "k")
+        if self.k > len(store):  # said once here, where every app builds it (train.py records k = N beforehand)
+            log.warning("k=%d exceeds the dataset size N=%d: the knn estimator searches all %d elements (k = N, "
+                        "the exact posterior)", self.k, len(store), len(store))
+            self.k = len(store)
         self.n = positive_int(n, "n")
         self.refine_proposal = bool(refine_proposal)
 

@@ -461,3 +461,13 @@ def test_nan_or_inf_in_x_is_refused(random_store, flat_index, bad):
         estimator = _all_estimators(random_store, flat_index)[name]
         with pytest.raises(ValueError, match="x holds NaN or inf values"):
             estimator(torch.zeros(2, 3, 4, 4), 1.0, x=x)
+
+
+def test_k_beyond_the_dataset_is_said_once_and_set_to_n(random_store, flat_index, caplog):
+    """sample.py's default k 2,048 on digits (N 1,797) was clamped without a word."""
+    with caplog.at_level("WARNING"):
+        knn = make_estimator("knn", random_store, index=flat_index, k=10 * len(random_store), n=8)
+    assert knn.k == len(random_store)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"k={10 * len(random_store)} exceeds the dataset size N={len(random_store)}: the knn estimator searches all "
+        f"{len(random_store)} elements (k = N, the exact posterior)"]
