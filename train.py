@@ -24,14 +24,12 @@ from torch import manual_seed  # not `import torch`: see _submitit_note below
 
 from knn_cm.cli import one_line_errors, removed_on_failure, run_app
 from knn_cm.estimators import build_estimator
-from knn_cm.io import atomic_path, remove_stale_temp_files
-from knn_cm.runs.binding import RunFolder, RunFolderError
-from knn_cm.runs.checkpoints import remove_orphan_digests
+from knn_cm.runs.binding import RunFolder
 from knn_cm.runs.jsonl import read_json_lines
 from knn_cm.runs.layout import RunLayout
 from knn_cm.training import EMA, DistributedContext, Trainer
 from knn_cm.training.checks import FITTED_KEYS, check_settings, estimator_spec, fit_to_dataset
-from knn_cm.training.state import refuse_restart_over_checkpoints
+from knn_cm.training.loggers import open_logger
 
 log = logging.getLogger("train")
 
@@ -39,83 +37,51 @@ log = logging.getLogger("train")
 def run(config: DictConfig, run_dir: Path) -> Trainer:
     """Train with a composed config, writing into ``run_dir``; returns the trainer (weights, last step).
 
-    Before anything is written, every setting is checked: the loop, estimator, index, objective, optimizer, EMA and
-    model settings (``knn_cm.training.checks``); rank 0 takes the run folder's lock and checks that the folder
-    belongs to this config (``knn_cm.runs.binding``), both before the data load. Then the dataset is loaded, the
-    settings it bounds are fitted to it (``estimator.k`` > N becomes N, stated in the log and recorded), the
-    estimator is built on it (the index against the dataset's size), and rank 0 checks the dataset and the fitted
-    settings against the folder and writes run.json and config.yaml. A folder this call created is removed when a
-    check fails.
-
-    Every rank builds or loads its index at once, without a collective: cached kinds are built by the first
-    process to take the cache entry's lock (one per node with a node-local cache, one per cluster with a shared
-    one) while the others wait on the lock and then load the entry (``knn_cm.search.build_index``); a flat index
-    is a copy of the data that each rank makes. ``index.device: null`` searches on this rank's device.
+    Settings first, without data (``knn_cm.training.checks``); then rank 0 claims the run folder (its lock, its
+    config, no restart over checkpoints: ``RunFolder.claim``), still before the data load. Then the dataset, the
+    settings it bounds fitted to it (``estimator.k`` > N becomes N, stated and recorded), the estimator, network
+    and objective; rank 0 binds the folder (the dataset checked, run.json and config.yaml written:
+    ``RunFolder.bind``); then the loop. A refusal on rank 0 stops every rank; a folder this call created is
+    removed when a check fails. Each rank builds or loads its index itself (cached kinds once per cache, under a
+    lock: ``knn_cm.search.build_index``).
     """
     with removed_on_failure(run_dir):  # a refused device leaves no folder: no rank writes into it before this ends
         context = DistributedContext.from_env(config.trainer.device, config.distributed.timeout_minutes,
                                               config.distributed.threads_per_rank)
     folder = RunFolder(run_dir)
     try:
-        with removed_on_failure(run_dir) if context.is_main else contextlib.nullcontext():
+        main_only = removed_on_failure if context.is_main else lambda *args, **kwargs: contextlib.nullcontext()
+        with main_only(run_dir):
             settings = check_settings(config)
-        # Cheap refusals before the data load: the folder's lock (held from here on), its config, a restart over its
-        # checkpoints. A refused folder is left as it is: it is another run's.
-        refusal = _refuse_folder(folder, context.is_main, lambda: folder.check_config(
-            OmegaConf.to_container(config, resolve=True), bool(config.accept_config_change),
-            legacy_config=_legacy_config(run_dir), deferred=FITTED_KEYS), settings.resume)
-        if context.any_true(refusal is not None):
-            raise refusal or RunFolderError(f"rank 0 refused run folder {run_dir} (see its log)")
-        own = (RunLayout(run_dir).lock.name,)  # this call's lock: a folder holding only it and Hydra's log is fresh
-        with removed_on_failure(run_dir, own=own) if context.is_main else contextlib.nullcontext():
+        context.on_main(lambda: folder.claim(OmegaConf.to_container(config, resolve=True),
+                                             bool(config.accept_config_change), settings.resume,
+                                             deferred=FITTED_KEYS),
+                        refused=f"rank 0 refused run folder {run_dir}")
+        with main_only(run_dir, own=(RunLayout(run_dir).lock.name,)):  # the lock alone: a fresh folder
             store = instantiate(config.dataset.store)
             for change in fit_to_dataset(config, len(store)):
                 if context.is_main:
                     log.warning(change)
-            resolved = OmegaConf.to_container(config, resolve=True)
             estimator = build_estimator(estimator_spec(config), store, context.device, index_setting="index")
             manual_seed(config.seed)  # identical initial weights on every rank
             denoiser = instantiate(config.model)
             objective = instantiate(config.trainer.objective)(estimator=estimator)
-        refusal, binding = None, None
-        if context.is_main:
-            try:
-                binding = folder.check_binding(resolved, store.fingerprint, bool(config.accept_config_change),
-                                               legacy_config=_legacy_config(run_dir))
-            except RunFolderError as error:
-                refusal = error
-        if context.any_true(refusal is not None):
-            raise refusal or RunFolderError(f"rank 0 refused run folder {run_dir} (see its log)")
-        invocation = None
-        if context.is_main:
-            folder.write_binding(binding)
-            with atomic_path(RunLayout(run_dir).config) as temp:
-                temp.write_text(OmegaConf.to_yaml(config, resolve=True))
-            for stale in remove_stale_temp_files(run_dir):
-                log.warning("removed %s, left by a process killed while writing it", stale)
-            remove_orphan_digests(run_dir)
-            invocation = folder.start_invocation({"overrides": _overrides(), "world_size": context.world_size,
-                                                  "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
-            log.info("dataset %s: N=%d, shape %s; run folder %s", store.name, len(store), store.shape, run_dir)
-        ema = config.trainer.ema
-
-        def ema_factory(model):
-            return EMA(model, **OmegaConf.to_container(ema, resolve=True))
-
-        logger = None
-        if context.is_main:
-            logger = instantiate(config.logger)
-            if callable(logger) and not hasattr(logger, "log"):  # a partial that needs the run folder
-                logger = logger(run_dir=run_dir, config=resolved)
+        resolved = OmegaConf.to_container(config, resolve=True)
+        invocation = context.on_main(lambda: folder.bind(
+            resolved, OmegaConf.to_yaml(config, resolve=True), store.fingerprint, bool(config.accept_config_change),
+            {"overrides": _overrides(), "world_size": context.world_size,
+             "slurm_job_id": os.environ.get("SLURM_JOB_ID")}), refused=f"rank 0 refused run folder {run_dir}")
+        logger = open_logger(instantiate(config.logger), run_dir, resolved) if context.is_main else None
+        ema = OmegaConf.to_container(config.trainer.ema, resolve=True)
         trainer = Trainer(settings, run_dir, store, denoiser, objective, instantiate(config.trainer.optimizer),
-                          ema_factory=ema_factory, context=context, logger=logger,
+                          ema_factory=lambda model: EMA(model, **ema), context=context, logger=logger,
                           run_metadata={"config": OmegaConf.to_yaml(config, resolve=True)},
                           estimator_device=estimator.device, invocation=invocation)
         if context.is_main:
-            parameters = sum(p.numel() for p in denoiser.parameters())
+            log.info("dataset %s: N=%d, shape %s; run folder %s", store.name, len(store), store.shape, run_dir)
             log.info("%s: %.2fM parameters; %d steps of %d images (%d accumulation micro-steps x %d ranks)",
-                     type(denoiser).__name__, parameters / 1e6, trainer.config.max_steps,
-                     trainer.config.batch_size, trainer.accumulation, context.world_size)
+                     type(denoiser).__name__, sum(p.numel() for p in denoiser.parameters()) / 1e6,
+                     settings.max_steps, settings.batch_size, trainer.accumulation, context.world_size)
         trainer.fit()
         if context.is_main:
             print(run_summary(trainer, run_dir, store.name), flush=True)
@@ -123,20 +89,6 @@ def run(config: DictConfig, run_dir: Path) -> Trainer:
     finally:
         context.close()
         folder.release()
-
-
-def _refuse_folder(folder: RunFolder, is_main: bool, check_config, resume: str) -> Exception | None:
-    """Rank 0's refusal of the run folder before the data load (None on other ranks and when it accepts): the lock
-    (taken here, held until the run ends), the config (``check_config``), a restart over its checkpoints."""
-    if not is_main:
-        return None
-    try:
-        folder.acquire()
-        check_config()
-        refuse_restart_over_checkpoints(folder.path, resume)
-    except (RunFolderError, ValueError) as error:
-        return error
-    return None
 
 
 def run_summary(trainer: Trainer, run_dir: Path, dataset: str) -> str:
@@ -188,15 +140,6 @@ def _shown(path: Path) -> str:
 # __main__), and cloudpickle then also pickles each loaded submodule of a module they reference whose name parts
 # all occur among their names: with `torch` referenced, torch.distributed.config (from `config.distributed` and
 # `.config`), one of torch's config modules, which cannot be pickled. So these functions do not reference torch.
-
-
-def _legacy_config(run_dir: Path) -> dict | None:
-    """config.yaml of a run folder written before run.json existed (its binding is checked against it)."""
-    layout = RunLayout(run_dir)
-    path = layout.config
-    if layout.binding.exists() or not path.exists():
-        return None
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
 
 
 def _overrides() -> list[str]:

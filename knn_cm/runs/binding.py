@@ -22,7 +22,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from knn_cm.io import atomic_path
+from knn_cm.io import atomic_path, remove_stale_temp_files
+from knn_cm.runs.checkpoints import refuse_restart_over_checkpoints, remove_orphan_digests
 from knn_cm.runs.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,44 @@ class RunFolder:
     # --------------------------------------------------------------------------------- invocations
     def start_invocation(self, details: Mapping) -> Invocation:
         return Invocation(RunLayout(self.path).invocations, details)
+
+    # ------------------------------------------------------------------------ the launch's protocol
+    def claim(self, config: Mapping, accept_change: bool, resume: str, deferred: tuple[str, ...] = ()) -> None:
+        """Rank 0, before the data load (cheap refusals first): take the folder's lock (held until
+        :meth:`release`), check that the folder belongs to ``config`` (keys in ``deferred`` are checked by
+        :meth:`bind` once the data fix them) and refuse ``resume=never`` over its checkpoints.
+
+        Args:
+            config: this launch's resolved config (a plain mapping).
+            accept_change: continue under a changed config on purpose (``accept_config_change``).
+            resume: ``trainer.resume``.
+        """
+        self.acquire()
+        self.check_config(config, accept_change, legacy_config=self.legacy_config(), deferred=deferred)
+        refuse_restart_over_checkpoints(self.path, resume)
+
+    def bind(self, config: Mapping, config_yaml: str, dataset_fingerprint: str, accept_change: bool,
+             invocation: Mapping) -> Invocation:
+        """Rank 0, after the data load: check the config and the dataset against the folder, then write run.json
+        and config.yaml (atomically), remove what a process killed while writing left, and start this
+        invocation's record (``invocation``: its details, e.g. overrides and world size)."""
+        binding = self.check_binding(config, dataset_fingerprint, accept_change, legacy_config=self.legacy_config())
+        self.write_binding(binding)
+        with atomic_path(RunLayout(self.path).config) as temp:
+            temp.write_text(config_yaml)
+        for stale in remove_stale_temp_files(self.path):
+            log.warning("removed %s, left by a process killed while writing it", stale)
+        remove_orphan_digests(self.path)
+        return self.start_invocation(invocation)
+
+    def legacy_config(self) -> dict | None:
+        """config.yaml of a folder written before run.json existed (its binding is checked against it)."""
+        layout = RunLayout(self.path)
+        if layout.binding.exists() or not layout.config.exists():
+            return None
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(OmegaConf.load(layout.config), resolve=False)
 
 
 class Invocation:

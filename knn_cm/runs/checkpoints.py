@@ -197,3 +197,12 @@ def newest_finite_checkpoint(run_dir: str | Path) -> Path | None:
         except CorruptCheckpointError:
             continue
     return None
+
+
+def refuse_restart_over_checkpoints(run_dir: str | Path, resume: str) -> None:
+    """trainer.resume=never on a folder with checkpoints would mix two runs' checkpoints: refuse it."""
+    existing = list_checkpoints(run_dir)
+    if resume == "never" and existing:
+        raise ValueError(f"trainer.resume=never, but run folder {run_dir} already has checkpoints (newest "
+                         f"{existing[-1].name}); nothing was overwritten. Start the new run in its own folder "
+                         f"(run_name=NEW_NAME), or continue this one with trainer.resume=auto")

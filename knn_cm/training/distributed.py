@@ -51,6 +51,10 @@ DEFAULT_TIMEOUT_MINUTES = 60.0
 _ROUND_KEY = "knn_cm/round"  # the agent-store key naming the newest start's namespace
 
 
+class RankRefusal(RuntimeError):
+    """Raised on the other ranks when rank 0's part of a collective decision failed (rank 0 raises its own error)."""
+
+
 @dataclass
 class DistributedContext:
     """This process's place in the job: rank, world size and device.
@@ -159,6 +163,19 @@ class DistributedContext:
         box = [obj if self.rank == src else None]
         dist.broadcast_object_list(box, src=src, group=self.host_group)
         return box[0]
+
+    def on_main(self, action, refused: str = "rank 0 refused"):
+        """``action()`` on rank 0 only; its result there (None on the other ranks). When it raises, every rank
+        raises: rank 0 its own error, the others a :class:`RankRefusal` saying ``refused`` (collective)."""
+        result, failure = None, None
+        if self.is_main:
+            try:
+                result = action()
+            except Exception as error:  # the other ranks wait for the verdict: give it before raising
+                failure = error
+        if self.any_true(failure is not None):
+            raise failure or RankRefusal(f"{refused} (see its log)")
+        return result
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():

@@ -65,3 +65,11 @@ class NullLogger:
 
     def close(self) -> None:
         pass
+
+
+def open_logger(logger, run_dir, config: dict):
+    """``logger`` (an instantiated ``logger`` config) ready to log: itself, or, when it is a partial that needs the
+    run folder (wandb), its call with the folder and the resolved config."""
+    if callable(logger) and not hasattr(logger, "log"):
+        return logger(run_dir=run_dir, config=config)
+    return logger

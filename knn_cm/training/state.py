@@ -1,19 +1,6 @@
-"""Training state across invocations: the refusal to start over a run, and seeds that need no saved state."""
+"""Seeds that need no saved state: a hash that derives a micro-step's seed from the run's seed, rank and step."""
 
 from __future__ import annotations
-
-from pathlib import Path
-
-from knn_cm.runs.checkpoints import list_checkpoints
-
-
-def refuse_restart_over_checkpoints(run_dir: str | Path, resume: str) -> None:
-    """trainer.resume=never on a folder with checkpoints would mix two runs' checkpoints: refuse it."""
-    existing = list_checkpoints(run_dir)
-    if resume == "never" and existing:
-        raise ValueError(f"trainer.resume=never, but run folder {run_dir} already has checkpoints (newest "
-                         f"{existing[-1].name}); nothing was overwritten. Start the new run in its own folder "
-                         f"(run_name=NEW_NAME), or continue this one with trainer.resume=auto")
 
 
 def splitmix64(value: int) -> int:

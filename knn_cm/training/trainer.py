@@ -26,6 +26,7 @@ from knn_cm.runs.checkpoints import (
     load_checkpoint,
     load_latest_intact,
     newest_finite_checkpoint,
+    refuse_restart_over_checkpoints,
     save_checkpoint,
 )
 from knn_cm.runs.jsonl import JsonLinesLog
@@ -39,7 +40,7 @@ from knn_cm.training.metrics import window_record
 from knn_cm.training.objective import StepRandom
 from knn_cm.training.outputs import save_image_grid
 from knn_cm.training.preemption import PreemptionGuard
-from knn_cm.training.state import refuse_restart_over_checkpoints, splitmix64
+from knn_cm.training.state import splitmix64
 from knn_cm.training.stream import BatchStream
 
 log = logging.getLogger(__name__)
