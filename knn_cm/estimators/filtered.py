@@ -88,7 +88,7 @@ class Layout:
         digest = hashlib.sha1(self.response.encode())
         for group in self.groups:
             digest.update(b"paired" if group.paired else b"shared")
-            for tensor in (group.bank.pixels, group.bank.valid, group.bank.scale.double()):
+            for tensor in (group.bank.pixels, group.bank.valid, group.bank.scale.float()):  # any compute dtype
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return f"{self.label}-{digest.hexdigest()[:16]}"
 
