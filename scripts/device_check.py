@@ -452,6 +452,7 @@ def _ddp_rank(rank: int, device: str, port: int, folder: str, quick: bool) -> No
             digest.update(name.encode() + value.numpy().tobytes())
         result = {"rank": rank, "device": str(context.device), "first_steps": first.step, "resumed_at": resumed_at,
                   "final_step": second.step, "weights_digest": digest.hexdigest()}
+        context.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         context.close()
     (Path(folder) / f"rank{rank}.json").write_text(json.dumps(result))
