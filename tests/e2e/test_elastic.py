@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import torch
 
 from knn_cm.training import list_checkpoints, load_checkpoint
 from tests.e2e.test_launch import TINY
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = str(ROOT / "tests" / "elastic_worker.py")
@@ -28,10 +28,6 @@ TRAIN = ["experiment=quickstart", *TINY, "trainer.checkpoint_every=2", "trainer.
 DEADLINE = 240  # seconds a job of a few dozen tiny steps may take on a loaded 2-core machine
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _torchrun(run_dir: Path, port: int, *, nnodes: int = 1, nproc: int = 2, node_rank: int = 0,
@@ -138,7 +134,7 @@ def _finish(agents: list[subprocess.Popen], logs: list[Path]) -> None:
 def reference(tmp_path_factory) -> dict:
     """The uninterrupted job: one node, two processes."""
     run_dir = tmp_path_factory.mktemp("elastic") / "reference"
-    agent = _torchrun(run_dir, _free_port())
+    agent = _torchrun(run_dir, free_port())
     try:
         _finish([agent], [run_dir.with_suffix(".log")])
     finally:
@@ -149,7 +145,7 @@ def reference(tmp_path_factory) -> dict:
 @pytest.mark.slow
 def test_two_nodes_end_with_the_weights_of_one_node_with_two_processes(reference, tmp_path):
     """Two torchrun agents (one process each) meeting at a loopback c10d rendezvous train like one node."""
-    run_dir, port = tmp_path / "two_nodes", _free_port()
+    run_dir, port = tmp_path / "two_nodes", free_port()
     logs = [tmp_path / f"node{rank}.log" for rank in range(2)]
     agents = [_torchrun(run_dir, port, nnodes=2, nproc=1, node_rank=rank, log=logs[rank]) for rank in range(2)]
     try:
@@ -169,7 +165,7 @@ def test_a_killed_worker_restarts_and_resumes_bit_identically(reference, tmp_pat
     arrives 3 s late, tests/elastic_worker.py): before the fix a restart read the killed group's gloo
     addresses from torchrun's store in about half the tries (connection refused, or both ranks waiting)."""
     run_dir = tmp_path / "run"
-    agent = _torchrun(run_dir, _free_port(), max_restarts=1, extra=("distributed.timeout_minutes=2",))
+    agent = _torchrun(run_dir, free_port(), max_restarts=1, extra=("distributed.timeout_minutes=2",))
     try:
         _wait_for_checkpoint(run_dir, 4, agent)
         os.kill(_worker_of_rank(agent, killed_rank), signal.SIGKILL)
@@ -190,7 +186,7 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path):
     """SIGSTOP of one worker: the other's next collective fails after distributed.timeout_minutes (here 0.2 min),
     and torchrun ends the job (non-zero) once it has killed the stopped worker (its SIGTERM grace is 30 s)."""
     run_dir, timeout_s, grace_s = tmp_path / "run", 12, 30
-    agent = _torchrun(run_dir, _free_port(), steps=100_000, extra=(f"distributed.timeout_minutes={timeout_s / 60}",))
+    agent = _torchrun(run_dir, free_port(), steps=100_000, extra=(f"distributed.timeout_minutes={timeout_s / 60}",))
     try:
         _wait_for_checkpoint(run_dir, 4, agent)
         os.kill(_worker_of_rank(agent, 1), signal.SIGSTOP)

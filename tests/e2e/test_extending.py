@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_readme import _copy_checkout
-from tests.processes import run_process
+from tests.processes import copy_checkout, run_process
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "extending.md"
@@ -77,7 +76,7 @@ def test_the_walkthroughs_run_as_written(tmp_path):
     text = PAGE.read_text()
     copy = tmp_path / "knn-cm"
     copy.mkdir()
-    _copy_checkout(copy)
+    copy_checkout(copy)
     for name, content in page_files(text).items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(content)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.processes import run_process
+from tests.processes import copy_checkout, run_process
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -140,22 +139,6 @@ def test_every_readme_command_has_an_entry():
     assert sorted(chained) == sorted(command for command, (how, _) in COMMANDS.items() if how != SKIP)
 
 
-def _copy_checkout(destination: Path) -> None:
-    """The checkout's files as git sees them (tracked, and new ones it does not ignore; outside git, every file but
-    outputs), and its .venv linked in."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True)
-    if listed.returncode == 0:
-        for name in filter(None, listed.stdout.decode().split("\0")):
-            if (ROOT / name).is_file():
-                (destination / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(ROOT / name, destination / name)
-    else:
-        shutil.copytree(ROOT, destination, dirs_exist_ok=True, symlinks=True,
-                        ignore=shutil.ignore_patterns(".venv", "outputs", "multirun", ".git", "__pycache__"))
-    (destination / ".venv").symlink_to(ROOT / ".venv")
-
-
 def _shell(command: str, cwd: Path, timeout: float = 600) -> tuple[int | None, str, str]:
     """(exit status, stdout, stderr) of ``command`` in bash from ``cwd`` with the venv active
     (tests.processes.run_process)."""
@@ -183,7 +166,7 @@ def copies(tmp_path_factory) -> list[Path]:
     for number in range(len(CHAINS)):
         copy = tmp_path_factory.mktemp(f"readme{number}") / "knn-cm"
         copy.mkdir()
-        _copy_checkout(copy)
+        copy_checkout(copy)
         folders.append(copy)
     if subprocess.run(["make", "-q", ".venv/.installed"], cwd=folders[0]).returncode != 0:
         pytest.skip(".venv is older than pyproject.toml: make venv would reinstall it from a copy")

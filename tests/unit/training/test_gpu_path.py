@@ -7,7 +7,6 @@ A CPU cannot run CUDA, but it can run the same logic: a resume onto a device who
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from knn_cm.data import DataStore
 from knn_cm.estimators import make_estimator
 from knn_cm.training import EMA, EDMObjective, ICTObjective, Trainer, TrainerConfig
 from knn_cm.training.distributed import DistributedContext
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -99,10 +99,6 @@ def test_ema_updates_in_fused_kernels_and_equals_the_per_parameter_update(monkey
 
 
 # ------------------------------------------------------------------------------------- DDP dropout
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _edm_dropout_worker(rank: int, world: int, port: int, run_dir: str, images: np.ndarray):
@@ -138,7 +134,7 @@ def _edm_dropout_worker(rank: int, world: int, port: int, run_dir: str, images: 
 
 
 def _dropout_draws(folder: Path, images) -> tuple[list, list]:
-    mp.spawn(_edm_dropout_worker, args=(2, _free_port(), str(folder), images), nprocs=2, join=True)
+    mp.spawn(_edm_dropout_worker, args=(2, free_port(), str(folder), images), nprocs=2, join=True)
     return torch.load(folder / "draws0.pt"), torch.load(folder / "draws1.pt")
 
 

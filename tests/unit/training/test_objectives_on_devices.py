@@ -9,7 +9,6 @@ meta device's generator standing in for the GPU's.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from knn_cm.host_syncs import HostSyncCounter
 from knn_cm.training import EDMObjective, ICTObjective, StepRandom, Trainer, TrainerConfig
 from knn_cm.training.augment import EDM_CIFAR10
 from knn_cm.training.distributed import DistributedContext
+from tests.processes import free_port
 
 META = torch.device("meta")
 
@@ -37,10 +37,6 @@ def tiny_network(kind: str, *overrides: str):
 
 
 # ------------------------------------------------------------------------------------------------- DDP
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _edm_without_augmentation_worker(rank: int, world: int, port: int, run_dir: str, images: np.ndarray):
@@ -70,7 +66,7 @@ def test_edm_without_augmentation_trains_a_network_with_augment_dim_under_ddp(tm
     its augmentation weights got no gradient and DDP raised "Expected to have finished reduction" on every rank.
     Zero labels ("not augmented") reach them now, as the pipe's unaugmented images do."""
     images = np.random.default_rng(2).integers(0, 256, (64, 1, 8, 8), dtype=np.uint8)
-    mp.spawn(_edm_without_augmentation_worker, args=(2, _free_port(), str(tmp_path), images), nprocs=2, join=True)
+    mp.spawn(_edm_without_augmentation_worker, args=(2, free_port(), str(tmp_path), images), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     assert [state["step"] for state in ranks] == [2, 2]
     assert all(np.isfinite(state["loss"]) for state in ranks)

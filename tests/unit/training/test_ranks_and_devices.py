@@ -27,6 +27,7 @@ from knn_cm.estimators import make_estimator
 from knn_cm.runs.checkpoints import CORRUPT_SUFFIX, digest_path, list_checkpoints, move_aside
 from knn_cm.training import EMA, ICTObjective, Trainer, TrainerConfig
 from knn_cm.training.distributed import DistributedContext
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 IMAGES = np.random.default_rng(0).integers(0, 256, (64, 1, 8, 8), dtype=np.uint8)
@@ -65,10 +66,6 @@ def test_moving_aside_a_checkpoint_another_process_moved_is_no_error(tmp_path):
     assert not path.exists() and not digest_path(path).exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _meet_before_moving(rank: int, folder: Path, wait_seconds: float = 5.0):
@@ -125,7 +122,7 @@ def test_two_ranks_resume_from_the_checkpoint_before_a_corrupt_newest_one(tmp_pa
     assert newest.name == "training-000000006.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated by a crash mid-copy
     (tmp_path / "rendezvous").mkdir()
-    mp.spawn(_resume_worker, args=(2, _free_port(), str(run_dir)), nprocs=2, join=True)
+    mp.spawn(_resume_worker, args=(2, free_port(), str(run_dir)), nprocs=2, join=True)
     results = [json.loads((tmp_path / "rendezvous" / f"result{rank}.json").read_text()) for rank in (0, 1)]
     assert results == [{"resumed_from": "training-000000003.pt", "step": 3}] * 2
     assert sorted(p.name for p in run_dir.glob(f"checkpoints/*.pt{CORRUPT_SUFFIX}")) == [

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from knn_cm.training import (
 )
 from knn_cm.training.config import trainer_config
 from knn_cm.training.stream import BatchStream
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
@@ -231,15 +231,11 @@ def _ddp_worker(rank: int, world: int, port: int, overrides: list[str], run_dir:
     torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()}, Path(run_dir) / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_process_cpu_ddp_keeps_ranks_identical(tmp_path):
     overrides = tiny_overrides("quickstart", steps=3)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), overrides, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), overrides, str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     initial_run = train.run(compose_train(overrides + ["trainer.stop_after_steps=0"]), tmp_path / "initial")
     initial = initial_run.model.state_dict()
