@@ -87,10 +87,6 @@ class HostSyncCounter(TorchDispatchMode):
     def count(self) -> int:
         return len(self.syncs)
 
-    def mark(self) -> int:
-        """The count so far (for per-step differences)."""
-        return len(self.syncs)
-
     def summary(self, since: int = 0) -> str:
         """One line per distinct sync since ``since``, with how often it happened."""
         counted = collections.Counter(str(sync) for sync in self.syncs[since:])

@@ -17,7 +17,7 @@ import torch
 
 from knn_cm.data.resident import resolve_storage
 from knn_cm.data.store import DataStore
-from knn_cm.device import as_device, to_device_async
+from knn_cm.device import as_device, is_accelerator, to_device_async
 from knn_cm.numerics import isolated_numerics
 from knn_cm.settings import positive_int
 
@@ -74,7 +74,7 @@ class Estimator:
         self.device = as_device(device, "estimator device")
         self.dtype = dtype
         self.storage = storage
-        self.sync_free = self.device.type != "cpu" if sync_free is None else bool(sync_free)
+        self.sync_free = is_accelerator(self.device) if sync_free is None else bool(sync_free)
         self.value_checks = value_checks
         if store is not None:
             resolve_storage(storage, self.device, len(store), store.dim, dtype)  # fail early on a bad storage
@@ -152,7 +152,7 @@ class Estimator:
         Args:
             pipe: the augmentation pipe (``pipe.augment(images, generator) -> (images, augmentation)``).
             augmentation: what the pipe did to the sources (``orthogonal_only`` [B] bool on the host,
-                ``subset``, ``apply_orthogonal``, ``invert_orthogonal``).
+                ``apply_orthogonal``, ``invert_orthogonal``).
             z: noisy images [B, C, H, W] = x_augmented + sigma eps; sigma [B].
             x_augmented: the augmented sources T_a x [B, C, H, W].
             generator: the estimator's generator.
@@ -166,7 +166,9 @@ class Estimator:
         rows_on_device = to_device_async(rows, z.device)
         query = augmentation.invert_orthogonal(z).index_select(0, rows_on_device)
         estimate = self(query, sigma.index_select(0, rows_on_device), generator=generator)
-        target = x_augmented.index_copy(0, rows_on_device, augmentation.subset(rows).apply_orthogonal(estimate))
+        # T_a per image over the whole batch (fixed shapes, the flags already on the device), kept where chosen.
+        transformed = augmentation.apply_orthogonal(torch.zeros_like(z).index_copy(0, rows_on_device, estimate))
+        target = x_augmented.index_copy(0, rows_on_device, transformed.index_select(0, rows_on_device))
         return target, {"augment_source_targets": share_of_sources}
 
     def posterior_mean(self, z: torch.Tensor, sigma: torch.Tensor, x: torch.Tensor | None,

@@ -82,8 +82,3 @@ def estimator_names() -> tuple[str, ...]:
     _load_entry_points()
     return tuple(_REGISTRY)
 
-
-def forget_entry_points() -> None:
-    """Read the entry points again on the next lookup (after installing a package into a running process)."""
-    global _entry_points_loaded
-    _entry_points_loaded = False

@@ -96,13 +96,6 @@ class Augmentation:
             self._device_copies[device] = {"xflip": xflip.bool(), "yflip": yflip.bool(), "quarter_turns": turns}
         return self._device_copies[device]
 
-    def subset(self, rows: torch.Tensor) -> Augmentation:
-        """The record of the images ``rows`` [b] int64 (host), in that order."""
-        device = self.labels.device
-        return Augmentation(labels=self.labels.index_select(0, to_device_async(rows, device)),
-                            **{name: getattr(self, name).index_select(0, rows) for name in
-                               ("xflip", "yflip", "quarter_turns", "shift", "inverse_map", "resampled")})
-
     def apply_orthogonal(self, images: torch.Tensor) -> torch.Tensor:
         """The flips and quarter turns of each image applied to ``images`` [B, C, H, W]."""
         flags = self.on_device(images.device)

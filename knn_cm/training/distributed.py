@@ -166,15 +166,19 @@ class DistributedContext:
 
     def on_main(self, action, refused: str = "rank 0 refused"):
         """``action()`` on rank 0 only; its result there (None on the other ranks). When it raises, every rank
-        raises: rank 0 its own error, the others a :class:`RankRefusal` saying ``refused`` (collective)."""
+        raises: rank 0 its own error, the others a :class:`RankRefusal` saying ``refused`` and rank 0's error
+        (collective)."""
         result, failure = None, None
         if self.is_main:
             try:
                 result = action()
             except Exception as error:  # the other ranks wait for the verdict: give it before raising
                 failure = error
-        if self.any_true(failure is not None):
-            raise failure or RankRefusal(f"{refused} (see its log)")
+        verdict = self.broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+        if failure is not None:
+            raise failure
+        if verdict is not None:
+            raise RankRefusal(f"{refused} ({verdict})")
         return result
 
     def close(self) -> None:

@@ -234,23 +234,12 @@ class Trainer:
         Choosing can move a corrupt checkpoint aside; ranks choosing at once would race over that file. Rank 0
         chooses and broadcasts the path over the host group; the other ranks load that path.
         """
-        if not self.context.distributed:
-            return load_latest_intact(self.run_dir, map_location="cpu")
-        found, failure, choice = None, None, None
-        if self.context.is_main:
-            try:
-                found = load_latest_intact(self.run_dir, map_location="cpu")
-                choice = ("path", None if found is None else str(found[0]))
-            except Exception as error:  # the other ranks wait for the broadcast: tell them before raising
-                failure, choice = error, ("error", f"{type(error).__name__}: {error}")
-        kind, value = self.context.broadcast_object(choice)
-        if failure is not None:
-            raise failure
-        if kind == "error":
-            raise RuntimeError(f"rank 0 could not choose a checkpoint of {self.run_dir} to resume from ({value})")
-        if self.context.is_main or value is None:
+        found = self.context.on_main(lambda: load_latest_intact(self.run_dir, map_location="cpu"),
+                                     refused=f"rank 0 could not choose a checkpoint of {self.run_dir} to resume from")
+        chosen = self.context.broadcast_object(None if found is None else str(found[0]))
+        if self.context.is_main or chosen is None:
             return found
-        return Path(value), load_checkpoint(value, map_location="cpu")
+        return Path(chosen), load_checkpoint(chosen, map_location="cpu")
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (collective); never writes non-finite weights."""

@@ -66,9 +66,9 @@ def syncs_per_step(trainer: Trainer, monkeypatch) -> tuple[list[int], HostSyncCo
     counts = []
     with HostSyncCounter() as counter:
         for _ in range(STEPS - 1):
-            start = counter.mark()
+            start = counter.count
             trainer.train_step()
-            counts.append(counter.mark() - start)
+            counts.append(counter.count - start)
     return counts[1:], counter
 
 
