@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from knn_cm.data import DataStore, load_image_folder
 from knn_cm.estimators import make_estimator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import timed_call
 
 EDM_SIGMAS = [80.0, 57.6, 40.8, 28.4, 19.4, 12.9, 8.4, 5.3, 3.26, 1.92, 1.09, 0.59, 0.30, 0.14, 0.06, 0.023, 0.008,
               0.002]
@@ -34,12 +39,6 @@ CASES = {
     "ls": ("ls", {}),
     "pspc_square": ("pspc_square", {}),
 }
-
-
-def timed(estimator, z, sigma, seed):
-    start = time.perf_counter()
-    value = estimator(z, sigma, generator=torch.Generator().manual_seed(seed))
-    return value, time.perf_counter() - start
 
 
 def main() -> None:
@@ -77,12 +76,12 @@ def main() -> None:
         z = x + sigma * torch.randn(x.shape, generator=generator)
         reference = None
         for k, knn in knns.items():
-            estimate, knn_s = timed(knn, z, sigma, 1)
+            estimate, knn_s = timed_call(knn, z, sigma, 1)
             line = {"N": args.size, "case": args.case, "patch_size": args.patch_size, "sigma": sigma,
                     "queries": args.queries, "k": k, "n": args.n, "knn_s": round(knn_s, 3)}
             if not args.no_exhaustive:
                 if reference is None:
-                    reference, exhaustive_s = timed(exhaustive, z, sigma, 1)
+                    reference, exhaustive_s = timed_call(exhaustive, z, sigma, 1)
                 error = float((estimate - reference).square().mean())
                 scale = float((reference - x).square().mean())
                 worst_ratio = max(worst_ratio, error / scale)

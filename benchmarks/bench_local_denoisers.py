@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from knn_cm.data import DataStore, load_image_folder
 from knn_cm.estimators import make_estimator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import timed_call
 
 CASES = {
     "ls": {"patch_size": 3},
@@ -26,13 +30,6 @@ CASES = {
     "pspc_square": {"patch_size": 7},
     "cfdm": {"smoothing": 0.1, "draws": 1},
 }
-
-
-def timed(estimator, z, sigma, seed):
-    """(estimate, seconds) of one call."""
-    start = time.perf_counter()
-    value = estimator(z, sigma, generator=torch.Generator().manual_seed(seed))
-    return value, time.perf_counter() - start
 
 
 def main() -> None:
@@ -56,9 +53,9 @@ def main() -> None:
             knn = make_estimator(name, store, k=args.k, n=args.n, **CASES[case])
             for sigma in args.sigmas:
                 z = x + sigma * torch.randn(x.shape, generator=generator)
-                reference, exhaustive_s = timed(exhaustive, z, sigma, 1)
-                _, first_s = timed(knn, z, sigma, 1)
-                estimate, knn_s = timed(knn, z, sigma, 2)
+                reference, exhaustive_s = timed_call(exhaustive, z, sigma, 1)
+                _, first_s = timed_call(knn, z, sigma, 1)
+                estimate, knn_s = timed_call(knn, z, sigma, 2)
                 print(json.dumps({"N": size, "estimator": case, "sigma": sigma, "batch": args.batch,
                                   "exhaustive_s": round(exhaustive_s, 3), "knn_first_s": round(first_s, 3),
                                   "knn_s": round(knn_s, 3), "speedup": round(exhaustive_s / knn_s, 2),

@@ -17,6 +17,13 @@ def synchronize(device: torch.device | str = "cpu") -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_call(estimator, z, sigma, seed: int):
+    """(estimate, seconds) of one estimator call with a generator seeded ``seed``."""
+    start = time.perf_counter()
+    value = estimator(z, sigma, generator=torch.Generator().manual_seed(seed))
+    return value, time.perf_counter() - start
+
+
 def best_seconds(function, repeats: int, device="cpu") -> float:
     """Best of ``repeats`` timed calls after one warm-up (best-of: other engineers' load only adds time)."""
     function()

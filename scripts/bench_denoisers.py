@@ -29,10 +29,9 @@ import yaml
 from knn_cm.data import DataStore
 from knn_cm.diffusion import karras_sigmas
 from knn_cm.estimators import build_estimator
-from knn_cm.models import load_network
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibrate_patch_size import load_store
+from calibrate_patch_size import add_network_and_data_arguments, network_and_store
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train" / "estimator"
 ESTIMATORS = ("single", "exact", "knn", "gaussian", "ls", "els", "pspc_square", "cfdm")
@@ -117,10 +116,7 @@ def write_results(out: Path, records: list[dict], command: str, meta: dict) -> N
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--network", required=True, help="a network file (training snapshot or converted checkpoint)")
-    parser.add_argument("--dataset", default="digits", help="digits | cifar10_jpeg")
-    parser.add_argument("--path", default=None, help="the dataset's archive or folder (cifar10_jpeg)")
-    parser.add_argument("--subset", type=int, default=None, help="use the first N training images only")
+    add_network_and_data_arguments(parser)
     parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS))
     parser.add_argument("--spec", action="append", default=[], help="LABEL=JSON or LABEL=@PATH (repeatable)")
     parser.add_argument("--sigmas", type=float, nargs="+", default=None, help="default: EDM's 18 steps")
@@ -128,12 +124,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="folder for results.json, table.md and the plot")
     args = parser.parse_args(argv)
-    store = load_store(args.dataset, args.path)
-    if args.subset is not None:
-        if not 1 <= args.subset <= len(store):
-            parser.error(f"--subset must be in [1, {len(store)}], got {args.subset}")
-        store = DataStore.from_array(store.images[: args.subset].copy(), name=f"{store.name}_{args.subset}")
-    network = load_network(args.network)
+    network, store = network_and_store(args, parser)
     sigmas = args.sigmas or karras_sigmas(18).tolist()[:-1]
     specs = estimator_specs(args.estimators, args.spec)
     records = bench(network, store, specs, sigmas, args.images, args.seed)

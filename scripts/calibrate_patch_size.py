@@ -44,6 +44,24 @@ def load_store(dataset: str, path: str | None):
     raise ValueError(f"--dataset must be digits or cifar10_jpeg, got {dataset!r}")
 
 
+def add_network_and_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--network, --dataset, --path and --subset (this script's and scripts/bench_denoisers.py's)."""
+    parser.add_argument("--network", required=True, help="a network file (training snapshot or converted checkpoint)")
+    parser.add_argument("--dataset", default="digits", help="digits | cifar10_jpeg")
+    parser.add_argument("--path", default=None, help="the dataset's archive or folder (cifar10_jpeg)")
+    parser.add_argument("--subset", type=int, default=None, help="use the first N training images only")
+
+
+def network_and_store(args, parser: argparse.ArgumentParser):
+    """(the network, the training store cut to --subset) that :func:`add_network_and_data_arguments` names."""
+    store = load_store(args.dataset, args.path)
+    if args.subset is not None:
+        if not 1 <= args.subset <= len(store):
+            parser.error(f"--subset must be in [1, {len(store)}], got {args.subset}")
+        store = DataStore.from_array(store.images[: args.subset].copy(), name=f"{store.name}_{args.subset}")
+    return load_network(args.network), store
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of each row pair of a, b [B, ...] (float64): [B]."""
     a, b = a.flatten(1).double(), b.flatten(1).double()
@@ -90,10 +108,7 @@ def schedule_config(records: list[dict], estimator: str, estimator_kwargs: dict,
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--network", required=True, help="a network file (training snapshot or converted checkpoint)")
-    parser.add_argument("--dataset", default="digits", help="digits | cifar10_jpeg")
-    parser.add_argument("--path", default=None, help="the dataset's archive or folder (cifar10_jpeg)")
-    parser.add_argument("--subset", type=int, default=None, help="use the first N training images only")
+    add_network_and_data_arguments(parser)
     parser.add_argument("--estimator", default="els", choices=CALIBRATED)
     parser.add_argument("--sizes", type=int, nargs="+", default=[3, 5, 7])
     parser.add_argument("--padding", default=None, help="els: circular | zero")
@@ -109,12 +124,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--padding applies to els, not to {args.estimator}")
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    store = load_store(args.dataset, args.path)
-    if args.subset is not None:
-        if not 1 <= args.subset <= len(store):
-            parser.error(f"--subset must be in [1, {len(store)}], got {args.subset}")
-        store = DataStore.from_array(store.images[: args.subset].copy(), name=f"{store.name}_{args.subset}")
-    network = load_network(args.network)
+    network, store = network_and_store(args, parser)
     estimator_kwargs = {"k": args.k, "n": args.n}
     if args.padding is not None:
         estimator_kwargs["padding"] = args.padding

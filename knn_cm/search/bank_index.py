@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from knn_cm.io import atomic_path, cache_dir, file_digest
-from knn_cm.search.cache import CacheEntry
+from knn_cm.search.cache import CacheEntry, verified_meta
 from knn_cm.search.faiss_index import faiss_module
 
 log = logging.getLogger(__name__)
@@ -294,15 +294,8 @@ def _save(entry: CacheEntry, index: BankIndex, bank: Bank, spec: BankIndexSpec) 
 def _load(entry: CacheEntry, bank: Bank, spec: BankIndexSpec) -> BankIndex | None:
     if not (entry.meta_path.exists() and entry.index_path.exists()):
         return None
-    try:
-        meta = json.loads(entry.meta_path.read_text())
-    except (OSError, ValueError) as error:
-        log.warning("ignoring unreadable bank index metadata %s (%s); rebuilding", entry.meta_path, error)
-        return None
-    expected = _metadata(bank, spec)
-    if any(meta.get(key) != value for key, value in expected.items()) or \
-            meta.get("digest") != file_digest(entry.index_path):
-        log.warning("cached bank index %s does not match its bank or spec; rebuilding", entry.base)
+    meta = verified_meta(entry.meta_path, _metadata(bank, spec), {"digest": entry.index_path}, "bank index")
+    if meta is None:
         return None
     lists = faiss_module().read_index(str(entry.index_path))
     if lists.ntotal != bank.size or lists.d != bank.dim or lists.nlist != bank.buckets * spec.cells:

@@ -42,6 +42,21 @@ _LOCK_POLL_SECONDS = 0.5
 _warned_folders: set[str] = set()
 
 
+def verified_meta(meta_path: Path, expected: dict, digests: dict[str, Path], what: str) -> dict | None:
+    """A cache entry's metadata when it holds ``expected`` and each ``digests`` key (e.g. "digest") matches its
+    file's digest; else None, with one warning naming ``what`` (the entry is then rebuilt)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as error:
+        log.warning("ignoring unreadable %s metadata %s (%s); rebuilding", what, meta_path, error)
+        return None
+    if any(meta.get(key) != value for key, value in expected.items()) or \
+            any(meta.get(key) != file_digest(path) for key, path in digests.items()):
+        log.warning("cached %s %s does not match its data or spec; rebuilding", what, meta_path.parent)
+        return None
+    return meta
+
+
 def _metadata(store, spec: IndexSpec) -> dict:
     """What a cache entry must have been built from: the data and the build spec (search settings left out)."""
     build_spec = dataclasses.replace(spec, nprobe=None, rerank=None, precision="float32")
@@ -152,16 +167,10 @@ class CacheEntry:
         paths = [self.meta_path] + [self.index_path] * with_index + [self.projection_path] * projected
         if not all(path.exists() for path in paths):
             return None
-        try:
-            meta = json.loads(self.meta_path.read_text())
-        except (OSError, ValueError) as error:
-            log.warning("ignoring unreadable index metadata %s (%s); rebuilding", self.meta_path, error)
-            return None
-        expected = _metadata(store, spec)
-        if (any(meta.get(key) != value for key, value in expected.items())
-                or (with_index and meta.get("digest") != file_digest(self.index_path))
-                or (projected and meta.get("projection_digest") != file_digest(self.projection_path))):
-            log.warning("cached index %s does not match its data or spec; rebuilding", self.base)
+        digests = {"digest": self.index_path} if with_index else {}
+        if projected:
+            digests["projection_digest"] = self.projection_path
+        if verified_meta(self.meta_path, _metadata(store, spec), digests, "index") is None:
             return None
         index = projection = None
         if with_index:
